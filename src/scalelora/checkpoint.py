@@ -1,0 +1,308 @@
+"""Checkpoints and saved models, written so a crash never leaves a half-written one as the latest.
+
+A resumable checkpoint is `checkpoints/step-N/`: Accelerate's `save_state` (trainable weights in
+safetensors, optimizer, scheduler, RNG), `trainer_state.json`, and `manifest.json` (size and
+sha256 of every file) written last. Everything is first written to `.tmp-step-N/` and renamed,
+so a folder named `step-N` with a matching manifest is complete by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from scalelora.errors import CheckpointError, UserError
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# --- small atomic file helpers ---------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file + fsync + rename: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise_disk_error(path, err)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def raise_disk_error(path: Path, err: OSError) -> None:
+    if err.errno == 28:  # ENOSPC
+        raise CheckpointError(
+            f"no space left on the device while writing {path}; free space there and resume"
+        ) from None
+    raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place, replacing an older one."""
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --- manifest --------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    atomic_write_json(folder / MANIFEST, {"files": files, "written_at": time.time()})
+
+
+def verify_manifest(folder: Path) -> None:
+    """Raise CheckpointError naming the first missing, truncated or altered file."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST}: it is incomplete (a save was interrupted)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        raise CheckpointError(f"{manifest_path} is corrupt") from None
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the checkpoint")
+        if path.stat().st_size != expected["size"]:
+            raise CheckpointError(
+                f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
+            )
+        if sha256_file(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match its checksum (corrupted on disk)")
+
+
+# --- resumable checkpoints -------------------------------------------------------------------------
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete-looking `step-N` folders, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_valid_checkpoint(root: Path, log: Any = print) -> Path | None:
+    """The newest checkpoint whose manifest verifies; a corrupt one is reported and skipped."""
+    for path in reversed(checkpoint_dirs(root)):
+        try:
+            verify_manifest(path)
+        except CheckpointError as err:
+            log(
+                f"scalelora: warning: skipping checkpoint {path.name}: {err}; falling back to the previous one"
+            )
+            continue
+        return path
+    return None
+
+
+def trainable_only_save_hook(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+    """Accelerate save hook: keep only trainable tensors (LoRA + head), not the frozen base, in each checkpoint."""
+    for i, model in enumerate(models):
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        if i < len(weights):
+            weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+
+def save_checkpoint(
+    accelerator: Any, root: Path, step: int, trainer_state: dict[str, Any], keep_last: int
+) -> Path:
+    """Collective: every rank calls it. Returns the final folder `root/step-N`."""
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except OSError as err:
+        raise_disk_error(tmp, err)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / TRAINER_STATE, trainer_state)
+        write_manifest(tmp)  # last: its presence marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        for old in checkpoint_dirs(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
+    """Verify and load a checkpoint into the prepared objects; return its trainer state."""
+    verify_manifest(path)
+    try:
+        accelerator.load_state(str(path), strict=False)
+    except Exception as err:  # torch/safetensors raise several types for foreign or mismatched files
+        raise CheckpointError(f"cannot load checkpoint {path}: {' '.join(str(err).split())[:200]}") from None
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+# --- adapters and full models ----------------------------------------------------------------------
+
+
+def check_adapter_weights(folder: Path, r: int) -> int:
+    """Raise CheckpointError unless every saved LoRA tensor is non-empty with rank `r` (ZeRO-3 can save 0-size shards)."""
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise CheckpointError(f"{weights_file} was not written")
+    tensors = load_file(str(weights_file))
+    lora = {k: v for k, v in tensors.items() if "lora_" in k}
+    if not lora:
+        raise CheckpointError(f"{weights_file} holds no LoRA weights")
+    for name, tensor in lora.items():
+        rank_dim = tensor.shape[0] if "lora_A" in name else tensor.shape[-1]
+        if tensor.numel() == 0 or rank_dim != r:
+            raise CheckpointError(
+                f"{weights_file}: {name} has shape {tuple(tensor.shape)} (expected rank {r}); the save gathered no weights"
+            )
+    return len(tensors)
+
+
+def save_model_dir(
+    accelerator: Any,
+    model: torch.nn.Module,
+    final: Path,
+    tokenizer: Any,
+    extra_files: dict[str, Any],
+    lora_r: int | None,
+) -> None:
+    """Collective: save a PEFT adapter (lora_r set) or a full transformers model into `final`, atomically."""
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every rank must call it
+    unwrapped = accelerator.unwrap_model(model)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        try:
+            unwrapped.save_pretrained(
+                str(tmp),
+                state_dict=state_dict,
+                is_main_process=True,
+                save_function=accelerator.save,
+                safe_serialization=True,
+            )
+            tokenizer.save_pretrained(str(tmp))
+            for name, data in extra_files.items():
+                atomic_write_json(tmp / name, data)
+        except OSError as err:
+            raise_disk_error(tmp, err)
+        if lora_r is not None:
+            check_adapter_weights(tmp, lora_r)
+        replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+# --- one run per output_dir ------------------------------------------------------------------------
+
+
+class RunLock:
+    """`output_dir/.lock` held by the main process; a lock left by a dead process on this host is taken over."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: that run crashed
+                    continue
+                who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another run"
+                raise UserError(
+                    f"output_dir {self.path.parent} is in use by {who}; wait for it, choose another output_dir, "
+                    f"or delete {self.path} if that run is dead"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self.held = True
+            return
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,463 @@
+"""The run configuration: a tree of typed dataclasses, loaded from YAML with strict `a.b=c` overrides.
+
+Unknown keys and wrong types are errors that name the dotted key (and the closest valid key);
+each section checks its own values in `__post_init__`; `RunConfig.validate` collects the
+cross-section conflicts and raises them once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from scalelora.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str = "rotten_tomatoes"
+    """Hub dataset name, local folder with {train,validation,test}.{jsonl,csv,parquet}, or a dataset
+    name under the data root (`root`, else $SCALELORA_DATA_DIR)."""
+    root: str | None = None
+    """Folder holding datasets by name; default $SCALELORA_DATA_DIR."""
+    hub_config: str | None = None
+    """Configuration name of a hub dataset (e.g. `split` for dair-ai/emotion)."""
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    """Second text of a sentence pair (NLI-style tasks); None for single texts."""
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    """Split evaluated every `eval.every` steps and used to pick the best checkpoint."""
+    test_split: str | None = "test"
+    """Split evaluated once at the end (None or a missing split: skipped)."""
+    labels: list[str] | None = None
+    """Ordered label names; default labels.json, a ClassLabel feature, else sorted training labels."""
+    keep_labels: list[str] | None = None
+    """Keep only rows with these labels (in this order), e.g. [Positive, Negative]."""
+    max_train_samples: int | None = None
+    """A seeded random subset of the training split (never the first N: some sets are grouped by label)."""
+    max_eval_samples: int | None = None
+    max_length: int = 128
+    truncation_side: Literal["right", "left"] = "right"
+    drop_empty: bool = False
+    """Drop rows with empty text (counted in the summary) instead of refusing them."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding), seeded and identical across ranks."""
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_positive("data.max_length", self.max_length)
+        _check_positive("data.max_train_samples", self.max_train_samples)
+        _check_positive("data.max_eval_samples", self.max_eval_samples)
+        _check_non_negative("data.num_workers", self.num_workers)
+        if self.keep_labels is not None and len(self.keep_labels) < 2:
+            raise ConfigError("data.keep_labels must name at least 2 labels")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm-l6"
+    """Hub name, local path, or an offline alias: `minilm-l6`, `smollm2-135m`."""
+    mode: Literal["lora", "full", "head_only"] = "lora"
+    """lora: frozen base + LoRA adapters + trainable head; full: every weight (a teacher);
+    head_only: frozen base, trainable classification head."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen base weights. Trainable weights stay float32 (mixed precision is train.precision)."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
+    train_head: bool = True
+    """In lora mode, also train (and save) the classification head."""
+    gradient_checkpointing: bool = False
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attn_implementation: str | None = None
+    """Passed to from_pretrained (e.g. `sdpa`, `eager`); None lets transformers choose."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: list[str] | None = None
+    """Module names to adapt; None uses the preset for the architecture (see models.LORA_PRESETS)."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def __post_init__(self) -> None:
+        _check_positive("lora.r", self.r)
+        _check_positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs when set."""
+    batch_size: int = 32
+    """Examples per micro-batch per process."""
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 5e-4
+    head_lr: float | None = None
+    """Learning rate of the classification head; default `lr`."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to biases and norm weights."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = 0.06
+    warmup_steps: int | None = None
+    max_grad_norm: float | None = 1.0
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    log_every: int = 10
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    """A non-finite loss or gradient: skip the optimizer step (stop after `max_nonfinite` in a row),
+    or save the last good state and stop."""
+    max_nonfinite: int = 3
+    compile: bool = False
+    """torch.compile the model (shapes bounded by padding to multiples of 8)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("train.epochs", self.epochs)
+        _check_positive("train.max_steps", self.max_steps)
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.eval_batch_size", self.eval_batch_size)
+        _check_positive("train.grad_accum", self.grad_accum)
+        _check_positive("train.lr", self.lr)
+        _check_positive("train.head_lr", self.head_lr)
+        _check_non_negative("train.weight_decay", self.weight_decay)
+        _check_non_negative("train.warmup_steps", self.warmup_steps)
+        _check_positive("train.max_grad_norm", self.max_grad_norm)
+        _check_positive("train.log_every", self.log_every)
+        _check_positive("train.max_nonfinite", self.max_nonfinite)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class EvalConfig:
+    metric: Literal["macro_f1", "accuracy"] = "macro_f1"
+    """Metric on the eval split that picks the best checkpoint."""
+    every: int | None = None
+    """Evaluate every N optimizer steps; None: once per epoch. Always at the end."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement; 0 disables."""
+    load_best_at_end: bool = True
+    """Finish with the best weights (saved as adapter/) rather than the last ones."""
+    sample_predictions: int = 8
+    """Validation texts shown with gold label and prediction before and after training."""
+
+    def __post_init__(self) -> None:
+        _check_positive("eval.every", self.every)
+        _check_non_negative("eval.early_stopping_patience", self.early_stopping_patience)
+        _check_non_negative("eval.sample_predictions", self.sample_predictions)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int | None = None
+    """Save resumable state every N optimizer steps; None: only at the end (and on preemption)."""
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint.every", self.every)
+        _check_positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class WandbConfig:
+    project: str = "scalelora"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """None: online when an API key is configured, else offline (so nothing hangs)."""
+
+
+@dataclass
+class TrackingConfig:
+    report_to: Literal["none", "wandb"] = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class DistillConfig:
+    enabled: bool = False
+    weight: float = 0.5
+    """alpha: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)."""
+    temperature: float = 2.0
+    teacher: str = "self"
+    """`self` (the frozen base with adapters disabled), `cache` (precomputed logits), or a model path/name."""
+    cache_dir: str | None = None
+    """Folder written by `python -m scalelora.teacher_logits` (teacher=cache)."""
+    hidden_weight: float = 0.0
+    """Weight of an MSE loss between student and teacher pooled hidden states (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"distill.weight must be in [0, 1], got {self.weight}")
+        _check_positive("distill.temperature", self.temperature)
+        _check_non_negative("distill.hidden_weight", self.hidden_weight)
+
+
+@dataclass
+class RunConfig:
+    recipe: str = ""
+    """Name of the recipe this config came from (set by the loader)."""
+    description: str = ""
+    output_dir: str | None = None
+    """Where the run writes everything; default runs/<recipe>."""
+    seed: int = 42
+    resume: str | None = None
+    """`auto`: continue from the newest complete checkpoint in output_dir (or start fresh); a path: that checkpoint."""
+    overwrite: bool = False
+    """Start over in an output_dir that already holds a run (its checkpoints are deleted)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> None:
+        """Raise one ConfigError listing every cross-section conflict."""
+        problems = []
+        if self.model.load_in_8bit and self.model.load_in_4bit:
+            problems.append("model.load_in_8bit and model.load_in_4bit are exclusive: pick one")
+        if self.model.mode == "full" and (self.model.load_in_8bit or self.model.load_in_4bit):
+            problems.append(
+                "model.mode=full cannot train a quantized base: use model.mode=lora with 8/4-bit, "
+                "or load_in_8bit=false for a full fine-tune"
+            )
+        if self.distill.enabled:
+            if self.distill.teacher == "self" and self.model.mode != "lora":
+                problems.append(
+                    "distill.teacher=self needs model.mode=lora (the teacher is the base with adapters "
+                    "disabled): set distill.teacher to a model path or `cache`"
+                )
+            if self.distill.teacher == "cache" and not self.distill.cache_dir:
+                problems.append(
+                    "distill.teacher=cache needs distill.cache_dir (build it with python -m scalelora.teacher_logits)"
+                )
+        if self.resume not in (None, "auto") and self.overwrite:
+            problems.append("resume=PATH and overwrite=true contradict each other: drop one")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.recipe or 'run'}")
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+RECIPES_PACKAGE = "scalelora.recipes"
+
+
+def recipe_names() -> list[str]:
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in resources.files(RECIPES_PACKAGE).iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def recipe_descriptions() -> dict[str, str]:
+    out = {}
+    for name in recipe_names():
+        data = yaml.safe_load(resources.files(RECIPES_PACKAGE).joinpath(f"{name}.yaml").read_text()) or {}
+        out[name] = (
+            str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+        )
+    return out
+
+
+def read_recipe(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    """Return (recipe name, raw mapping) for a shipped recipe name or a YAML path.
+
+    Raises ConfigError when neither exists or the YAML does not parse to a mapping.
+    """
+    path = Path(name_or_path)
+    if name_or_path in recipe_names():
+        text = resources.files(RECIPES_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text()
+        name = name_or_path
+    elif path.is_file():
+        text = path.read_text()
+        name = path.stem
+    else:
+        close = difflib.get_close_matches(name_or_path, recipe_names(), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"--config {name_or_path}: no such recipe or file{hint}; `python -m scalelora.train --list` shows the recipes"
+        )
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {name_or_path}: not valid YAML ({one_line_yaml(err)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {name_or_path}: the YAML must be a mapping of config keys")
+    return name, raw
+
+
+def one_line_yaml(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["a.b=1", "c=x"] into a nested mapping; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is both a value and a section")
+        node[parts[-1]] = parsed
+    return nested
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe (name or path), apply dotted overrides, build and validate the config tree.
+
+    Raises ConfigError naming the dotted key for unknown keys, wrong types and invalid values.
+    """
+    name, raw = read_recipe(recipe)
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw.setdefault("recipe", name)
+    config = build_dataclass(RunConfig, raw, prefix="")
+    config.validate()
+    return config
+
+
+def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        kwargs[key] = coerce(hints[key], value, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against the type hint and convert the few safe cases (int -> float, "a,b" -> list)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in non_none:
+            try:
+                return coerce(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid value")
+    if origin is Literal:
+        if value in args:
+            return value
+        choices = ", ".join(str(a) for a in args)
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value if value is not None else {}, prefix=f"{key}.")
+    if origin is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 5e-4 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {hint}")  # a bug in this module, not user input
+
+
+def to_dict(config: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def _check_positive(key: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _check_non_negative(key: str, value: float | None) -> None:
+    if value is not None and value < 0:
+        raise ConfigError(f"{key} must be >= 0, got {value}")

@@ -1,0 +1,448 @@
+"""Datasets: find and load splits, build and check the label map, tokenize once, batch by length.
+
+Sources: a local folder with {train,validation,test}.{jsonl,csv,parquet} (+ optional labels.json),
+a dataset name under the data root ($SCALELORA_DATA_DIR or `data.root`), or a hub dataset name.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from scalelora.config import DataConfig
+from scalelora.errors import DataError
+
+DATA_DIR_ENV = "SCALELORA_DATA_DIR"
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+datasets.disable_progress_bars()
+
+
+@dataclass
+class Splits:
+    """Raw (untokenized) splits with integer `label` ids and a stable `idx` per row."""
+
+    label_names: list[str]
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    test: datasets.Dataset | None
+    source: str
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    dropped_empty: dict[str, int] = field(default_factory=dict)
+
+
+# --- finding the data ----------------------------------------------------------------------------
+
+
+def data_root(cfg: DataConfig) -> Path | None:
+    root = cfg.root or os.environ.get(DATA_DIR_ENV)
+    return Path(root) if root else None
+
+
+def resolve_local_folder(cfg: DataConfig) -> Path | None:
+    """The local folder `data.path` names (directly or under the data root), or None for a hub name."""
+    direct = Path(cfg.path).expanduser()
+    if direct.is_dir():
+        return direct
+    root = data_root(cfg)
+    if root is not None and (root / cfg.path).is_dir():
+        return root / cfg.path
+    if direct.exists():
+        raise DataError(
+            f"data.path={cfg.path} is a file; point it at the folder holding train/validation/test files"
+        )
+    return None
+
+
+def split_file(folder: Path, split: str) -> Path | None:
+    for suffix in FILE_FORMATS:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_local_split(path: Path) -> datasets.Dataset:
+    builder = FILE_FORMATS[path.suffix]
+    try:
+        # keep_in_memory: small classification sets; avoids a cache folder per edit of the file
+        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as err:  # datasets raises many types for a malformed file
+        raise DataError(describe_bad_file(path, err)) from None
+
+
+def describe_bad_file(path: Path, err: Exception) -> str:
+    """Name the first bad line of a JSONL/CSV file (the datasets error does not)."""
+    if path.suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as bad:
+                    return f"{path}:{number}: not valid JSON ({bad.msg}); fix or remove that line"
+                if not isinstance(row, dict):
+                    return f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}"
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            for number, row in enumerate(reader, start=2):
+                if len(row) != len(header):
+                    return f"{path}:{number}: {len(row)} fields where the header has {len(header)}; quote the text column"
+    return f"{path}: cannot be read as {path.suffix[1:]} ({' '.join(str(err).split())[:200]})"
+
+
+def load_raw_splits(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], list[str] | None, str]:
+    """Return (split -> Dataset, label names from labels.json/ClassLabel or None, source description)."""
+    wanted = [cfg.train_split, cfg.eval_split] + ([cfg.test_split] if cfg.test_split else [])
+    folder = resolve_local_folder(cfg)
+    if folder is not None:
+        splits = {}
+        for split in wanted:
+            path = split_file(folder, split)
+            if path is None:
+                if split == cfg.test_split:
+                    continue
+                raise DataError(
+                    f"{folder}: no {split}.jsonl/.csv/.parquet file for split '{split}' "
+                    f"(set data.{'train' if split == cfg.train_split else 'eval'}_split to an existing split)"
+                )
+            splits[split] = load_local_split(path)
+        names = None
+        labels_file = folder / "labels.json"
+        if labels_file.is_file():
+            try:
+                names = json.loads(labels_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as bad:
+                raise DataError(f"{labels_file}: not valid JSON ({bad.msg})") from None
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise DataError(f"{labels_file}: must be a JSON list of label names")
+        return splits, names, str(folder)
+    return load_hub_splits(cfg, wanted)
+
+
+def load_hub_splits(
+    cfg: DataConfig, wanted: list[str]
+) -> tuple[dict[str, datasets.Dataset], list[str] | None, str]:
+    root = data_root(cfg)
+    try:
+        loaded = datasets.load_dataset(cfg.path, cfg.hub_config)
+    except Exception as err:
+        where = (
+            f"not found under the data root {root}"
+            if root
+            else f"no data root set (${DATA_DIR_ENV} or data.root)"
+        )
+        raise DataError(
+            f"data.path={cfg.path}: not a local folder, {where}, and the hub could not load it "
+            f"({' '.join(str(err).split())[:160]})"
+        ) from None
+    splits = {}
+    for split in wanted:
+        if split not in loaded:
+            if split == cfg.test_split:
+                continue
+            raise DataError(f"data.path={cfg.path} has no split '{split}' (it has {', '.join(loaded)})")
+        splits[split] = loaded[split]
+    feature = splits[cfg.train_split].features.get(cfg.label_column)
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    return splits, names, f"hub:{cfg.path}"
+
+
+# --- labels ---------------------------------------------------------------------------------------
+
+
+def is_integer_label(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def infer_label_names(values: list[Any]) -> list[str]:
+    """Sorted distinct training labels (by value, never by object identity)."""
+    distinct = set()
+    for value in values:
+        if is_integer_label(value):
+            distinct.add(int(value))
+        elif isinstance(value, str):
+            distinct.add(value)
+        else:
+            raise DataError(f"label {value!r} is neither a string nor an integer; fix the label column")
+    if all(isinstance(v, int) for v in distinct):
+        top = max(distinct)
+        if min(distinct) < 0:
+            raise DataError(
+                f"negative label {min(distinct)} in the training split; labels must be 0..K-1 or names"
+            )
+        return [str(i) for i in range(top + 1)]
+    if any(isinstance(v, int) for v in distinct):
+        raise DataError("the label column mixes integers and strings; use one kind")
+    return sorted(distinct)
+
+
+def encode_labels(values: list[Any], names: list[str], split: str, column: str) -> list[int]:
+    """Map raw labels (names or integer ids) to ids in `names`; DataError naming the first bad one."""
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for row, value in enumerate(values):
+        if isinstance(value, str):
+            if value not in index:
+                raise DataError(
+                    f"split '{split}' row {row}: label '{value}' is not in the label map {names}; "
+                    "add it to labels.json / data.labels or filter it out with data.keep_labels"
+                )
+            ids.append(index[value])
+        elif is_integer_label(value):
+            if not 0 <= int(value) < len(names):
+                raise DataError(
+                    f"split '{split}' row {row}: label {value} is out of range for {len(names)} labels "
+                    "(integer labels must be 0..K-1; set data.labels to name them)"
+                )
+            ids.append(int(value))
+        elif isinstance(value, float):
+            raise DataError(
+                f"split '{split}' row {row}: label {value!r} in column '{column}' is not an integer; "
+                "classification labels must be names or integer ids"
+            )
+        else:
+            raise DataError(
+                f"split '{split}' row {row}: label {value!r} in column '{column}' is missing or of wrong type"
+            )
+    return ids
+
+
+def fingerprint(ds: datasets.Dataset, columns: list[str]) -> str:
+    digest = hashlib.sha256()
+    for column in columns:
+        for value in ds[column]:
+            digest.update(repr(value).encode())
+            digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Load, validate and label-encode the train/eval/test splits.
+
+    Raises DataError for missing files or columns, unknown / float / out-of-range labels, empty
+    texts (unless `drop_empty`), and splits that are empty after filtering.
+    """
+    raw, file_names, source = load_raw_splits(cfg)
+    train_raw = raw[cfg.train_split]
+    for split, ds in raw.items():
+        for column in [cfg.text_column, cfg.label_column] + (
+            [cfg.text_pair_column] if cfg.text_pair_column else []
+        ):
+            if column not in ds.column_names:
+                raise DataError(
+                    f"split '{split}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                    f"set data.{'label' if column == cfg.label_column else 'text'}_column"
+                )
+    names = (
+        list(cfg.labels) if cfg.labels else file_names or infer_label_names(list(train_raw[cfg.label_column]))
+    )
+    if len(set(names)) != len(names):
+        raise DataError(f"the label map {names} repeats a name")
+    keep = cfg.keep_labels
+    if keep:
+        missing = [label for label in keep if label not in names]
+        if missing:
+            raise DataError(f"data.keep_labels names {missing}, not in the label map {names}")
+
+    encoded: dict[str, datasets.Dataset] = {}
+    dropped: dict[str, int] = {}
+    for split, ds in raw.items():
+        ids = encode_labels(list(ds[cfg.label_column]), names, split, cfg.label_column)
+        texts = list(ds[cfg.text_column])
+        columns = {
+            "text": [t if isinstance(t, str) else "" for t in texts],
+            "label": ids,
+            "idx": list(range(len(ds))),
+        }
+        if cfg.text_pair_column:
+            columns["text_pair"] = [t if isinstance(t, str) else "" for t in list(ds[cfg.text_pair_column])]
+        table = datasets.Dataset.from_dict(columns)
+        empty = [i for i, t in enumerate(columns["text"]) if not t.strip()]
+        if empty:
+            if not cfg.drop_empty:
+                raise DataError(
+                    f"split '{split}' row {empty[0]}: empty text in column '{cfg.text_column}' "
+                    f"({len(empty)} such rows); set data.drop_empty=true to drop them"
+                )
+            empty_set = set(empty)
+            table = table.select([i for i in range(len(table)) if i not in empty_set])
+            dropped[split] = len(empty)
+        if keep:
+            keep_ids = {names.index(label): new for new, label in enumerate(keep)}
+            table = table.filter(lambda row: row["label"] in keep_ids)
+            table = table.map(lambda row: {"label": keep_ids[row["label"]]})
+        if len(table) == 0:
+            raise DataError(
+                f"split '{split}' is empty after filtering (data.keep_labels={keep}, data.drop_empty)"
+            )
+        encoded[split] = table
+    label_names = list(keep) if keep else names
+
+    train = encoded[cfg.train_split]
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
+    evaluation = encoded[cfg.eval_split]
+    test = encoded.get(cfg.test_split) if cfg.test_split else None
+    if cfg.max_eval_samples:
+        if cfg.max_eval_samples < len(evaluation):
+            evaluation = evaluation.shuffle(seed=seed).select(range(cfg.max_eval_samples))
+        if test is not None and cfg.max_eval_samples < len(test):
+            test = test.shuffle(seed=seed).select(range(cfg.max_eval_samples))
+    result = Splits(label_names, train, evaluation, test, source, dropped_empty=dropped)
+    for name, ds in (("train", train), ("eval", evaluation), ("test", test)):
+        if ds is not None:
+            result.fingerprints[name] = fingerprint(ds, ["idx", "text", "label"])
+    return result
+
+
+# --- tokenization and batching --------------------------------------------------------------------
+
+
+def tokenize_split(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
+    """Tokenize without padding (batches pad dynamically); adds `length` for length grouping."""
+    has_pair = "text_pair" in ds.column_names
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out = tokenizer(
+            batch["text"],
+            batch["text_pair"] if has_pair else None,
+            truncation=True,
+            max_length=cfg.max_length,
+        )
+        out["length"] = [len(ids) for ids in out["input_ids"]]
+        return out
+
+    keep = {"label", "idx"}
+    remove = [c for c in ds.column_names if c not in keep]
+    tokenized = ds.map(encode, batched=True, batch_size=1000, remove_columns=remove)
+    return tokenized.rename_column("label", "labels")
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices in an order where each consecutive `batch_size` chunk has similar lengths.
+
+    Per epoch: a seeded permutation is cut into mega-batches of `batch_size * group_factor`, each
+    sorted by length and cut into batches, and the batches are shuffled. The order depends only
+    on (seed, epoch), so every rank computes the same one and Accelerate shards it by batch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_factor: int = 50) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_factor = group_factor
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        mega = self.batch_size * self.group_factor
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = order[start : start + mega]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        full = [b for b in batches if len(b) == self.batch_size]
+        partial = [b for b in batches if len(b) != self.batch_size]
+        for position in rng.permutation(len(full)):
+            yield from full[position].tolist()
+        for batch in partial:  # the short batch last, so every other batch is full
+            yield from batch.tolist()
+
+
+class SeededRandomSampler(Sampler[int]):
+    """A plain shuffle that depends only on (seed, epoch), for data.group_by_length=false."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
+
+
+class PadCollator:
+    """Pad model inputs to the longest in the batch (optionally to a multiple, to bound compiled shapes)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(r["input_ids"]) for r in rows)
+        if self.multiple:
+            longest = int(math.ceil(longest / self.multiple) * self.multiple)
+        batch: dict[str, torch.Tensor] = {}
+        for key in MODEL_INPUTS:
+            if key not in rows[0]:
+                continue
+            fill = self.pad_token_id if key == "input_ids" else 0
+            padded = torch.full((len(rows), longest), fill, dtype=torch.long)
+            for i, row in enumerate(rows):
+                padded[i, : len(row[key])] = torch.as_tensor(row[key], dtype=torch.long)
+            batch[key] = padded
+        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+        batch["idx"] = torch.tensor([r["idx"] for r in rows], dtype=torch.long)
+        return batch
+
+
+def train_dataloader(
+    ds: datasets.Dataset, cfg: DataConfig, batch_size: int, seed: int, collate: PadCollator
+) -> DataLoader:
+    sampler: Sampler[int]
+    if cfg.group_by_length:
+        sampler = LengthGroupedSampler(list(ds["length"]), batch_size, seed)
+    else:
+        sampler = SeededRandomSampler(len(ds), seed)
+    columns = [c for c in ds.column_names if c != "length"]
+    return DataLoader(
+        ds.with_format(columns=columns),
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=cfg.num_workers,
+        drop_last=False,
+    )
+
+
+def eval_dataloader(
+    ds: datasets.Dataset, batch_size: int, collate: PadCollator, num_workers: int = 0
+) -> DataLoader:
+    """Sorted by length (little padding); order does not matter for metrics."""
+    order = np.argsort(-np.asarray(list(ds["length"])), kind="stable").tolist()
+    columns = [c for c in ds.column_names if c != "length"]
+    return DataLoader(
+        ds.select(order).with_format(columns=columns),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=num_workers,
+    )

