@@ -261,6 +261,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         if missing:
             raise DataError(f"data.keep_labels names {missing}, not in the label map {names}")
 
+    keep_ids = {names.index(label): new for new, label in enumerate(keep)} if keep else {}
     encoded: dict[str, datasets.Dataset] = {}
     dropped: dict[str, int] = {}
     for split, ds in raw.items():
@@ -285,7 +286,6 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
             table = table.select([i for i in range(len(table)) if i not in empty_set])
             dropped[split] = len(empty)
         if keep:
-            keep_ids = {names.index(label): new for new, label in enumerate(keep)}
             table = table.filter(lambda row: row["label"] in keep_ids)
             table = table.map(lambda row: {"label": keep_ids[row["label"]]})
         if len(table) == 0:
