@@ -366,6 +366,24 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     return config
 
 
+# Names users bring from HF TrainingArguments / PEFT, mapped to ours for the "did you mean" hint.
+KEY_SYNONYMS = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "scheduler",
+    "mixed_precision": "precision",
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "max_seq_length": "max_length",
+    "model_name_or_path": "name",
+    "dataset": "path",
+}
+
+
 def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
@@ -376,7 +394,8 @@ def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
         dotted = f"{prefix}{key}"
         if key not in names:
             valid = [f"{prefix}{n}" for n in names]
-            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            synonym = KEY_SYNONYMS.get(key)
+            close = [f"{prefix}{synonym}"] if synonym in names else difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"unknown config key '{dotted}'{hint}")
         kwargs[key] = coerce(hints[key], value, dotted)
