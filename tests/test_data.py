@@ -1,0 +1,148 @@
+"""Label maps, filtering, sampling and batching on small local folders and the real data."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_jsonl
+from scalelora.config import DataConfig
+from scalelora.data import LengthGroupedSampler, PadCollator, infer_label_names, load_splits
+from scalelora.errors import DataError
+
+
+def folder_with(tmp_path: Path, train: list[dict], validation: list[dict] | None = None, labels: list | None = None) -> Path:
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "validation.jsonl", validation if validation is not None else train)
+    if labels is not None:
+        (folder / "labels.json").write_text(json.dumps(labels))
+    return folder
+
+
+def rows(*pairs):
+    return [{"text": t, "label": lab} for t, lab in pairs]
+
+
+def test_label_map_from_labels_json_keeps_its_order(tmp_path):
+    folder = folder_with(tmp_path, rows(("a", "pos"), ("b", "neg")), labels=["pos", "neg"])
+    splits = load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    assert splits.label_names == ["pos", "neg"]
+    assert list(splits.train["label"]) == [0, 1]
+
+
+def test_label_map_from_sorted_training_labels_without_labels_json(tmp_path):
+    folder = folder_with(tmp_path, rows(("a", "zebra"), ("b", "apple"), ("c", "mango")))
+    splits = load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    assert splits.label_names == ["apple", "mango", "zebra"]
+
+
+def test_integer_labels_give_k_classes_never_one_per_object():
+    # distinct numpy scalars are distinct objects: a set() of them would be 16,000 classes
+    labels = [np.int64(i % 6) for i in range(16_000)]
+    assert infer_label_names(labels) == ["0", "1", "2", "3", "4", "5"]
+
+
+def test_real_emotion_has_six_labels_and_all_splits():
+    splits = load_splits(DataConfig(path="emotion"), seed=0)
+    assert splits.label_names == ["sadness", "joy", "love", "anger", "fear", "surprise"]
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (16000, 2000, 2000)
+    assert Counter(splits.train["label"])[1] == 5362  # joy, as the data README counts
+
+
+def test_keep_labels_filters_and_renumbers_in_the_given_order():
+    cfg = DataConfig(path="tamilmix_fire2020", keep_labels=["Positive", "Negative"])
+    splits = load_splits(cfg, seed=0)
+    assert splits.label_names == ["Positive", "Negative"]
+    assert Counter(splits.train["label"]) == {0: 7627, 1: 1448}
+
+
+def test_max_train_samples_is_a_seeded_random_subset_not_the_first_rows():
+    # rotten_tomatoes is grouped by label: the first 200 rows are all 'pos'
+    a = load_splits(DataConfig(path="rotten_tomatoes", max_train_samples=200), seed=1)
+    b = load_splits(DataConfig(path="rotten_tomatoes", max_train_samples=200), seed=1)
+    assert len(a.train) == 200 and set(a.train["label"]) == {0, 1}
+    assert list(a.train["idx"]) == list(b.train["idx"])
+    assert a.fingerprints["train"] == b.fingerprints["train"]
+
+
+@pytest.mark.parametrize(
+    ("train", "validation", "message"),
+    [
+        (rows(("a", "pos"), ("b", "neg")), rows(("c", "meh")), r"split 'validation' row 0: label 'meh' is not in the label map"),
+        (rows(("a", 0), ("b", 1)), rows(("c", 0.5)), r"label 0.5 in column 'label' is not an integer"),
+        (rows(("a", 0), ("b", 1)), rows(("c", 7)), r"label 7 is out of range for 2 labels"),
+        (rows(("a", "pos"), ("", "neg")), None, r"split 'train' row 1: empty text .* data\.drop_empty=true"),
+    ],
+)
+def test_bad_labels_and_texts_name_the_split_row_and_fix(tmp_path, train, validation, message):
+    folder = folder_with(tmp_path, train, validation)
+    with pytest.raises(DataError, match=message):
+        load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+
+
+def test_missing_column_names_the_columns_and_the_key(tmp_path):
+    folder = folder_with(tmp_path, [{"sentence": "a", "label": "x"}, {"sentence": "b", "label": "y"}])
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: sentence, label\); set data\.text_column"):
+        load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    splits = load_splits(DataConfig(path=str(folder), test_split=None, text_column="sentence"), seed=0)
+    assert list(splits.train["text"]) == ["a", "b"]
+
+
+def test_drop_empty_counts_the_dropped_rows(tmp_path):
+    folder = folder_with(tmp_path, rows(("a", "pos"), ("  ", "neg"), ("c", "neg")))
+    splits = load_splits(DataConfig(path=str(folder), test_split=None, drop_empty=True), seed=0)
+    assert len(splits.train) == 2 and splits.dropped_empty == {"train": 1, "validation": 1}
+
+
+def test_empty_after_filtering_is_an_error(tmp_path):
+    folder = folder_with(tmp_path, rows(("a", "x"), ("b", "y")), rows(("c", "x")), labels=["x", "y", "z"])
+    with pytest.raises(DataError, match="split 'validation' is empty after filtering"):
+        load_splits(DataConfig(path=str(folder), test_split=None, keep_labels=["y", "z"]), seed=0)
+
+
+def test_unknown_dataset_name_explains_where_it_looked(monkeypatch):
+    with pytest.raises(DataError, match=r"data\.path=no_such_set: not a local folder, not found under the data root"):
+        load_splits(DataConfig(path="no_such_set"), seed=0)
+
+
+def test_csv_and_parquet_folders_load(tmp_path):
+    import pandas as pd
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    pd.DataFrame({"text": ["good", "bad"], "label": ["pos", "neg"]}).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame({"text": ["fine"], "label": ["pos"]}).to_parquet(folder / "validation.parquet")
+    splits = load_splits(DataConfig(path=str(folder)), seed=0)
+    assert splits.label_names == ["neg", "pos"] and splits.test is None and len(splits.eval) == 1
+
+
+def test_length_grouped_sampler_is_seeded_complete_and_groups_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 120, size=1000).tolist()
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000))
+    assert first == list(LengthGroupedSampler(lengths, batch_size=16, seed=3))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    batches = [first[i : i + 16] for i in range(0, 1000, 16)]
+    spread = np.mean([np.ptp([lengths[j] for j in b]) for b in batches])
+    random_spread = np.mean([np.ptp(rng.choice(lengths, 16)) for _ in range(60)])
+    assert spread < random_spread / 4  # batches of similar lengths: little padding
+
+
+def test_pad_collator_pads_to_the_longest_and_keeps_ids():
+    batch = PadCollator(pad_token_id=0)([
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1, "idx": 4},
+        {"input_ids": [5], "attention_mask": [1], "labels": 0, "idx": 9},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [1, 0] and batch["idx"].tolist() == [4, 9]
+    assert PadCollator(0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": 0, "idx": 0}])["input_ids"].shape == (1, 8)
