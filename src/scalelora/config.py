@@ -71,7 +71,8 @@ class ModelConfig:
     """lora: frozen base + LoRA adapters + trainable head; full: every weight (a teacher);
     head_only: frozen base, trainable classification head."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the frozen base weights. Trainable weights stay float32 (mixed precision is train.precision)."""
+    """Dtype of the frozen base weights. Trainable weights (LoRA, head; every weight in mode=full) stay
+    float32; a bfloat16/float16 base needs the matching train.precision."""
     revision: str | None = None
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
@@ -255,6 +256,12 @@ class RunConfig:
                 problems.append(
                     "distill.teacher=cache needs distill.cache_dir (build it with python -m scalelora.teacher_logits)"
                 )
+        if self.model.dtype != "float32" and self.train.precision == "no":
+            wanted = "bf16" if self.model.dtype == "bfloat16" else "fp16"
+            problems.append(
+                f"model.dtype={self.model.dtype} needs train.precision={wanted} (autocast mixes the float32 "
+                "trainable weights with the low-precision base), or model.dtype=float32"
+            )
         if self.resume not in (None, "auto") and self.overwrite:
             problems.append("resume=PATH and overwrite=true contradict each other: drop one")
         if problems:

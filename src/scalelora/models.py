@@ -292,7 +292,12 @@ def build_model(
     model, new_modules = load_classifier(model_cfg, label_names, device_map)
     if model_cfg.gradient_checkpointing and not (model_cfg.load_in_8bit or model_cfg.load_in_4bit):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_mode(model, model_cfg, lora, new_modules)
+    model = apply_mode(model, model_cfg, lora, new_modules)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            # optimizer updates of LoRA and head weights are lost in bf16/fp16 rounding; keep them fp32
+            param.data = param.data.float()
+    return model
 
 
 def count_params(model: nn.Module) -> ParamCount:
