@@ -108,6 +108,17 @@ def save_tiny_model(folder: Path, kind: str) -> Path:
     return folder
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; in-process runs with other settings need them reset."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert")
