@@ -185,6 +185,19 @@ def save_checkpoint(
     return final
 
 
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint. Raises CheckpointError when it is missing or not JSON."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(
+            f"{path / TRAINER_STATE} is missing or corrupt; use an earlier checkpoint"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE} is corrupt; use an earlier checkpoint")
+    return state
+
+
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     """Verify and load a checkpoint into the prepared objects; return its trainer state."""
     verify_manifest(path)

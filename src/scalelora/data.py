@@ -76,15 +76,39 @@ def split_file(folder: Path, split: str) -> Path | None:
 
 
 def load_local_split(path: Path) -> datasets.Dataset:
+    """Load one split file. Raises DataError naming the file (and the first bad line of a JSONL/CSV)."""
     builder = FILE_FORMATS[path.suffix]
+    bad_line = find_bad_line(path)  # before datasets, which names no line and logs its own tracebacks
+    if bad_line:
+        raise DataError(bad_line)
+    datasets_logger = datasets.logging.get_logger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(datasets.logging.CRITICAL)  # its error is re-raised below as one line
     try:
         # keep_in_memory: small classification sets; avoids a cache folder per edit of the file
         return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as err:  # datasets raises many types for a malformed file
         raise DataError(describe_bad_file(path, err)) from None
+    finally:
+        datasets_logger.setLevel(level)
 
 
-def describe_bad_file(path: Path, err: Exception) -> str:
+def find_bad_line(path: Path) -> str | None:
+    """The first undecodable line of a JSONL/CSV file, as `path:line: what; fix`, or None."""
+    if path.suffix not in (".jsonl", ".csv"):  # a .json file may be one JSON document, not lines
+        return None
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as bad:
+        with path.open("rb") as handle:
+            number = handle.read(bad.start).count(b"\n") + 1
+        return f"{path}:{number}: not UTF-8 text (byte 0x{bad.object[bad.start]:02x}); save the file as UTF-8"
+    except OSError as err:
+        return f"{path}: cannot be read ({err.strerror or err})"
+    return describe_bad_file(path, None, only_lines=True)
+
+
+def describe_bad_file(path: Path, err: Exception | None, only_lines: bool = False) -> str | None:
     """Name the first bad line of a JSONL/CSV file (the datasets error does not)."""
     if path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8", errors="replace") as handle:
@@ -101,9 +125,11 @@ def describe_bad_file(path: Path, err: Exception) -> str:
         with path.open(encoding="utf-8", errors="replace", newline="") as handle:
             reader = csv.reader(handle)
             header = next(reader, [])
-            for number, row in enumerate(reader, start=2):
-                if len(row) != len(header):
-                    return f"{path}:{number}: {len(row)} fields where the header has {len(header)}; quote the text column"
+            for row in reader:
+                if row and len(row) != len(header):
+                    return f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}; quote the text column"
+    if only_lines:
+        return None
     return f"{path}: cannot be read as {path.suffix[1:]} ({' '.join(str(err).split())[:200]})"
 
 
@@ -180,7 +206,13 @@ def infer_label_names(values: list[Any]) -> list[str]:
         elif isinstance(value, str):
             distinct.add(value)
         else:
-            raise DataError(f"label {value!r} is neither a string nor an integer; fix the label column")
+            # report a fractional value when there is one: Arrow turns a column with one 0.5 into 0.0, 1.0, ...
+            shown = next((v for v in values if isinstance(v, float) and not v.is_integer()), value)
+            row = next(i for i, v in enumerate(values) if v is shown or v == shown)
+            raise DataError(
+                f"training split row {row}: label {shown!r} is neither a name nor an integer id; "
+                "classification labels must be names or integers 0..K-1: fix the label column"
+            )
     if all(isinstance(v, int) for v in distinct):
         top = max(distinct)
         if min(distinct) < 0:
@@ -333,6 +365,24 @@ def tokenize_split(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> dat
     remove = [c for c in ds.column_names if c not in keep]
     tokenized = ds.map(encode, batched=True, batch_size=1000, remove_columns=remove)
     return tokenized.rename_column("label", "labels")
+
+
+def check_lengths(tokenized: dict[str, datasets.Dataset], limit: int | None, model_name: str) -> None:
+    """Raise DataError when a tokenized example is longer than the model's position table.
+
+    Texts are truncated to `data.max_length`; this catches a max_length above what the model
+    handles, which would otherwise fail deep inside the forward pass.
+    """
+    if limit is None:
+        return
+    for split, ds in tokenized.items():
+        lengths = np.asarray(ds["length"])
+        if len(lengths) and lengths.max() > limit:
+            row = int(lengths.argmax())
+            raise DataError(
+                f"split '{split}' row {row} has {int(lengths[row])} tokens, more than the {limit} positions "
+                f"model.name={model_name} handles; set data.max_length={limit} (or lower) so longer texts are truncated"
+            )
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -278,7 +278,13 @@ def apply_mode(
     try:
         peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     except ValueError as err:
-        raise ConfigError(f"lora.target_modules: {' '.join(str(err).split())[:200]}") from None
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ConfigError(
+            f"lora.target_modules={','.join(sorted(peft_config.target_modules))}: {' '.join(str(err).split())[:160]}; "
+            f"this model's linear layers are named {', '.join(linear[:12])}"
+        ) from None
     if not model_cfg.train_head:
         for name, param in peft_model.named_parameters():
             if "modules_to_save" in name:
@@ -298,6 +304,23 @@ def build_model(
             # optimizer updates of LoRA and head weights are lost in bf16/fp16 rounding; keep them fp32
             param.data = param.data.float()
     return model
+
+
+def max_positions(model: nn.Module, tokenizer: Any) -> int | None:
+    """The longest input a model with absolute position embeddings takes; None for rotary models."""
+    config = model.config
+    if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None):
+        return None  # rotary positions have no table to index past
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    # RoBERTa-style tables hold 2 offset slots; their tokenizers state the usable length
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < limit:
+        return tokenizer_limit
+    return limit
 
 
 def count_params(model: nn.Module) -> ParamCount:

@@ -27,7 +27,7 @@ from scalelora.config import RunConfig, dump_yaml, to_dict
 from scalelora.errors import CheckpointError, TrainingHalted, UserError
 from scalelora.evaluation import evaluate_split
 from scalelora.losses import count_valid, distillation_loss_sum, hidden_mse_sum
-from scalelora.models import build_model, count_params, is_peft, load_tokenizer
+from scalelora.models import build_model, count_params, is_peft, load_tokenizer, max_positions
 from scalelora.runtime import PREEMPTED_EXIT_CODE, StopSignal, build_accelerator, is_deepspeed
 from scalelora.teacher import build_teacher, mean_pool
 from scalelora.tracking import build_tracker
@@ -171,6 +171,7 @@ class Trainer:
         self.label_names = self.splits.label_names
 
         model = build_model(cfg.model, cfg.lora, self.label_names, device_map=self._device_map())
+        data_lib.check_lengths(self.tokenized, max_positions(model, self.tokenizer), cfg.model.name)
         self.params = count_params(model)
         self.log(
             f"scalelora: {cfg.model.name} mode={cfg.model.mode} labels={self.label_names}; {self.params.line()}"
@@ -283,14 +284,19 @@ class Trainer:
                 path.unlink()
 
     def _resume(self, path: Path) -> None:
-        saved = ckpt.load_checkpoint(self.accelerator, path)
-        identity = saved.get("identity", {})
-        changed = [k for k, v in self.state.identity.items() if identity.get(k) != v]
+        # compare identities before loading weights: another config's tensors would fail with a shape error
+        identity = ckpt.read_trainer_state(path).get("identity", {})
+        changed = [
+            f"{k}: checkpoint {identity.get(k)!r}, now {v!r}"
+            for k, v in self.state.identity.items()
+            if identity.get(k) != v
+        ]
         if changed:
             raise CheckpointError(
-                f"checkpoint {path} is from another config ({', '.join(changed)} differ); "
+                f"checkpoint {path} is from another config ({'; '.join(changed)}); "
                 "use its original config, or start over with overwrite=true or another output_dir"
             )
+        saved = ckpt.load_checkpoint(self.accelerator, path)
         self.state = TrainState(**saved)
         self.log(f"scalelora: resumed from {path} at step {self.state.global_step}")
         self._trim_metrics(self.state.global_step)

@@ -1,0 +1,469 @@
+"""Each bad input a user can give: exit code 2, one `scalelora: error: ...` line naming the fix,
+no traceback, and nothing left in output_dir that looks like a finished run.
+
+The table in docs/sections/reliability.md lists these cases; `CASES` here is its source of truth
+(a test checks the two agree).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, tiny_overrides, write_jsonl, write_toy_dataset
+from scalelora import train
+
+FINISHED_RUN_MARKERS = ("summary.json", "adapter", "model", "checkpoints", "config.yaml", "metrics.jsonl")
+
+
+def run_train(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Run the real CLI in-process; return (exit code, stderr)."""
+    capsys.readouterr()
+    code = train.main(argv)
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> str:
+    """Exit code 2, exactly one error line (with every fragment in it), no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("scalelora: error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_no_finished_run(out: Path) -> None:
+    left = [name for name in FINISHED_RUN_MARKERS if (out / name).exists()]
+    assert not left, f"{out} holds {left} after a failed start"
+    assert not (out / ".lock").exists(), "the run lock was not released"
+
+
+@dataclass
+class Case:
+    """One bad input: how to make it (returns CLI argv), and what the error line must contain."""
+
+    name: str
+    input: str
+    build: Callable[[Path, Path, Path], list[str]]
+    expect: tuple[str, ...]
+
+
+def tiny(model: Path, data: Path, out: Path, **extra: object) -> list[str]:
+    return ["--config", "quickstart", *tiny_overrides(model, data, out, **extra)]
+
+
+def copy_data(data: Path, tmp: Path) -> Path:
+    target = tmp / "data"
+    shutil.copytree(data, target)
+    return target
+
+
+def edit_line(path: Path, number: int, text: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[number - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+def set_row(path: Path, number: int, **values: object) -> None:
+    lines = path.read_text().splitlines()
+    row = json.loads(lines[number - 1])
+    row.update(values)
+    lines[number - 1] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def unknown_key(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"lora.rank": 8})
+
+
+def wrong_type(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"train.batch_size": "eight"})
+
+
+def bad_enum(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"train.precision": "fp8"})
+
+
+def zero_size(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"train.batch_size": 0})
+
+
+def negative_size(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"lora.r": -4})
+
+
+def out_of_range(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"lora.dropout": 1.5})
+
+
+def conflicting(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"model.load_in_8bit": "true", "model.load_in_4bit": "true"})
+
+
+def recipe_not_found(model: Path, data: Path, tmp: Path) -> list[str]:
+    return ["--config", "quikstart", f"output_dir={tmp / 'out'}"]
+
+
+def malformed_override(model: Path, data: Path, tmp: Path) -> list[str]:
+    return [*tiny(model, data, tmp / "out"), "lora.r"]
+
+
+def invalid_yaml(model: Path, data: Path, tmp: Path) -> list[str]:
+    recipe = tmp / "broken.yaml"
+    recipe.write_text("train:\n  lr: [1e-3\n")
+    return ["--config", str(recipe), f"output_dir={tmp / 'out'}"]
+
+
+def section_as_value(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", lora=4)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def missing_data(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, tmp / "no-such-data", tmp / "out")
+
+
+def missing_split(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    (folder / "validation.jsonl").unlink()
+    return tiny(model, folder, tmp / "out")
+
+
+def corrupt_jsonl(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    edit_line(folder / "train.jsonl", 7, '{"text": "a cut-off line", "lab')
+    return tiny(model, folder, tmp / "out")
+
+
+def jsonl_not_object(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    edit_line(folder / "validation.jsonl", 3, '["a list", "pos"]')
+    return tiny(model, folder, tmp / "out")
+
+
+def corrupt_csv(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = tmp / "csvdata"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (data / f"{split}.jsonl").read_text().splitlines()]
+        lines = ["text,label"] + [f"{r['text']},{r['label']}" for r in rows]
+        lines[4] = "an unquoted, comma in the text,pos"
+        (folder / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return tiny(model, folder, tmp / "out")
+
+
+def not_utf8(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    path = folder / "train.jsonl"
+    raw = path.read_bytes().split(b"\n")
+    raw[5] = b'{"text": "caf\xe9 latin-1", "label": "pos"}'
+    path.write_bytes(b"\n".join(raw))
+    return tiny(model, folder, tmp / "out")
+
+
+def missing_column(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"data.text_column": "sentence"})
+
+
+def unknown_label(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    set_row(folder / "validation.jsonl", 4, label="neutral")
+    return tiny(model, folder, tmp / "out")
+
+
+def float_label(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = write_toy_dataset(tmp / "ints", labels_json=False)
+    for split in ("train", "validation", "test"):
+        path = folder / f"{split}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        write_jsonl(path, [{"text": r["text"], "label": int(r["label"] == "pos")} for r in rows])
+    set_row(folder / "train.jsonl", 10, label=0.5)
+    return tiny(model, folder, tmp / "out")
+
+
+def out_of_range_label(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    set_row(folder / "validation.jsonl", 2, label=7)
+    return tiny(model, folder, tmp / "out")
+
+
+def null_label(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    set_row(folder / "validation.jsonl", 2, label=None)
+    return tiny(model, folder, tmp / "out")
+
+
+def empty_text(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    set_row(folder / "train.jsonl", 12, text="   ")
+    return tiny(model, folder, tmp / "out")
+
+
+def all_filtered(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    path = folder / "validation.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    write_jsonl(path, [{"text": r["text"], "label": "neg"} for r in rows])
+    (folder / "labels.json").write_text(json.dumps(["neg", "pos", "meh"]))
+    return tiny(model, folder, tmp / "out", **{"data.keep_labels": "[pos,meh]"})
+
+
+def unknown_keep_label(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"data.keep_labels": "[pos,positive]"})
+
+
+def bad_labels_json(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    (folder / "labels.json").write_text('{"neg": 0, "pos": 1}')
+    return tiny(model, folder, tmp / "out")
+
+
+def text_too_long(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    set_row(folder / "train.jsonl", 3, text=" ".join(["great"] * 400))
+    # the tiny model has 128 positions; 512 tokens would index past its position table
+    return tiny(model, folder, tmp / "out", **{"data.max_length": 512})
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+
+def model_not_found(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(tmp / "no-such-model", data, tmp / "out")
+
+
+def no_classification_head(model: Path, data: Path, tmp: Path) -> list[str]:
+    from transformers import CLIPVisionConfig
+
+    folder = tmp / "vision-model"
+    shutil.copytree(model, folder)
+    (folder / "model.safetensors").unlink()
+    config = CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    config.save_pretrained(folder)
+    return tiny(folder, data, tmp / "out")
+
+
+def label_count_mismatch(model: Path, data: Path, tmp: Path) -> list[str]:
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp / "three-class"
+    head = AutoModelForSequenceClassification.from_pretrained(
+        model, num_labels=3, id2label={0: "sad", 1: "neutral", 2: "happy"}
+    )
+    head.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model / name, folder / name)
+    return tiny(folder, data, tmp / "out")
+
+
+def no_lora_preset(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"lora.target_modules": "[no_such_proj]"})
+
+
+# --- resume / output_dir --------------------------------------------------------------------------
+
+
+def resume_missing(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", resume=tmp / "out" / "checkpoints" / "step-3")
+
+
+def resume_incomplete(model: Path, data: Path, tmp: Path) -> list[str]:
+    partial = tmp / "elsewhere" / "step-3"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"\0" * 64)
+    return tiny(model, data, tmp / "out", resume=partial)
+
+
+BAD_INPUTS = [
+    Case("unknown_key", "unknown config key `lora.rank=8`", unknown_key, ("lora.rank", "lora.r")),
+    Case("wrong_type", "wrong type `train.batch_size=eight`", wrong_type, ("train.batch_size", "integer")),
+    Case("bad_enum", "bad enum value `train.precision=fp8`", bad_enum, ("train.precision", "bf16")),
+    Case("zero_size", "zero size `train.batch_size=0`", zero_size, ("train.batch_size", "positive")),
+    Case("negative_size", "negative size `lora.r=-4`", negative_size, ("lora.r", "positive")),
+    Case("out_of_range", "value out of range `lora.dropout=1.5`", out_of_range, ("lora.dropout", "[0, 1)")),
+    Case(
+        "conflicting",
+        "conflicting options `model.load_in_8bit=true model.load_in_4bit=true`",
+        conflicting,
+        ("load_in_8bit", "load_in_4bit", "pick one"),
+    ),
+    Case(
+        "recipe_not_found",
+        "recipe not found `--config quikstart`",
+        recipe_not_found,
+        ("quikstart", "quickstart"),
+    ),
+    Case(
+        "malformed_override",
+        "override without `=` (`lora.r`)",
+        malformed_override,
+        ("lora.r", "dotted.key=value"),
+    ),
+    Case("invalid_yaml", "a recipe file that is not valid YAML", invalid_yaml, ("broken.yaml", "YAML")),
+    Case("section_as_value", "a section given a value `lora=4`", section_as_value, ("lora", "mapping")),
+    Case("missing_data", "data folder or dataset that does not exist", missing_data, ("no-such-data",)),
+    Case(
+        "missing_split",
+        "no `validation` file in the data folder",
+        missing_split,
+        ("validation", "data.eval_split"),
+    ),
+    Case(
+        "corrupt_jsonl",
+        "a cut-off JSONL line",
+        corrupt_jsonl,
+        ("train.jsonl:7", "not valid JSON", "fix or remove"),
+    ),
+    Case(
+        "jsonl_not_object",
+        "a JSONL line that is a list, not an object",
+        jsonl_not_object,
+        ("validation.jsonl:3", "JSON object"),
+    ),
+    Case("corrupt_csv", "a CSV line with an unquoted comma", corrupt_csv, ("train.csv:5", "quote")),
+    Case("not_utf8", "a data file that is not UTF-8", not_utf8, ("train.jsonl:6", "UTF-8")),
+    Case(
+        "missing_column",
+        "missing text column (`data.text_column=sentence`)",
+        missing_column,
+        ("sentence", "data.text_column"),
+    ),
+    Case(
+        "unknown_label", "a validation label not in the label map", unknown_label, ("neutral", "labels.json")
+    ),
+    Case("float_label", "a float label (`0.5`)", float_label, ("0.5", "integer")),
+    Case(
+        "out_of_range_label", "an integer label beyond the label count", out_of_range_label, ("7", "0..K-1")
+    ),
+    Case("null_label", "a missing (null) label", null_label, ("None", "validation")),
+    Case("empty_text", "an empty text", empty_text, ("empty text", "data.drop_empty")),
+    Case("all_filtered", "a split empty after `data.keep_labels`", all_filtered, ("empty after filtering",)),
+    Case(
+        "unknown_keep_label",
+        "`data.keep_labels` naming an unknown label",
+        unknown_keep_label,
+        ("positive", "data.keep_labels"),
+    ),
+    Case(
+        "bad_labels_json",
+        "`labels.json` that is not a list of names",
+        bad_labels_json,
+        ("labels.json", "list"),
+    ),
+    Case(
+        "text_too_long",
+        "text longer than the model handles (`data.max_length` above its positions)",
+        text_too_long,
+        ("128", "data.max_length"),
+    ),
+    Case(
+        "model_not_found",
+        "`model.name` that does not exist",
+        model_not_found,
+        ("no-such-model", "model.name"),
+    ),
+    Case(
+        "no_classification_head",
+        "a model with no sequence-classification head (a vision model)",
+        no_classification_head,
+        ("vision-model", "sequence classifier"),
+    ),
+    Case(
+        "label_count_mismatch",
+        "a classifier whose head has other labels than the data",
+        label_count_mismatch,
+        ("three-class", "labels"),
+    ),
+    Case(
+        "no_lora_preset",
+        "`lora.target_modules` naming no module of the model",
+        no_lora_preset,
+        ("lora.target_modules", "no_such_proj"),
+    ),
+    Case(
+        "resume_missing",
+        "`resume=PATH` to a checkpoint that does not exist",
+        resume_missing,
+        ("step-3", "resume=auto"),
+    ),
+    Case(
+        "resume_incomplete",
+        "`resume=PATH` to a half-written checkpoint",
+        resume_incomplete,
+        ("step-3", "incomplete"),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.name for c in BAD_INPUTS])
+def test_bad_input_gives_one_line_error(case: Case, tiny_bert: Path, toy_data: Path, tmp_path: Path, capsys):
+    argv = case.build(tiny_bert, toy_data, tmp_path)
+    code, err = run_train(argv, capsys)
+    assert_one_line_error(code, err, *case.expect)
+    assert_no_finished_run(tmp_path / "out")
+
+
+# --- cases that need a run first --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_bert: Path, toy_data: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert (
+        train.main(
+            [
+                "--config",
+                "quickstart",
+                *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2, "eval.every": 2}),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_resume_from_another_config_is_refused(finished_run: Path, tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    argv = [
+        "--config",
+        "quickstart",
+        *tiny_overrides(tiny_bert, toy_data, out, **{"lora.r": 4, "resume": "auto"}),
+    ]
+    code, err = run_train(argv, capsys)
+    assert_one_line_error(code, err, "another config", "lora.r")
+    assert snapshot(out) == before, "a refused resume changed the run it refused"
+
+
+def test_existing_run_without_resume_is_refused(finished_run: Path, tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    code, err = run_train(["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out)], capsys)
+    assert_one_line_error(code, err, "already holds a run", "resume=auto", "overwrite=true")
+    assert snapshot(out) == before
+
+
+def test_docs_table_lists_every_case():
+    doc = (ROOT / "docs" / "sections" / "reliability.md").read_text()
+    for case in BAD_INPUTS:
+        assert case.input in doc, f"docs/sections/reliability.md misses the bad input {case.input!r}"
