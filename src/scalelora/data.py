@@ -480,6 +480,9 @@ def train_dataloader(
         collate_fn=collate,
         num_workers=cfg.num_workers,
         drop_last=False,
+        # a loader without its own generator draws a seed from the global RNG at every iter(), which
+        # shifts dropout masks after a resume; this one keeps the global RNG untouched
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -495,4 +498,5 @@ def eval_dataloader(
         shuffle=False,
         collate_fn=collate,
         num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
     )

@@ -206,7 +206,6 @@ class Trainer:
         self.scheduler = acc.prepare_scheduler(build_scheduler(self.optimizer, cfg, self.total_steps))
         if not is_deepspeed(acc):
             acc.register_save_state_pre_hook(ckpt.trainable_only_save_hook)
-        acc.register_for_checkpointing(self.scheduler)
 
         self.teacher = build_teacher(
             cfg, self.label_names, self.tokenizer, self.splits.fingerprints["train"], acc.device
