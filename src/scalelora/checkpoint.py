@@ -8,6 +8,7 @@ so a folder named `step-N` with a matching manifest is complete by construction.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +208,24 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     except Exception as err:  # torch/safetensors raise several types for foreign or mismatched files
         raise CheckpointError(f"cannot load checkpoint {path}: {' '.join(str(err).split())[:200]}") from None
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def is_zero3(accelerator: Any) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def gathered_for_write(accelerator: Any, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Collective: under ZeRO-3 every rank sees the full `params` inside the block, and what rank 0
+    writes into them is re-partitioned on exit (a rank-local shard is an empty tensor). No-op otherwise."""
+    if not is_zero3(accelerator):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):
+        yield
 
 
 # --- adapters and full models ----------------------------------------------------------------------

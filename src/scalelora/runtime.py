@@ -9,7 +9,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    set_seed,
+)
 
 from scalelora.config import RunConfig
 from scalelora.errors import ConfigError
@@ -42,9 +48,45 @@ def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Acce
         log_with=log_with,
         project_dir=str(cfg.run_dir),
         kwargs_handlers=kwargs_handlers,
+        # the DeepSpeed JSON says "auto" for clipping; fill it from the recipe (0 = no clipping in DeepSpeed)
+        deepspeed_plugin=DeepSpeedPlugin(gradient_clipping=cfg.train.max_grad_norm or 0.0)
+        if deepspeed_launch
+        else None,
     )
+    if is_deepspeed(accelerator):
+        check_deepspeed_config(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
     set_seed(cfg.seed)
     return accelerator
+
+
+def check_deepspeed_config(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+    """Refuse what cannot work under this DeepSpeed config (the stage is only known from the launch).
+
+    Raises ConfigError listing every problem, each with what to use instead.
+    """
+    problems = []
+    zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    for block in ("optimizer", "scheduler"):
+        if block in ds_config:
+            problems.append(
+                f"the DeepSpeed config defines an '{block}' block: remove it; train.lr, train.weight_decay and "
+                "train.scheduler drive both (ZeRO offload switches AdamW to DeepSpeedCPUAdam by itself)"
+            )
+    if cfg.model.load_in_8bit and stage == 3:
+        problems.append(
+            "model.load_in_8bit cannot be sharded by ZeRO-3: use model.load_in_4bit=true (its quant storage "
+            "matches model.dtype) or accel_configs/deepspeed_zero2.yaml"
+        )
+    if (cfg.model.load_in_8bit or cfg.model.load_in_4bit) and (
+        zero.get("offload_param", {}).get("device", "none") != "none"
+    ):
+        problems.append(
+            "an 8/4-bit base cannot be offloaded to CPU by ZeRO: use accel_configs/deepspeed_zero3.yaml "
+            "(no offload) or load_in_8bit/load_in_4bit=false"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

@@ -604,17 +604,18 @@ class Trainer:
         if is_peft(unwrapped):
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(
-                unwrapped, load_file(str(self.run_dir / "adapter" / "adapter_model.safetensors"))
-            )
+            trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+            with ckpt.gathered_for_write(self.accelerator, trainable):  # ZeRO-3 shards are empty tensors
+                set_peft_model_state_dict(
+                    unwrapped, load_file(str(self.run_dir / "adapter" / "adapter_model.safetensors"))
+                )
             return
-        from transformers.modeling_utils import load_sharded_checkpoint
-
         model_dir = self.run_dir / "model"
-        if (model_dir / "model.safetensors").is_file():
-            unwrapped.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
-        else:
-            load_sharded_checkpoint(unwrapped, str(model_dir), strict=False)
+        # transformers 5 dropped modeling_utils.load_sharded_checkpoint: read the shards ourselves
+        shards = sorted(model_dir.glob("model*.safetensors"))
+        with ckpt.gathered_for_write(self.accelerator, unwrapped.parameters()):
+            for shard in shards:
+                unwrapped.load_state_dict(load_file(str(shard)), strict=False)
 
     # --- the end -------------------------------------------------------------------------------
 
