@@ -113,7 +113,9 @@ def test_an_existing_run_is_not_overwritten_without_asking(tiny_bert, toy_data, 
 
 
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    """The saved trainable weights: a LoRA adapter, or the full model of mode=full."""
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else out / "model" / "model.safetensors"))
 
 
 def assert_same_adapter(a: Path, b: Path) -> None:
@@ -129,10 +131,10 @@ def interrupted_copy(full: Path, target: Path, keep_step: int) -> None:
     for path in (target / "checkpoints").iterdir():
         if int(path.name.split("-")[1]) > keep_step:
             shutil.rmtree(path)
-    for name in ("adapter", "summary.json"):
+    for name in ("adapter", "model", "summary.json"):
         if (target / name).is_dir():
             shutil.rmtree(target / name)
-        else:
+        elif (target / name).exists():
             (target / name).unlink()
 
 
