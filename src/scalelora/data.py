@@ -363,7 +363,20 @@ def tokenize_split(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> dat
 
     keep = {"label", "idx"}
     remove = [c for c in ds.column_names if c not in keep]
-    tokenized = ds.map(encode, batched=True, batch_size=1000, remove_columns=remove)
+    # an explicit fingerprint: otherwise datasets dill-hashes the whole tokenizer, ~1 s per split
+    settings = (
+        ds._fingerprint,
+        type(tokenizer).__name__,
+        getattr(tokenizer, "name_or_path", ""),
+        len(tokenizer),
+        tokenizer.truncation_side,
+        cfg.max_length,
+        has_pair,
+    )
+    fingerprint = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
+    tokenized = ds.map(
+        encode, batched=True, batch_size=1000, remove_columns=remove, new_fingerprint=fingerprint
+    )
     return tokenized.rename_column("label", "labels")
 
 
