@@ -1,12 +1,21 @@
 """Experiment tracking: W&B on the main process, a do-nothing tracker everywhere else.
 
-The trainer calls `log`, `summary` and `finish` unconditionally; which ranks talk to W&B is
-decided here, so no `if rank == 0` sits in the loop.
+The trainer calls `log`, `summary`, `log_final` and `finish` unconditionally; which ranks talk to
+W&B is decided here, so no `if rank == 0` sits in the loop.
+
+A run's W&B id is kept in `output_dir/wandb_run_id.txt` and the last step sent to W&B in
+`output_dir/wandb_last_step.txt`: a resumed or requeued run continues the same W&B run
+(`resume="allow"`) and drops the steps the killed process had already sent after its last
+checkpoint, so W&B never sees a duplicate or backwards step. The API key is read by wandb
+itself from the environment or ~/.netrc; scalelora never reads, prints or writes it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +23,13 @@ from scalelora.config import RunConfig
 from scalelora.errors import ConfigError
 
 RUN_ID_FILE = "wandb_run_id.txt"
+LAST_STEP_FILE = "wandb_last_step.txt"
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class NullTracker:
+    """What non-main ranks and `report_to=none` get: every call does nothing."""
+
     run_id: str | None = None
 
     def log(self, values: dict[str, Any], step: int) -> None:
@@ -28,22 +41,49 @@ class NullTracker:
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         pass
 
+    def log_final(self, summary: dict[str, Any]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
 
+def has_api_key() -> bool:
+    """True when wandb would find a key (WANDB_API_KEY or a ~/.netrc entry); the key itself is never read here."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    try:
+        return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    except OSError:
+        return False
+
+
 def wandb_mode(configured: str | None) -> str:
-    """Online only when a key is configured, so an unattended run never waits on a login prompt."""
+    """The configured mode, else $WANDB_MODE, else online only when a key is configured, so an
+    unattended run never waits on a login prompt."""
     if configured:
         return configured
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
-    return "online" if has_key else "offline"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in WANDB_MODES:
+        return env
+    if env == "dryrun":
+        return "offline"
+    return "online" if has_api_key() else "offline"
+
+
+def param_counts(trainable: int, total: int) -> dict[str, Any]:
+    return {
+        "params/trainable": trainable,
+        "params/total": total,
+        "params/trainable_pct": 100.0 * trainable / max(total, 1),
+    }
 
 
 class WandbTracker:
     """One W&B run per output_dir; its id is kept in output_dir so a resumed run continues it."""
 
-    def __init__(self, cfg: RunConfig, config_dict: dict[str, Any]) -> None:
+    def __init__(self, cfg: RunConfig, config_dict: dict[str, Any], mode: str) -> None:
         try:
             import wandb
         except ImportError:
@@ -51,34 +91,113 @@ class WandbTracker:
                 "tracking.report_to=wandb needs wandb: pip install 'scalelora[wandb]'"
             ) from None
         self._wandb = wandb
-        run_dir = cfg.run_dir
-        id_file = run_dir / RUN_ID_FILE
-        self.run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = self.run_dir / RUN_ID_FILE
+        step_file = self.run_dir / LAST_STEP_FILE
+        resumed = id_file.is_file()
+        self.run_id = id_file.read_text().strip() if resumed else uuid.uuid4().hex[:8]
+        # steps up to here are already in W&B (sent before a crash or preemption): never send them twice
+        self.floor = int(step_file.read_text()) if resumed and step_file.is_file() else -1
+        self.step: int | None = None
+        """The last step this process sent."""
         settings = cfg.tracking.wandb
         self.run = wandb.init(
             project=settings.project,
             entity=settings.entity,
-            name=settings.name or run_dir.name,
+            name=settings.name or self.run_dir.name,
             group=settings.group,
             tags=list(settings.tags) or None,
-            mode=wandb_mode(settings.mode),
+            mode=mode,
             id=self.run_id,
             resume="allow",
-            dir=str(run_dir),
+            dir=str(self.run_dir),
             config=config_dict,
         )
-        run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(self.run_id + "\n")
 
+    def _claim(self, step: int) -> bool:
+        """True when `step` may be sent: past every step of earlier processes, not before this one's last."""
+        if step <= self.floor or (self.step is not None and step < self.step):
+            return False
+        if step != self.step:
+            self.step = step
+            (self.run_dir / LAST_STEP_FILE).write_text(f"{step}\n")
+        return True
+
+    def _current_step(self) -> int:
+        """Where tables and plots go: this process's last step, else just past the earlier ones."""
+        if self.step is None:
+            self._claim(max(self.floor + 1, 0))
+        return self.step
+
     def log(self, values: dict[str, Any], step: int) -> None:
-        self.run.log(values, step=step)
+        if self._claim(step):
+            self.run.log(values, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             self.run.summary[key] = value
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        self.run.log({key: self._wandb.Table(columns=columns, data=rows)})
+        self.run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=self._current_step())
+
+    def log_final(self, summary: dict[str, Any]) -> None:
+        """The end of a run: best metric and step, final metrics per split, parameter counts,
+        a confusion matrix per split, and the before/after sample predictions."""
+        wandb = self._wandb
+        values: dict[str, Any] = {
+            "best/metric": summary["best"]["metric"],
+            "best/value": summary["best"]["value"],
+            "best/step": summary["best"]["step"],
+            "samples_per_second": summary.get("samples_per_second"),
+            "tokens_per_second": summary.get("tokens_per_second"),
+            "train_seconds": summary.get("train_seconds"),
+            **param_counts(summary["trainable_params"], summary["total_params"]),
+        }
+        for split, metrics in summary["eval"].items():
+            for key in ("accuracy", "macro_f1", "ece"):
+                if key in metrics:
+                    values[f"final/{split}/{key}"] = metrics[key]
+        self.summary(values)
+        labels = summary["labels"]
+        payload: dict[str, Any] = {}
+        for split, metrics in summary["eval"].items():
+            matrix = metrics.get("confusion_matrix")
+            if not matrix:
+                continue
+            table = wandb.Table(
+                columns=["Actual", "Predicted", "nPredictions"],
+                data=[
+                    [labels[i], labels[j], int(matrix[i][j])]
+                    for i in range(len(labels))
+                    for j in range(len(labels))
+                ],
+            )
+            payload[f"confusion_matrix/{split}"] = wandb.plot_table(
+                "wandb/confusion_matrix/v1",
+                table,
+                {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                {"title": f"confusion matrix ({split})"},
+            )
+        rows = [
+            [
+                row["text"],
+                row["gold"],
+                row["before"],
+                row["before_confidence"],
+                row["after"],
+                row["after_confidence"],
+            ]
+            for row in summary.get("sample_predictions", [])
+        ]
+        if rows:
+            payload["sample_predictions"] = wandb.Table(
+                columns=["text", "gold", "before", "before_confidence", "after", "after_confidence"],
+                data=rows,
+            )
+        if payload:
+            self.run.log(payload, step=self._current_step())
 
     def finish(self) -> None:
         self.run.finish()
@@ -87,6 +206,74 @@ class WandbTracker:
 def build_tracker(
     cfg: RunConfig, is_main_process: bool, config_dict: dict[str, Any]
 ) -> NullTracker | WandbTracker:
+    """W&B on the main process when `tracking.report_to=wandb` and the mode is not `disabled`
+    (which writes nothing at all); a NullTracker otherwise. Raises ConfigError without wandb installed."""
     if cfg.tracking.report_to == "none" or not is_main_process:
         return NullTracker()
-    return WandbTracker(cfg, config_dict)
+    mode = wandb_mode(cfg.tracking.wandb.mode)
+    if mode == "disabled":
+        return NullTracker()
+    return WandbTracker(cfg, config_dict, mode)
+
+
+# --- reading an offline run back -----------------------------------------------------------------
+
+_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc, length, type) chunks
+_HEADER = 7  # ":W&B" + magic + version
+
+
+def _records(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    records, partial, pos = [], b"", _HEADER
+    while pos + 7 <= len(data):
+        if _BLOCK - pos % _BLOCK < 7:  # a block tail too short for a chunk header is padding
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:  # FULL
+            records.append(chunk)
+        elif kind == 2:  # FIRST
+            partial = chunk
+        elif kind == 3:  # MIDDLE
+            partial += chunk
+        elif kind == 4:  # LAST
+            records.append(partial + chunk)
+            partial = b""
+    return records
+
+
+def read_wandb_run(path: Path) -> dict[str, Any]:
+    """Read a local `run-<id>.wandb` file (offline or not yet synced) into plain Python:
+    {"run_id", "group", "config", "history": [{"_step": n, key: value, ...}], "summary"}.
+
+    Values are JSON-decoded; tables and plots appear as their W&B reference dicts.
+    """
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    def key(item: Any) -> str:
+        return item.key or "/".join(item.nested_key)
+
+    out: dict[str, Any] = {"run_id": None, "group": None, "config": {}, "history": [], "summary": {}}
+    for raw in _records(path):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out["run_id"] = record.run.run_id
+            out["group"] = record.run.run_group
+            out["config"].update({key(i): json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            out["config"].update({key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            out["history"].append({key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "summary":
+            out["summary"].update({key(i): json.loads(i.value_json) for i in record.summary.update})
+    out["config"].pop("_wandb", None)
+    return out
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    """The `.wandb` files under `run_dir/wandb/`, oldest first (one per process that tracked the run)."""
+    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

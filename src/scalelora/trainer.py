@@ -28,9 +28,10 @@ from scalelora.errors import CheckpointError, TrainingHalted, UserError
 from scalelora.evaluation import evaluate_split
 from scalelora.losses import count_valid, distillation_loss_sum, hidden_mse_sum
 from scalelora.models import build_model, count_params, is_peft, load_tokenizer, max_positions
+from scalelora.report import write_report
 from scalelora.runtime import PREEMPTED_EXIT_CODE, StopSignal, build_accelerator, is_deepspeed
 from scalelora.teacher import build_teacher, mean_pool
-from scalelora.tracking import build_tracker
+from scalelora.tracking import build_tracker, param_counts
 
 # Keys of the config whose change makes an old checkpoint meaningless for this run.
 RESUME_IDENTITY_KEYS = (
@@ -41,7 +42,19 @@ RESUME_IDENTITY_KEYS = (
     "data.path",
     "data.keep_labels",
 )
-ARTIFACTS = ("checkpoints", "adapter", "model", "summary.json", "metrics.jsonl", "config.yaml", "report.md")
+ARTIFACTS = (
+    "checkpoints",
+    "adapter",
+    "model",
+    "summary.json",
+    "metrics.jsonl",
+    "config.yaml",
+    "report.md",
+    "curves.png",
+    # a fresh start must not continue the W&B run of the outputs it replaces
+    "wandb_run_id.txt",
+    "wandb_last_step.txt",
+)
 
 
 class Preempted(Exception):
@@ -215,6 +228,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.tracker = build_tracker(cfg, acc.is_main_process, to_dict(cfg))
+        self.tracker.summary(param_counts(self.params.trainable, self.params.total))
         if acc.is_main_process:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
         if not self.state.predictions_before:
@@ -343,7 +357,7 @@ class Trainer:
             "grad_norm": 0.0,
         }
         started = time.perf_counter()
-        window_started, window_samples = started, 0
+        window_started, window_samples, window_tokens = started, 0, state.train_tokens
         stop_early = False
         while state.global_step < self.total_steps and not stop_early:
             group = [next(stream) for _ in range(cfg.train.grad_accum)]
@@ -358,13 +372,16 @@ class Trainer:
             window_samples += stats["samples"]
             if state.global_step % cfg.train.log_every == 0 or state.global_step == self.total_steps:
                 now = time.perf_counter()
-                self._log_train(window, window_samples / max(now - window_started, 1e-9))
+                seconds = max(now - window_started, 1e-9)
+                self._log_train(
+                    window, window_samples / seconds, (state.train_tokens - window_tokens) / seconds
+                )
                 window = {
                     "loss": torch.zeros((), device=acc.device),
                     "count": torch.zeros((), device=acc.device),
                     "grad_norm": 0.0,
                 }
-                window_started, window_samples = now, 0
+                window_started, window_samples, window_tokens = now, 0, state.train_tokens
             if state.global_step % eval_every == 0 or state.global_step == self.total_steps:
                 stop_early = self._evaluate_and_track_best()
             if self.stop_signal.requested(acc):
@@ -473,7 +490,9 @@ class Trainer:
             )
         return False
 
-    def _log_train(self, window: dict[str, Any], samples_per_second: float) -> None:
+    def _log_train(
+        self, window: dict[str, Any], samples_per_second: float, tokens_per_second: float | None = None
+    ) -> None:
         acc = self.accelerator
         count = (
             acc.reduce(window["count"].clone(), reduction="sum") if acc.num_processes > 1 else window["count"]
@@ -489,6 +508,7 @@ class Trainer:
             "lr": float(self.scheduler.get_last_lr()[0]),
             "grad_norm": float(norm) if norm is not None else None,
             "samples_per_second": samples_per_second,
+            "tokens_per_second": tokens_per_second,
             "epoch": self.state.global_step / self.steps_per_epoch,
         }
         self.write_metrics(record)
@@ -514,7 +534,11 @@ class Trainer:
         }
         self.write_metrics(record)
         self.tracker.log(
-            {"eval/accuracy": metrics["accuracy"], "eval/macro_f1": metrics["macro_f1"]},
+            {
+                "eval/accuracy": metrics["accuracy"],
+                "eval/macro_f1": metrics["macro_f1"],
+                "eval/ece": metrics.get("ece"),
+            },
             step=state.global_step,
         )
         self.log(
@@ -642,19 +666,8 @@ class Trainer:
                         "macro_f1": metrics["macro_f1"],
                     }
                 )
-        self.tracker.summary(
-            {
-                "best_metric": summary["best"]["value"],
-                "best_step": summary["best"]["step"],
-                **{f"{split}/{k}": v[k] for split, v in final_eval.items() for k in ("accuracy", "macro_f1")},
-            }
-        )
-        self.tracker.log_table(
-            "sample_predictions",
-            ["when", "text", "gold", "predicted", "confidence"],
-            [["before", *row.values()] for row in state.predictions_before]
-            + [["after", *row.values()] for row in after],
-        )
+            write_report(self.run_dir, summary, log=self.log)
+        self.tracker.log_final(summary)
         line = "  ".join(
             f"{split} accuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f}"
             for split, m in final_eval.items()

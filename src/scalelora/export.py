@@ -1,0 +1,121 @@
+"""`python -m scalelora.export --adapter DIR --merge --out DIR2 [--dtype float16] [--overwrite]`.
+
+Merges a saved LoRA adapter (and its trained classification head) into the base model and saves
+a plain transformers model: safetensors weights, config with the label names, tokenizer. It loads
+with `AutoModelForSequenceClassification.from_pretrained(DIR2)` alone, without PEFT or scalelora,
+and predicts as the adapter did (the export checks this on a few probe texts before it finishes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalelora.errors import UserError, exit_on_user_error
+
+PROBE_TEXTS = [
+    "an absolute delight from start to finish",
+    "i want those two hours of my life back",
+    "it was fine , i guess , nothing special",
+    "na padam semma mass, but second half konjam bore",
+]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@torch.inference_mode()
+def probe_logits(model: torch.nn.Module, tokenizer: Any, max_length: int) -> torch.Tensor:
+    encoded = tokenizer(
+        PROBE_TEXTS, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+    return model(**encoded).logits.float()
+
+
+def merge_adapter(
+    adapter: Path, out: Path, dtype: str = "float32", overwrite: bool = False
+) -> dict[str, Any]:
+    """Merge `adapter` into its base and save the plain model in `out`; return what was checked.
+
+    Raises UserError when `adapter` is not a LoRA adapter folder, when `out` already holds files
+    (unless `overwrite`), or when the saved model does not reproduce the adapter's logits.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from scalelora.predict import find_model_dir, load_for_inference
+
+    folder = find_model_dir(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(
+            f"--adapter {adapter}: {folder} is already a plain transformers model (no adapter_config.json); "
+            "load it with AutoModelForSequenceClassification directly"
+        )
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} is not empty; pass --overwrite or choose another folder")
+        shutil.rmtree(out)
+    model, tokenizer, labels, max_length = load_for_inference(folder)
+    before = probe_logits(model, tokenizer, max_length)
+    # merge_and_unload folds B@A*scale into each target weight and swaps the trained head copy
+    # (modules_to_save) in for the original, leaving a model PEFT no longer wraps
+    merged = model.merge_and_unload()
+    merged.config.id2label = dict(enumerate(labels))
+    merged.config.label2id = {name: i for i, name in enumerate(labels)}
+    merged.config.name_or_path = str(out)
+    if dtype != "float32":
+        merged = merged.to(DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    meta_file = folder / "scalelora.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta.update({"merged_from": str(folder.resolve()), "mode": "merged", "dtype": dtype})
+    (out / "scalelora.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "labels.json").write_text(json.dumps(labels) + "\n")
+
+    reloaded = (
+        AutoModelForSequenceClassification.from_pretrained(str(out), use_safetensors=True).float().eval()
+    )
+    after = probe_logits(reloaded, tokenizer, max_length)
+    max_diff = float((after - before).abs().max())
+    tolerance = 1e-5 if dtype == "float32" else 5e-2
+    if max_diff > tolerance:
+        raise UserError(
+            f"the merged model's logits differ from the adapter's by {max_diff:.2e} (> {tolerance:g}); "
+            f"{out} is not a faithful export; please report this with the adapter's adapter_config.json"
+        )
+    return {"out": str(out), "labels": labels, "max_abs_logit_diff": max_diff, "dtype": dtype}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scalelora.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--adapter", required=True, type=Path, help="a run's adapter/ folder or the run folder"
+    )
+    parser.add_argument("--merge", action="store_true", help="merge LoRA into the base weights (required)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the plain transformers model")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of --out")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    args = parser.parse_args(argv)
+    if not args.merge:
+        raise UserError(
+            "export writes a merged model: pass --merge (an unmerged adapter is already in adapter/)"
+        )
+    result = merge_adapter(args.adapter, args.out, args.dtype, args.overwrite)
+    print(
+        f"scalelora: merged {args.adapter} into {result['out']} ({result['dtype']}); "
+        f"max |logit difference| vs the adapter on {len(PROBE_TEXTS)} probe texts: {result['max_abs_logit_diff']:.1e}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

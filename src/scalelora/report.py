@@ -1,0 +1,273 @@
+"""`report.md` and `curves.png` for a finished run; also `python -m scalelora.report RUN_DIR` to redraw them.
+
+Everything comes from the files a run already wrote (`summary.json`, `metrics.jsonl`,
+`config.yaml`), so a report can be rebuilt at any time, for old runs too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scalelora.errors import UserError, exit_on_user_error
+
+REPORT_FILE = "report.md"
+CURVES_FILE = "curves.png"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> bool:
+    """Train loss (and learning rate) and the validation metrics against the optimizer step.
+
+    False (and no file) when the run logged nothing to draw.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("split") == "train" and r.get("loss") is not None]
+    evals = [r for r in records if r.get("split") == "validation"]
+    if not train and not evals:
+        return False
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    if train:
+        steps = [r["step"] for r in train]
+        loss_ax.plot(
+            steps, [r["loss"] for r in train], color="tab:blue", marker="." if len(train) < 40 else None
+        )
+        loss_ax.set_ylabel("train loss", color="tab:blue")
+        if any(r.get("lr") is not None for r in train):
+            lr_ax = loss_ax.twinx()
+            lr_ax.plot(steps, [r.get("lr") for r in train], color="tab:gray", linestyle=":", linewidth=1)
+            lr_ax.set_ylabel("learning rate", color="tab:gray")
+            lr_ax.tick_params(axis="y", colors="tab:gray", labelsize=8)
+            lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+            lr_ax.set_ylim(bottom=0)
+    loss_ax.set_xlabel("optimizer step")
+    loss_ax.set_title("training loss (mean over each logging window)")
+    loss_ax.grid(alpha=0.3)
+    best = summary.get("best", {})
+    for key, color in (("accuracy", "tab:green"), ("macro_f1", "tab:purple")):
+        points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        if points:
+            metric_ax.plot(*zip(*points), color=color, marker="o", markersize=4, label=f"validation {key}")
+        test = summary.get("eval", {}).get("test", {}).get(key)
+        if test is not None:
+            metric_ax.axhline(
+                test, color=color, linestyle="--", linewidth=1, alpha=0.7, label=f"test {key} (final)"
+            )
+    if best.get("step") is not None and best.get("value") is not None:
+        metric_ax.scatter(
+            [best["step"]],
+            [best["value"]],
+            s=140,
+            facecolors="none",
+            edgecolors="black",
+            zorder=3,
+            label=f"best {best['metric']} {best['value']:.3f} (step {best['step']})",
+        )
+    last_step = max(r["step"] for r in train + evals)
+    metric_ax.set_xlim(0, last_step * 1.04 + 0.5)
+    metric_ax.set_xlabel("optimizer step")
+    metric_ax.set_title("evaluation")
+    metric_ax.grid(alpha=0.3)
+    if metric_ax.get_legend_handles_labels()[0]:
+        metric_ax.legend(fontsize=8, loc="best")
+    fig.suptitle(
+        f"{summary.get('recipe') or 'run'}: {summary.get('model')} on {summary.get('dataset')} ({summary.get('mode')})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list[Any]], align: str = "---:") -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *[align] * (len(header) - 1)]) + "|"]
+    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return lines
+
+
+def escape(text: str, limit: int = 120) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def config_rows(config: dict[str, Any]) -> list[list[Any]]:
+    keys = [
+        "model.name",
+        "model.mode",
+        "lora.r",
+        "lora.alpha",
+        "lora.dropout",
+        "lora.target_modules",
+        "data.path",
+        "data.keep_labels",
+        "data.max_train_samples",
+        "data.max_length",
+        "train.epochs",
+        "train.max_steps",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.lr",
+        "train.scheduler",
+        "train.precision",
+        "eval.metric",
+        "distill.enabled",
+        "seed",
+    ]
+    rows = []
+    for key in keys:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None or key == "lora.target_modules":
+            rows.append([f"`{key}`", f"`{node if node is not None else 'preset'}`"])
+    return rows
+
+
+def render_report(summary: dict[str, Any], config: dict[str, Any], has_curves: bool) -> str:
+    """The markdown report of one run (see the module docstring for its sources)."""
+    labels = summary.get("labels", [])
+    best = summary.get("best", {})
+    evals = summary.get("eval", {})
+    lines = [
+        f"# Run report: {summary.get('recipe') or 'run'}",
+        "",
+        f"{summary.get('model')} ({summary.get('mode')}) on **{summary.get('dataset')}**, "
+        f"{len(labels)} labels; {fmt(summary.get('global_step'))} optimizer steps on "
+        f"{fmt(summary.get('num_train_examples'))} training examples in {fmt(summary.get('train_seconds'), 1)} s "
+        f"({fmt(summary.get('samples_per_second'), 1)} samples/s, {fmt(summary.get('tokens_per_second'), 0)} tokens/s), "
+        f"{summary.get('world_size', 1)} process(es), precision `{summary.get('precision')}`, seed {summary.get('seed')}.",
+        "",
+        f"Best validation {best.get('metric')}: **{fmt(best.get('value'))}** at step {fmt(best.get('step'))}.",
+        "",
+    ]
+    if has_curves:
+        lines += [f"![loss and evaluation metrics against step]({CURVES_FILE})", ""]
+    lines += ["## Metrics", ""]
+    lines += table(
+        ["split", "accuracy", "macro-F1", "ECE (15 bins)", "examples"],
+        [
+            [split, m.get("accuracy"), m.get("macro_f1"), m.get("ece"), m.get("num_examples")]
+            for split, m in evals.items()
+        ],
+    )
+    lines += [
+        "",
+        "ECE is the expected calibration error of the top-label confidence: 0 means the model is "
+        "right exactly as often as it is confident.",
+        "",
+        "## Parameters",
+        "",
+    ]
+    lines += table(
+        ["trainable", "total", "trainable %"],
+        [
+            [
+                summary.get("trainable_params"),
+                summary.get("total_params"),
+                f"{summary.get('trainable_pct', 0):.4f}",
+            ]
+        ],
+    )
+    lines += ["", "## Configuration", ""]
+    lines += table(["key", "value"], config_rows(config), align="---")
+    for split, metrics in evals.items():
+        per_class = metrics.get("per_class", {})
+        if per_class:
+            lines += ["", f"## Per-class report ({split})", ""]
+            lines += table(
+                ["label", "precision", "recall", "F1", "support"],
+                [[name, c["precision"], c["recall"], c["f1"], c["support"]] for name, c in per_class.items()],
+            )
+        matrix = metrics.get("confusion_matrix")
+        if matrix:
+            lines += ["", f"## Confusion matrix ({split}; rows: gold, columns: predicted)", ""]
+            lines += table(
+                ["gold \\ predicted", *labels],
+                [[name, *(str(v) for v in row)] for name, row in zip(labels, matrix)],
+            )
+    samples = summary.get("sample_predictions", [])
+    if samples:
+        lines += ["", "## Sample predictions (validation), before and after training", ""]
+        rows = []
+        for row in samples:
+            mark = "✓" if row["after"] == row["gold"] else "✗"
+            rows.append(
+                [
+                    escape(row["text"]),
+                    row["gold"],
+                    f"{row['before']} ({fmt(row['before_confidence'], 2)})" if row.get("before") else "-",
+                    f"{mark} {row['after']} ({fmt(row['after_confidence'], 2)})",
+                ]
+            )
+        lines += table(["text", "gold", "before (confidence)", "after (confidence)"], rows, align="---")
+    versions = summary.get("versions", {})
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    run_dir: Path, summary: dict[str, Any] | None = None, log: Callable[[str], None] = print
+) -> Path:
+    """Write `report.md` and `curves.png` into `run_dir` from its files (or the given summary).
+
+    Raises UserError when `run_dir` holds no summary.json and none is given.
+    """
+    if summary is None:
+        path = run_dir / "summary.json"
+        if not path.is_file():
+            raise UserError(f"{run_dir}: no summary.json (the run has not finished); nothing to report")
+        summary = json.loads(path.read_text())
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    has_curves = plot_curves(read_metrics(run_dir), summary, run_dir / CURVES_FILE)
+    report = run_dir / REPORT_FILE
+    report.write_text(render_report(summary, config or {}, has_curves), encoding="utf-8")
+    log(f"scalelora: wrote {report}" + (f" and {CURVES_FILE}" if has_curves else ""))
+    return report
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scalelora.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="output_dir of a finished run"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        write_report(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
