@@ -246,6 +246,10 @@ class RunConfig:
                 "model.mode=full cannot train a quantized base: use model.mode=lora with 8/4-bit, "
                 "or load_in_8bit=false for a full fine-tune"
             )
+        if self.model.load_in_8bit or self.model.load_in_4bit:
+            problem = bnb_device_problem()
+            if problem:
+                problems.append(problem)
         if self.distill.enabled:
             if self.distill.teacher == "self" and self.model.mode != "lora":
                 problems.append(
@@ -270,6 +274,29 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.recipe or 'run'}")
+
+
+def bnb_device_problem() -> str | None:
+    """Why 8/4-bit loading cannot work here with the installed bitsandbytes (None when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return (
+            "model.load_in_8bit/load_in_4bit needs bitsandbytes: pip install 'scalelora[bnb]', "
+            "or set both to false"
+        )
+    import bitsandbytes
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    supported = getattr(bitsandbytes, "supported_torch_devices", {"cuda"})  # before 0.45: CUDA only
+    if device not in supported:
+        return (
+            f"model.load_in_8bit/load_in_4bit: the installed bitsandbytes {bitsandbytes.__version__} has no "
+            f"{device} backend (it supports {', '.join(sorted(supported))}): set both to false, or "
+            "pip install 'bitsandbytes>=0.45' (which runs on CPU too)"
+        )
+    return None
 
 
 # --- loading -------------------------------------------------------------------------------------

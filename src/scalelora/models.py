@@ -214,12 +214,26 @@ def load_classifier(
         raise UserError(
             f"model.name={cfg.name}: cannot build a sequence classifier ({' '.join(str(err).split())[:200]})"
         ) from None
+    if cfg.load_in_4bit:
+        keep_4bit_training_layout(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model_config.eos_token_id if model_config.eos_token_id is not None else 0
         if isinstance(model.config.pad_token_id, list):
             model.config.pad_token_id = model.config.pad_token_id[0]
     new_modules = sorted({key.split(".")[0] for key in info.get("missing_keys", [])})
     return model, new_modules
+
+
+def keep_4bit_training_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes (0.50, CPUs with AVX512-BF16) from repacking 4-bit weights for inference.
+
+    The first eval-mode forward on CPU converts each `Linear4bit` weight to a packed inference layout
+    that is never converted back, so the next training step fails in autograd (`result += bias` on a
+    leaf view), and layers narrower than the quantization block (64) fail to repack at all.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_targets(model: nn.Module, lora: LoraConfig) -> list[str]:

@@ -1,0 +1,125 @@
+"""8-bit and 4-bit (nf4) bases with LoRA through bitsandbytes: quantized layers, a float head and float
+LoRA weights, real training steps on CPU, and refusals of what cannot work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_summary, tiny_overrides
+from scalelora.checkpoint import check_adapter_weights
+from scalelora.config import load_config
+from scalelora.errors import ConfigError
+from scalelora.models import build_model
+from scalelora.train import main
+
+bnb = pytest.importorskip(
+    "bitsandbytes", reason="bitsandbytes is not installed (pip install 'scalelora[bnb]')"
+)
+
+
+def quantized_model(tiny_bert, *overrides: str):
+    cfg = load_config("quickstart", [f"model.name={tiny_bert}", *overrides])
+    return cfg, build_model(cfg.model, cfg.lora, ["neg", "pos"], device_map="cpu")
+
+
+@pytest.mark.parametrize(
+    ("flag", "layer_type"),
+    [("load_in_8bit", "Linear8bitLt"), ("load_in_4bit", "Linear4bit")],
+)
+def test_quantized_base_keeps_head_and_lora_in_float(tiny_bert, flag, layer_type):
+    cfg, model = quantized_model(tiny_bert, f"model.{flag}=true")
+    modules = dict(model.named_modules())
+    query = modules["base_model.model.bert.encoder.layer.0.attention.self.query"]
+    assert type(query.base_layer).__name__ == layer_type
+    # the head is skipped by quantization (llm_int8_skip_modules), else PEFT cannot make it trainable
+    head = modules["base_model.model.classifier.modules_to_save.default"]
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("classifier" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert not any(type(m).__name__ == layer_type for n, m in modules.items() if "classifier" in n)
+
+
+def test_4bit_uses_nf4_double_quant_and_storage_of_the_param_dtype(tiny_bert):
+    from scalelora.models import quantization_config
+
+    cfg = load_config("quickstart", [f"model.name={tiny_bert}", "model.load_in_4bit=true"])
+    quant = quantization_config(cfg.model)
+    assert quant.bnb_4bit_quant_type == "nf4"
+    assert quant.bnb_4bit_use_double_quant is True
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quant.bnb_4bit_quant_storage == torch.float32  # = model.dtype, so ZeRO-3 can shard it
+    bf16 = load_config(
+        "quickstart", ["model.load_in_4bit=true", "model.dtype=bfloat16", "train.precision=bf16"]
+    )
+    assert quantization_config(bf16.model).bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_kbit_preparation_turns_on_non_reentrant_checkpointing(tiny_bert):
+    _, model = quantized_model(tiny_bert, "model.load_in_4bit=true", "model.gradient_checkpointing=true")
+    layer = model.base_model.model.bert.encoder.layer[0]
+    assert layer.gradient_checkpointing
+    assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
+
+
+@pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
+def test_quantized_lora_trains_on_cpu_and_saves_a_float_adapter(tiny_bert, toy_data, tmp_path, flag):
+    out = tmp_path / flag
+    # eval before training on purpose: bitsandbytes' CPU inference repacking must not break the next step
+    overrides = tiny_overrides(
+        tiny_bert, toy_data, out, **{f"model.{flag}": "true", "train.max_steps": 4, "eval.every": 2}
+    )
+    assert main(["--config", "quickstart", *overrides]) == 0
+    summary = read_summary(out)
+    assert summary["global_step"] == 4
+    assert 0.0 <= summary["eval"]["validation"]["accuracy"] <= 1.0
+    assert check_adapter_weights(out / "adapter", r=8) > 0
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in tensors.items() if "lora_B" in k]
+    assert all(v.dtype == torch.float32 for v in tensors.values())
+    assert any(float(v.abs().max()) > 0 for v in lora_b), "LoRA B is still zero: no training step happened"
+
+
+@pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
+def test_full_fine_tune_of_a_quantized_base_is_refused_with_the_fix(flag, tmp_path, capsys):
+    with pytest.raises(
+        ConfigError, match=r"model\.mode=full cannot train a quantized base: use model\.mode=lora"
+    ):
+        load_config("quickstart", [f"model.{flag}=true", "model.mode=full"])
+    assert (
+        main(["--config", "quickstart", f"model.{flag}=true", "model.mode=full", f"output_dir={tmp_path}"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("scalelora: error: model.mode=full")
+
+
+def test_a_device_bitsandbytes_does_not_support_is_refused(monkeypatch):
+    monkeypatch.setattr(
+        bnb, "supported_torch_devices", {"cuda"} if not torch.cuda.is_available() else {"cpu"}
+    )
+    with pytest.raises(ConfigError, match=r"has no (cpu|cuda) backend .*: set both to false"):
+        load_config("quickstart", ["model.load_in_8bit=true"])
+    load_config("quickstart")  # unquantized runs are not affected
+
+
+def test_8bit_and_4bit_together_are_refused():
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config("quickstart", ["model.load_in_8bit=true", "model.load_in_4bit=true"])
+
+
+@pytest.mark.gpu
+def test_4bit_lora_trains_on_gpu_in_bf16(tiny_bert, toy_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (scripts/gpu_check.sh runs the full GPU matrix)")
+    out = tmp_path / "gpu4"
+    overrides = tiny_overrides(
+        tiny_bert,
+        toy_data,
+        out,
+        **{"model.load_in_4bit": "true", "train.precision": "bf16", "train.max_steps": 4},
+    )
+    assert main(["--config", "quickstart", *overrides]) == 0
+    assert check_adapter_weights(out / "adapter", r=8) > 0
