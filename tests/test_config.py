@@ -53,6 +53,7 @@ def test_unknown_key_names_the_key_and_closest_valid_one():
         ("lora.r=four", r"lora\.r: expected an integer"),
         ("train.lr=fast", r"train\.lr: expected a number"),
         ("train.precision=fp8", r"train\.precision: 'fp8' is not one of no, fp16, bf16"),
+        ("train.precision=yes", r"train\.precision: .yes. is not one of no, fp16, bf16"),
         ("model.mode=qlora", r"model\.mode: 'qlora' is not one of lora, full, head_only"),
         ("train.batch_size=0", r"train\.batch_size must be positive"),
         ("lora.dropout=1.5", r"lora\.dropout must be in \[0, 1\)"),

@@ -457,6 +457,8 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid value")
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
         if value in args:
             return value
         choices = ", ".join(str(a) for a in args)
