@@ -32,5 +32,10 @@ format:
 	$(PYTHON) -m ruff format src tests
 	$(PYTHON) -m ruff check --fix src tests
 
+# Side-by-side throughput against HF Trainer + PEFT: `make bench SCENARIO=cpu-minilm-kd` (see --list).
+SCENARIO ?= cpu-minilm-rt
+bench:
+	$(PYTHON) -m scalelora.bench --scenario $(SCENARIO) --repeats 3 --out runs/bench/$(SCENARIO).json
+
 clean:
 	rm -rf runs .cache .pytest_cache
