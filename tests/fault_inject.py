@@ -1,8 +1,9 @@
 """Test-only fault injection around the real trainer, with no hook in production code.
 
 A fault is `POINT:N[:ACTION][@RANK]`: at the N-th call of the function behind POINT, do ACTION
-(`kill`: SIGKILL this process, as `kill -9` would; `term`: send it SIGTERM and carry on;
-`enospc`: raise "No space left on device"; `nan`: make that forward's logits NaN), on every
+(`kill`: SIGKILL this process, as `kill -9` would; `term`/`int`: send it SIGTERM/SIGINT and
+carry on; `sleep`: hang for 2 minutes; `enospc`: raise "No space left on device"; `nan`: make
+that forward's loss NaN), on every
 rank or only on RANK. The patches are installed in the process that runs the trainer, which is
 either a child forked by `run_forked` (fast: it reuses the test process's imports) or a process that
 `accelerate launch tests/fault_inject.py --fault SPEC -- TRAIN_ARGS` starts on each rank.
@@ -74,10 +75,12 @@ def act(action: str, point: str) -> None:
     if action == "kill":
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    elif action == "term":
-        os.kill(os.getpid(), signal.SIGTERM)
-    elif action == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action in ("term", "int"):
+        os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGINT)
+    elif action == "sleep":
+        import time
+
+        time.sleep(120)  # hold the run (and its lock) until the test kills it
     elif action != "nan":
         raise ValueError(f"unknown fault action {action}")
 
@@ -100,6 +103,9 @@ def install(faults: list[str], count_all: bool = False) -> Counter[str]:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 counts[point] += 1
                 due = [a for n, a in mine if n == counts[point]]
+                if "enospc" in due:  # a full disk fails the write itself
+                    target = args[1] if len(args) > 1 and isinstance(args[1], (str, os.PathLike)) else None
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target) if target else None)
                 if when == "before":
                     for action in due:
                         act(action, point)
@@ -137,6 +143,7 @@ def run_train(
     from scalelora import train
 
     code = train.main(argv)
+    print(f"fault_inject: exit code {code}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     if count_file:

@@ -9,6 +9,7 @@ so a folder named `step-N` with a matching manifest is complete by construction.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -65,11 +66,13 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def raise_disk_error(path: Path, err: OSError) -> None:
-    if err.errno == 28:  # ENOSPC
+    """Raise CheckpointError naming the file being written (err.filename when known, else `path`)."""
+    where = err.filename or path
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
         raise CheckpointError(
-            f"no space left on the device while writing {path}; free space there and resume"
+            f"no space left on the device while writing {where}; free space there and resume with resume=auto"
         ) from None
-    raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
+    raise CheckpointError(f"cannot write {where}: {err.strerror or err}") from None
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -172,6 +175,7 @@ def save_checkpoint(
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
     except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # give back what the partial save took
         raise_disk_error(tmp, err)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -55,6 +56,17 @@ def exit_on_user_error(main: Callable[[list[str] | None], int | None]) -> Callab
                 raise
             print(f"scalelora: error: {one_line(err)}", file=sys.stderr, flush=True)
             return err.exit_code
+        except OSError as err:
+            # a full disk can strike any write (metrics, logs, a tracker), not only the guarded ones
+            if debug or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" while writing {err.filename}" if err.filename else ""
+            print(
+                f"scalelora: error: no space left on the device{where}; free space there and resume with resume=auto",
+                file=sys.stderr,
+                flush=True,
+            )
+            return USAGE_EXIT_CODE
         except KeyboardInterrupt:
             print("scalelora: interrupted", file=sys.stderr, flush=True)
             return 130

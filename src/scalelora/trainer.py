@@ -151,6 +151,7 @@ class Trainer:
         self.lock = ckpt.RunLock(self.run_dir)
         self.tracker: Any = None
         self.accelerator: Any = None
+        self.progress: Any = None
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -345,7 +346,7 @@ class Trainer:
         self.stop_signal.install()
         eval_every = cfg.eval.every or self.steps_per_epoch
         stream = self.micro_batches()
-        progress = tqdm(
+        progress = self.progress = tqdm(
             total=self.total_steps,
             initial=state.global_step,
             disable=not acc.is_local_main_process,
@@ -743,6 +744,8 @@ class Trainer:
             print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()  # ends the bar's line, so an error after it starts a line of its own
         self.stop_signal.uninstall()
         if self.tracker is not None:
             self.tracker.finish()
