@@ -212,3 +212,27 @@ def test_quickstart_reaches_its_accuracy_on_real_data(tmp_path):
     print(f"quickstart: validation accuracy {summary['eval']['validation']['accuracy']:.4f}, "
           f"test accuracy {summary['eval']['test']['accuracy']:.4f}, {summary['train_seconds']:.0f}s")
     assert summary["eval"]["validation"]["accuracy"] >= 0.78
+
+
+def test_the_same_seed_gives_the_same_adapter_and_another_seed_does_not(tiny_bert, toy_data, tmp_path):
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        out = tmp_path / name
+        assert main(["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 4, "seed": seed})]) == 0
+        runs[name] = adapter_tensors(out)
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+@pytest.mark.slow
+def test_lora_on_a_real_llama_decoder_offline(tmp_path):
+    """SmolLM2-135M (Llama architecture) from its GGUF package: pad token, LoRA on q/k/v/o, a saved adapter."""
+    out = tmp_path / "smollm2"
+    args = ["--config", "emotion", "model.name=smollm2-135m", f"output_dir={out}", "train.max_steps=2", "train.batch_size=4",
+            "data.max_length=32", "data.max_train_samples=16", "data.max_eval_samples=16", "eval.sample_predictions=2"]
+    assert main(args) == 0
+    summary = read_summary(out)
+    assert summary["global_step"] == 2 and len(summary["labels"]) == 6
+    assert 100_000_000 < summary["total_params"] < 140_000_000 and summary["trainable_pct"] < 2
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
