@@ -57,6 +57,33 @@ ARTIFACTS = (
 )
 
 
+def deepspeed_summary(accelerator: Any) -> dict[str, Any] | None:
+    """The DeepSpeed settings the run actually used (after Accelerate filled the "auto" values)."""
+    if not is_deepspeed(accelerator):
+        return None
+    ds = accelerator.deepspeed_config
+    zero = ds.get("zero_optimization", {})
+    return {
+        "zero_stage": zero.get("stage", 0),
+        "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
+        "offload_param": zero.get("offload_param", {}).get("device", "none"),
+        "train_micro_batch_size_per_gpu": ds.get("train_micro_batch_size_per_gpu"),
+        "gradient_accumulation_steps": ds.get("gradient_accumulation_steps"),
+        "gradient_clipping": ds.get("gradient_clipping"),
+        "bf16": bool(ds.get("bf16", {}).get("enabled")),
+        "fp16": bool(ds.get("fp16", {}).get("enabled")),
+    }
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float | None]:
+    """Peak accelerator memory allocated by this (main) process, and its peak resident host memory."""
+    import resource
+
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    return {"gpu": gpu, "host": host}
+
+
 class Preempted(Exception):
     """Raised after a stop signal once a complete checkpoint is on disk; the CLI exits with PREEMPTED_EXIT_CODE."""
 
@@ -719,6 +746,8 @@ class Trainer:
             "world_size": self.accelerator.num_processes,
             "precision": cfg.train.precision,
             "distributed_type": str(self.accelerator.distributed_type),
+            "deepspeed": deepspeed_summary(self.accelerator),
+            "peak_memory_gb": peak_memory_gb(self.accelerator.device),
             "seed": cfg.seed,
             "distill": to_dict(cfg)["distill"] if cfg.distill.enabled else None,
             "versions": {

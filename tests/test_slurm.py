@@ -1,0 +1,327 @@
+"""The SLURM and launch scripts without a cluster: `bash -n`, shellcheck, and runs with fake `srun`,
+`scontrol` and `accelerate` on PATH and SLURM_* set for 2 nodes, checking the exact `accelerate launch`
+command each node would run, the preemption trap and the requeue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# the scripts of this feature (other scripts in slurm/ and launch/ have their own tests)
+SCRIPTS = [
+    ROOT / "slurm" / "single_node.sbatch",
+    ROOT / "slurm" / "multi_node.sbatch",
+    ROOT / "slurm" / "preemptible.sbatch",
+    ROOT / "launch" / "local_multi_gpu.sh",
+    ROOT / "launch" / "cpu_2proc.sh",
+    ROOT / "scripts" / "gpu_check.sh",
+    ROOT / "scripts" / "fetch_gpu_wheels.sh",
+]
+
+# srun: run the command once per node, in the background, with that node's SLURM_NODEID; forward TERM.
+FAKE_SRUN = r"""#!/usr/bin/env bash
+echo "srun $*" >> "$FAKE_LOG/srun.calls"
+while [[ $1 == -* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  SLURM_NODEID=$node SLURM_PROCID=$node "$@" &
+  pids+=($!)
+done
+trap 'echo TERM >> "$FAKE_LOG/srun.signals"; kill -TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for pid in "${pids[@]}"; do
+  while true; do
+    wait "$pid"; status=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  [[ $status -gt $rc ]] && rc=$status
+done
+exit $rc
+"""
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu-node-17\ngpu-node-18\n'; exit 0; fi
+echo "scontrol $*" >> "$FAKE_LOG/scontrol.calls"
+"""
+# accelerate: record argv (one per line) per node; FAKE_MODE=exit:N exits N, FAKE_MODE=wait runs until TERM
+# and then exits 1 like a torchrun agent whose workers were signalled.
+FAKE_ACCELERATE = r"""#!/usr/bin/env bash
+node=${SLURM_NODEID:-local}
+printf '%s\n' "$@" > "$FAKE_LOG/accelerate.$node.args"
+mode=${FAKE_MODE:-exit:0}
+case $mode in
+  exit:*) exit "${mode#exit:}" ;;
+  wait)
+    trap 'echo TERM > "$FAKE_LOG/accelerate.$node.signal"; exit 1' TERM
+    touch "$FAKE_LOG/accelerate.$node.started"
+    for _ in $(seq 600); do sleep 0.1; done
+    exit 0 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_cluster(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "ACCEL_CONFIG", "GPUS_PER_NODE", "MAIN_"))
+        },
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_LOG": str(log),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "gpu-node-[17-18]",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_NODEID": "0",
+    }
+    return env, log
+
+
+def node_args(log: Path, node: int | str) -> list[str]:
+    return (log / f"accelerate.{node}.args").read_text().splitlines()
+
+
+def expected_node_command(config: str, node: int, port: str, tail: list[str]) -> list[str]:
+    return [
+        "launch",
+        "--config_file",
+        config,
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        str(node),
+        "--num_processes",
+        "8",
+        "--main_process_ip",
+        "gpu-node-17",
+        "--main_process_port",
+        port,
+        "--rdzv_backend",
+        "c10d",
+        "-m",
+        "scalelora.train",
+        "--config",
+        "emotion",
+        *tail,
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses_and_passes_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_executable_and_documented(script):
+    text = script.read_text()
+    assert os.access(script, os.X_OK)
+    assert text.startswith("#!/usr/bin/env bash\n#")
+    if script.suffix == ".sbatch":
+        sbatch_lines = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        assert sbatch_lines and all("#" in line[len("#SBATCH") :] for line in sbatch_lines), (
+            "document every #SBATCH line"
+        )
+        assert "#SBATCH --output=%x-%j.log" in text  # a log per job id
+
+
+def test_multi_node_runs_one_launch_per_node_with_its_own_rank(fake_cluster):
+    env, log = fake_cluster
+    result = subprocess.run(
+        ["bash", "slurm/multi_node.sbatch", "emotion", "lora.r=16", "tracking.wandb.name=two words"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    port = node_args(log, 0)[node_args(log, 0).index("--main_process_port") + 1]
+    assert port.isdigit() and 1024 <= int(port) <= 65535
+    for node in (0, 1):
+        assert node_args(log, node) == expected_node_command(
+            "accel_configs/deepspeed_zero3_multinode.yaml",
+            node,
+            port,
+            ["lora.r=16", "tracking.wandb.name=two words"],
+        )
+    srun = (log / "srun.calls").read_text()
+    assert "--nodes=2" in srun and "--ntasks-per-node=1" in srun
+
+
+def test_multi_node_takes_the_accel_config_and_gpu_count_from_the_environment(fake_cluster):
+    env, log = fake_cluster
+    env = {
+        **env,
+        "ACCEL_CONFIG": "accel_configs/deepspeed_zero2.yaml",
+        "GPUS_PER_NODE": "2",
+        "MAIN_PORT": "29555",
+    }
+    result = subprocess.run(
+        ["bash", "slurm/multi_node.sbatch", "emotion"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    args = node_args(log, 1)
+    assert args[args.index("--config_file") + 1] == "accel_configs/deepspeed_zero2.yaml"
+    assert args[args.index("--num_processes") + 1] == "4"
+    assert args[args.index("--main_process_port") + 1] == "29555"
+    assert args[args.index("--machine_rank") + 1] == "1"
+
+
+def test_single_node_launches_every_gpu(fake_cluster):
+    env, log = fake_cluster
+    env = {**env, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MAIN_PORT": "29500"}
+    result = subprocess.run(
+        ["bash", "slurm/single_node.sbatch", "emotion", "train.lr=1e-4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert node_args(log, 0) == [
+        "launch",
+        "--config_file",
+        "accel_configs/multi_gpu.yaml",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        "4",
+        "--main_process_port",
+        "29500",
+        "-m",
+        "scalelora.train",
+        "--config",
+        "emotion",
+        "train.lr=1e-4",
+    ]
+
+
+@pytest.mark.parametrize(
+    "script", ["slurm/single_node.sbatch", "slurm/multi_node.sbatch", "slurm/preemptible.sbatch"]
+)
+def test_sbatch_without_a_recipe_prints_usage(fake_cluster, script):
+    env, _ = fake_cluster
+    result = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("launcher_exit", "script_exit", "requeued"), [(0, 0, False), (1, 1, False), (75, 0, True)]
+)
+def test_preemptible_requeues_only_after_a_preemption_exit(
+    fake_cluster, launcher_exit, script_exit, requeued
+):
+    env, log = fake_cluster
+    env = {**env, "FAKE_MODE": f"exit:{launcher_exit}", "MAIN_PORT": "29501"}
+    result = subprocess.run(
+        ["bash", "slurm/preemptible.sbatch", "emotion", "output_dir=/shared/runs/emo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == script_exit, result.stdout + result.stderr
+    assert (
+        (log / "scontrol.calls").is_file() and "requeue 4242" in (log / "scontrol.calls").read_text()
+    ) is requeued
+    for node in (0, 1):
+        args = node_args(log, node)
+        assert args[-3:] == ["emotion", "output_dir=/shared/runs/emo", "resume=auto"]
+        assert args[args.index("--machine_rank") + 1] == str(node)
+
+
+def test_preemptible_turns_usr1_into_sigterm_for_the_launchers_and_requeues(fake_cluster):
+    env, log = fake_cluster
+    env = {**env, "FAKE_MODE": "wait", "MAIN_PORT": "29502", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": ""}
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
+    job = subprocess.Popen(
+        ["bash", "slurm/preemptible.sbatch", "emotion", "output_dir=/shared/runs/emo"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not all((log / f"accelerate.{n}.started").exists() for n in (0, 1)):
+        assert time.monotonic() < deadline and job.poll() is None, "the fake launchers never started"
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does
+    output, _ = job.communicate(timeout=30)
+    assert job.returncode == 0, output
+    # USR1 itself never reaches the launchers (it would kill the torchrun agent): they get TERM
+    assert (log / "srun.signals").read_text().strip() == "TERM"
+    assert all((log / f"accelerate.{n}.signal").read_text().strip() == "TERM" for n in (0, 1))
+    assert "requeue 4242" in (log / "scontrol.calls").read_text()
+    assert "got USR1" in output and "requeueing" in output
+
+
+def test_local_launchers_pass_the_recipe_and_overrides(fake_cluster):
+    env, log = fake_cluster
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    env.update(MAIN_PORT="29503", NUM_GPUS="3")
+    result = subprocess.run(
+        ["bash", "launch/local_multi_gpu.sh", "emotion", "lora.r=4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert node_args(log, "local") == [
+        "launch",
+        "--config_file",
+        "accel_configs/multi_gpu.yaml",
+        "--num_machines",
+        "1",
+        "--num_processes",
+        "3",
+        "--main_process_port",
+        "29503",
+        "-m",
+        "scalelora.train",
+        "--config",
+        "emotion",
+        "lora.r=4",
+    ]
+    env["ACCEL_CONFIG"] = "accel_configs/deepspeed_zero3.yaml"
+    result = subprocess.run(
+        ["bash", "launch/cpu_2proc.sh", "quickstart"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    args = node_args(log, "local")
+    assert args[args.index("--config_file") + 1] == "accel_configs/deepspeed_zero3.yaml"
+    assert args[args.index("--num_processes") + 1] == "2"
+    assert "--cpu" not in args  # --cpu silently switches DeepSpeed off
