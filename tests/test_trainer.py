@@ -206,7 +206,7 @@ def test_every_recipe_runs_two_steps_offline(recipe, tiny_gpt2, tmp_path):
 @pytest.mark.slow
 def test_quickstart_reaches_its_accuracy_on_real_data(tmp_path):
     out = tmp_path / "quickstart"
-    result = run_cli("scalelora.train", ["--config", "quickstart", f"output_dir={out}"], env={"OMP_NUM_THREADS": "2"})
+    result = run_cli("scalelora.train", ["--config", "quickstart", f"output_dir={out}"], env={"OMP_NUM_THREADS": "2"}, timeout=1500)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = read_summary(out)
     print(f"quickstart: validation accuracy {summary['eval']['validation']['accuracy']:.4f}, "
