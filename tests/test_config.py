@@ -13,8 +13,16 @@ from scalelora.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_RECIPES = {
-    "quickstart", "rotten_tomatoes", "emotion", "sst2", "codemix_tamil", "codemix_hindi", "imdb",
-    "gpt2_emotion", "distilroberta_emotion", "distilbert_rotten_tomatoes",
+    "quickstart",
+    "rotten_tomatoes",
+    "emotion",
+    "sst2",
+    "codemix_tamil",
+    "codemix_hindi",
+    "imdb",
+    "gpt2_emotion",
+    "distilroberta_emotion",
+    "distilbert_rotten_tomatoes",
 }
 
 
@@ -77,8 +85,16 @@ def test_cross_section_conflicts_are_collected_and_raised_once():
 
 
 def test_overrides_parse_yaml_values_and_comma_lists():
-    cfg = load_config("quickstart", ["lora.target_modules=query,value", "data.keep_labels=[neg, pos]",
-                                     "train.lr=3e-4", "train.max_steps=7", "resume=null"])
+    cfg = load_config(
+        "quickstart",
+        [
+            "lora.target_modules=query,value",
+            "data.keep_labels=[neg, pos]",
+            "train.lr=3e-4",
+            "train.max_steps=7",
+            "resume=null",
+        ],
+    )
     assert cfg.lora.target_modules == ["query", "value"]
     assert cfg.data.keep_labels == ["neg", "pos"]
     assert cfg.train.lr == pytest.approx(3e-4)
@@ -96,8 +112,10 @@ def test_a_yaml_file_works_as_config(tmp_path):
 def test_recipe_not_found_suggests_a_name(capsys):
     assert main(["--config", "quikstart"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["scalelora: error: --config quikstart: no such recipe or file (did you mean 'quickstart'?); "
-                   "`python -m scalelora.train --list` shows the recipes"]
+    assert err == [
+        "scalelora: error: --config quikstart: no such recipe or file (did you mean 'quickstart'?); "
+        "`python -m scalelora.train --list` shows the recipes"
+    ]
 
 
 def test_cli_list_and_print_config(capsys):

@@ -15,7 +15,9 @@ from scalelora.data import LengthGroupedSampler, PadCollator, infer_label_names,
 from scalelora.errors import DataError
 
 
-def folder_with(tmp_path: Path, train: list[dict], validation: list[dict] | None = None, labels: list | None = None) -> Path:
+def folder_with(
+    tmp_path: Path, train: list[dict], validation: list[dict] | None = None, labels: list | None = None
+) -> Path:
     folder = tmp_path / "ds"
     folder.mkdir()
     write_jsonl(folder / "train.jsonl", train)
@@ -74,7 +76,11 @@ def test_max_train_samples_is_a_seeded_random_subset_not_the_first_rows():
 @pytest.mark.parametrize(
     ("train", "validation", "message"),
     [
-        (rows(("a", "pos"), ("b", "neg")), rows(("c", "meh")), r"split 'validation' row 0: label 'meh' is not in the label map"),
+        (
+            rows(("a", "pos"), ("b", "neg")),
+            rows(("c", "meh")),
+            r"split 'validation' row 0: label 'meh' is not in the label map",
+        ),
         (rows(("a", 0), ("b", 1)), rows(("c", 0.5)), r"label 0.5 in column 'label' is not an integer"),
         (rows(("a", 0), ("b", 1)), rows(("c", 7)), r"label 7 is out of range for 2 labels"),
         (rows(("a", "pos"), ("", "neg")), None, r"split 'train' row 1: empty text .* data\.drop_empty=true"),
@@ -88,7 +94,9 @@ def test_bad_labels_and_texts_name_the_split_row_and_fix(tmp_path, train, valida
 
 def test_missing_column_names_the_columns_and_the_key(tmp_path):
     folder = folder_with(tmp_path, [{"sentence": "a", "label": "x"}, {"sentence": "b", "label": "y"}])
-    with pytest.raises(DataError, match=r"no column 'text' \(columns: sentence, label\); set data\.text_column"):
+    with pytest.raises(
+        DataError, match=r"no column 'text' \(columns: sentence, label\); set data\.text_column"
+    ):
         load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
     splits = load_splits(DataConfig(path=str(folder), test_split=None, text_column="sentence"), seed=0)
     assert list(splits.train["text"]) == ["a", "b"]
@@ -107,7 +115,9 @@ def test_empty_after_filtering_is_an_error(tmp_path):
 
 
 def test_unknown_dataset_name_explains_where_it_looked(monkeypatch):
-    with pytest.raises(DataError, match=r"data\.path=no_such_set: not a local folder, not found under the data root"):
+    with pytest.raises(
+        DataError, match=r"data\.path=no_such_set: not a local folder, not found under the data root"
+    ):
         load_splits(DataConfig(path="no_such_set"), seed=0)
 
 
@@ -138,11 +148,15 @@ def test_length_grouped_sampler_is_seeded_complete_and_groups_lengths():
 
 
 def test_pad_collator_pads_to_the_longest_and_keeps_ids():
-    batch = PadCollator(pad_token_id=0)([
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1, "idx": 4},
-        {"input_ids": [5], "attention_mask": [1], "labels": 0, "idx": 9},
-    ])
+    batch = PadCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": 1, "idx": 4},
+            {"input_ids": [5], "attention_mask": [1], "labels": 0, "idx": 9},
+        ]
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [1, 0] and batch["idx"].tolist() == [4, 9]
-    assert PadCollator(0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": 0, "idx": 0}])["input_ids"].shape == (1, 8)
+    assert PadCollator(0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": 0, "idx": 0}])[
+        "input_ids"
+    ].shape == (1, 8)

@@ -18,7 +18,11 @@ def lora_modules(model) -> set[str]:
 
 @pytest.mark.parametrize(
     ("fixture", "expected"),
-    [("tiny_bert", {"query", "value"}), ("tiny_gpt2", {"c_attn"}), ("tiny_llama", {"q_proj", "k_proj", "v_proj", "o_proj"})],
+    [
+        ("tiny_bert", {"query", "value"}),
+        ("tiny_gpt2", {"c_attn"}),
+        ("tiny_llama", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ],
 )
 def test_lora_presets_per_architecture(request, fixture, expected):
     model = build_model(ModelConfig(name=str(request.getfixturevalue(fixture))), LoraConfig(r=2), LABELS)
@@ -31,7 +35,9 @@ def test_lora_presets_per_architecture(request, fixture, expected):
 def test_distilbert_pre_classifier_is_trained_and_saved(tmp_path):
     from transformers import AutoModel, DistilBertConfig
 
-    AutoModel.from_config(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(tmp_path)
+    AutoModel.from_config(
+        DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    ).save_pretrained(tmp_path)
     model = build_model(ModelConfig(name=str(tmp_path)), LoraConfig(r=2), LABELS)
     assert lora_modules(model) == {"q_lin", "v_lin"}
     assert set(model.peft_config["default"].modules_to_save) >= {"pre_classifier", "classifier"}
@@ -62,7 +68,9 @@ def test_lora_weights_stay_fp32_on_a_bf16_base_under_autocast(tiny_bert):
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     ids = torch.randint(5, 100, (4, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.float(), torch.tensor([0, 1, 0, 1]))
+        loss = torch.nn.functional.cross_entropy(
+            model(input_ids=ids).logits.float(), torch.tensor([0, 1, 0, 1])
+        )
     loss.backward()
     optimizer.step()
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -103,7 +111,9 @@ def test_train_head_false_freezes_the_head(tiny_bert):
 def test_a_classifier_with_other_labels_is_refused(tiny_bert, tmp_path):
     model, _ = load_classifier(ModelConfig(name=str(tiny_bert)), ["a", "b", "c"])
     model.save_pretrained(tmp_path)
-    with pytest.raises(UserError, match=r"is a classifier for labels \['a', 'b', 'c'\], but the data has \['neg', 'pos'\]"):
+    with pytest.raises(
+        UserError, match=r"is a classifier for labels \['a', 'b', 'c'\], but the data has \['neg', 'pos'\]"
+    ):
         load_classifier(ModelConfig(name=str(tmp_path)), LABELS)
     kept, new = load_classifier(ModelConfig(name=str(tmp_path)), ["a", "b", "c"])
     assert new == []  # its trained head is kept, not re-initialised

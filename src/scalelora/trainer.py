@@ -376,7 +376,7 @@ class Trainer:
         progress = self.progress = tqdm(
             total=self.total_steps,
             initial=state.global_step,
-            disable=not acc.is_local_main_process,
+            disable=not (acc.is_local_main_process and sys.stderr.isatty()),
             desc="train",
         )
         window = {
@@ -543,6 +543,15 @@ class Trainer:
         self.tracker.log(
             {f"train/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"]
         )
+        norm_text = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
+        line = (
+            f"step {record['step']}/{self.total_steps} loss={record['loss']:.4f} lr={record['lr']:.2e} "
+            f"grad_norm={norm_text} samples/s={samples_per_second:.1f}"
+        )
+        if self.progress is not None and not self.progress.disable and sys.stderr.isatty():
+            self.progress.set_postfix_str(line.split(" ", 2)[2])  # the bar already shows the step
+        else:
+            self.log(f"scalelora: {line}")  # job logs (SLURM, CI) get plain lines, not a redrawn bar
 
     # --- evaluation ----------------------------------------------------------------------------
 
