@@ -82,7 +82,7 @@ def test_saved_adapter_with_head_reloads_to_identical_logits(tiny_bert, tmp_path
     torch.manual_seed(1)
     model = build_model(ModelConfig(name=str(tiny_bert)), LoraConfig(r=4), LABELS)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:  # make LoRA B and the head non-trivial
                 param.add_(torch.randn_like(param) * 0.5)
     model.eval()
