@@ -32,6 +32,12 @@ format:
 	$(PYTHON) -m ruff format src tests
 	$(PYTHON) -m ruff check --fix src tests
 
+# The teacher -> LoRA student study on the five local datasets (about an hour on 2 CPU cores);
+# writes results/RESULTS.md and results/results.json. Finished runs under runs/results are reused.
+results:
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false \
+		$(PYTHON) scripts/results.py $(RESULTS_ARGS)
+
 # Side-by-side throughput against HF Trainer + PEFT: `make bench SCENARIO=cpu-minilm-kd` (see --list).
 SCENARIO ?= cpu-minilm-rt
 bench:

@@ -49,8 +49,12 @@ class SelfTeacher:
     def __call__(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
     ) -> TeacherOutput:
-        with model.disable_adapter():
-            return run_frozen(model, batch, want_hidden)
+        from accelerate.utils import extract_model_from_parallel
+
+        # the PEFT model inside DDP / torch.compile wrappers; the teacher forward needs no gradient sync
+        inner = extract_model_from_parallel(model)
+        with inner.disable_adapter():
+            return run_frozen(inner, batch, want_hidden)
 
 
 class ModelTeacher:
@@ -105,12 +109,17 @@ class CachedTeacher:
             raise DataError(
                 f"teacher-logit cache {cache_dir} is incomplete; rerun python -m scalelora.teacher_logits to finish it"
             )
-        table = torch.full((split["num_examples"], len(label_names)), float("nan"))
-        for shard in split["shards"]:
-            tensors = load_file(str(cache_dir / shard))
-            table[tensors["idx"].long()] = tensors["logits"].float()
-        if torch.isnan(table).any():
-            raise DataError(f"teacher-logit cache {cache_dir} misses some training examples; rebuild it")
+        shards = [load_file(str(cache_dir / shard)) for shard in split["shards"]]
+        ids = torch.cat([t["idx"].long() for t in shards])
+        # ids are row numbers of the source split (kept through max_train_samples / keep_labels
+        # filtering), so the table is as long as the largest id, not as the number of examples
+        table = torch.full((int(ids.max()) + 1 if len(ids) else 0, len(label_names)), float("nan"))
+        table[ids] = torch.cat([t["logits"].float() for t in shards])
+        if len(ids) != split["num_examples"] or len(torch.unique(ids)) != len(ids) or torch.isnan(table[ids]).any():
+            raise DataError(
+                f"teacher-logit cache {cache_dir} holds {len(ids)} rows for {split['num_examples']} training "
+                "examples; rebuild it with python -m scalelora.teacher_logits --overwrite"
+            )
         self.table = table.to(device)
 
     def __call__(

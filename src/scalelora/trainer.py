@@ -562,6 +562,7 @@ class Trainer:
         """Evaluate, save the adapter when the metric improves; True when early stopping says stop."""
         cfg, state = self.cfg, self.state
         metrics = self.evaluate("eval")
+        self._last_eval = (state.global_step, metrics)
         value = metrics[cfg.eval.metric]
         record = {
             "step": state.global_step,
@@ -687,7 +688,12 @@ class Trainer:
             self.restore_best()
         else:
             self.save_model()
-        final_eval = {"validation": self.evaluate("eval")}
+        last = getattr(self, "_last_eval", None)
+        if last is not None and last[0] == state.global_step and state.best_step in (None, state.global_step):
+            # the weights are the ones just evaluated at this step: reuse, do not run validation twice
+            final_eval = {"validation": last[1]}
+        else:
+            final_eval = {"validation": self.evaluate("eval")}
         if "test" in self.eval_loaders:
             final_eval["test"] = self.evaluate("test")
         after = self.sample_predictions()

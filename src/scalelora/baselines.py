@@ -1,0 +1,149 @@
+"""Classical baselines for the results table (scikit-learn): TF-IDF + logistic regression, and a
+linear probe (logistic regression on frozen, mean-pooled encoder features).
+
+Both pick the regularisation strength C on the validation split (macro-F1) from a small grid,
+refit nothing else, and report the same metrics as the trainer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from scalelora.data import Splits
+from scalelora.evaluation import classification_metrics
+
+C_GRID = (0.5, 2.0, 8.0)
+
+
+def lr_params(features: int, num_labels: int) -> int:
+    """Weights of a fitted scikit-learn LogisticRegression: one row (binary) or one per class, plus biases."""
+    rows = 1 if num_labels == 2 else num_labels
+    return features * rows + rows
+
+
+def _short(metrics: dict[str, Any]) -> dict[str, float]:
+    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def fit_logreg(
+    train_x: Any,
+    train_y: np.ndarray,
+    evals: dict[str, tuple[Any, np.ndarray]],
+    label_names: list[str],
+    grid: tuple[float, ...] = C_GRID,
+) -> tuple[dict[str, Any], float]:
+    """Fit LR for each C, keep the best on `evals['validation']`; returns (metrics per split, C)."""
+    from sklearn.linear_model import LogisticRegression
+
+    best: tuple[float, Any, float] | None = None
+    for c in grid:
+        clf = LogisticRegression(C=c, max_iter=2000)
+        clf.fit(train_x, train_y)
+        val_x, val_y = evals["validation"]
+        f1 = classification_metrics(clf.predict(val_x), val_y, label_names)["macro_f1"]
+        if best is None or f1 > best[0]:
+            best = (f1, clf, c)
+    assert best is not None
+    _, clf, c = best
+    metrics = {
+        split: classification_metrics(clf.predict(x), y, label_names) for split, (x, y) in evals.items()
+    }
+    return metrics, c
+
+
+def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
+    """Word (1-2 gram) + char (2-5 gram, word-bounded) TF-IDF features and logistic regression.
+
+    `train_rows` (a datasets.Dataset with `text` and `label`) replaces `splits.train`, e.g. to fit
+    on the whole training split while the transformers use a subset.
+    """
+    from scipy.sparse import hstack
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    started = time.perf_counter()
+    train = train_rows if train_rows is not None else splits.train
+    word = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, max_features=200_000)
+    char = TfidfVectorizer(
+        analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, max_features=300_000
+    )
+    texts = list(train["text"])
+    train_x = hstack([word.fit_transform(texts), char.fit_transform(texts)]).tocsr()
+
+    def features(rows: Any) -> Any:
+        t = list(rows["text"])
+        return hstack([word.transform(t), char.transform(t)]).tocsr()
+
+    evals = {"validation": (features(splits.eval), np.asarray(splits.eval["label"]))}
+    if splits.test is not None:
+        evals["test"] = (features(splits.test), np.asarray(splits.test["label"]))
+    metrics, c = fit_logreg(train_x, np.asarray(train["label"]), evals, splits.label_names)
+    return {
+        "trainable_params": lr_params(int(train_x.shape[1]), len(splits.label_names)),
+        "total_params": None,
+        "eval": {split: _short(m) for split, m in metrics.items()},
+        "train_seconds": time.perf_counter() - started,
+        "num_train_examples": len(train),
+        "details": {"C": c, "features": int(train_x.shape[1])},
+    }
+
+
+@torch.inference_mode()
+def pooled_features(
+    model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 128
+) -> np.ndarray:
+    """Mean-pooled last hidden states of a frozen encoder (the pooling sentence-transformers trains)."""
+    from scalelora.teacher import mean_pool
+
+    model.eval()
+    order = np.argsort([len(t) for t in texts])  # similar lengths per batch: less padding
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        chunk = order[start : start + batch_size]
+        encoded = tokenizer(
+            [texts[i] for i in chunk],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        hidden = model(**encoded).last_hidden_state
+        out[chunk] = mean_pool(hidden, encoded["attention_mask"]).float().numpy()
+    return out
+
+
+def linear_probe(splits: Splits, model_name: str, max_length: int) -> dict[str, Any]:
+    """Logistic regression on frozen mean-pooled features of `model_name` (the pretrained encoder)."""
+    from transformers import AutoModel
+
+    from scalelora.config import ModelConfig
+    from scalelora.models import load_tokenizer, resolve_model_path
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(ModelConfig(name=model_name))
+    encoder = AutoModel.from_pretrained(resolve_model_path(model_name))
+    total = sum(p.numel() for p in encoder.parameters())
+
+    def feats(rows: Any) -> np.ndarray:
+        return pooled_features(encoder, tokenizer, list(rows["text"]), max_length)
+
+    train_x = feats(splits.train)
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+    evals = {"validation": ((feats(splits.eval) - mean) / std, np.asarray(splits.eval["label"]))}
+    if splits.test is not None:
+        evals["test"] = ((feats(splits.test) - mean) / std, np.asarray(splits.test["label"]))
+    metrics, c = fit_logreg(
+        (train_x - mean) / std, np.asarray(splits.train["label"]), evals, splits.label_names
+    )
+    head = lr_params(int(encoder.config.hidden_size), len(splits.label_names))
+    return {
+        "trainable_params": int(head),
+        "total_params": int(total + head),
+        "eval": {split: _short(m) for split, m in metrics.items()},
+        "train_seconds": time.perf_counter() - started,
+        "num_train_examples": len(splits.train),
+        "details": {"C": c, "pooling": "mean", "features": int(encoder.config.hidden_size)},
+    }

@@ -1,0 +1,286 @@
+"""`python -m scalelora.teacher_logits --teacher PATH --config RECIPE --out DIR [key=value ...]`.
+
+Computes a frozen teacher's logits for every training example once, so students can distil from
+them (`distill.teacher=cache distill.cache_dir=DIR`) without holding the teacher in memory or
+re-running it every epoch. Also runs under `accelerate launch` with several processes.
+
+Layout of DIR:
+- `manifest.json`: format version, teacher identity (path + a hash of its config and weights),
+  label order, max_length, and per split the data fingerprint, number of examples, shard files
+  and whether the build is complete.
+- `train-00000.safetensors`, ...: shard k holds the rows at positions [k*S, (k+1)*S) of the split,
+  as `idx` (the example id the trainer looks up) and `logits` (float32).
+
+Every shard is written to a temporary name and renamed, so a shard on disk is always complete; an
+interrupted build rerun with the same arguments keeps the finished shards and computes the rest.
+With N processes, rank r computes the shards k with k % N == r: every example is computed and
+written exactly once (no padding duplicates as with an evenly split data loader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalelora.config import ModelConfig, RunConfig, load_config
+from scalelora.errors import DataError, UserError, exit_on_user_error
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def teacher_identity(name: str) -> dict[str, Any]:
+    """Path and a content hash of the teacher (config + weight files), so a retrained teacher is noticed."""
+    from scalelora.models import resolve_model_path
+
+    path = Path(str(resolve_model_path(name)))
+    digest = hashlib.sha256()
+    if path.is_dir():
+        files = sorted(path.glob("config.json")) + sorted(path.glob("*.safetensors"))
+        for file in files:
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    else:
+        digest.update(name.encode())  # a hub name: the name (and revision) is the identity
+    return {
+        "name": name,
+        "path": str(path.resolve()) if path.exists() else name,
+        "hash": digest.hexdigest()[:16],
+    }
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.safetensors"
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def check_compatible(existing: dict[str, Any], expected: dict[str, Any], out: Path) -> None:
+    """Raise DataError when a cache on disk was built from another teacher, data or label order."""
+    problems = []
+    for key in ("format", "teacher", "label_names", "max_length"):
+        if existing.get(key) != expected.get(key):
+            problems.append(f"{key}: on disk {existing.get(key)!r}, now {expected.get(key)!r}")
+    for split, info in expected["splits"].items():
+        old = existing.get("splits", {}).get(split)
+        if old is not None and old.get("fingerprint") != info["fingerprint"]:
+            problems.append(
+                f"splits.{split}.fingerprint: on disk {old.get('fingerprint')}, now {info['fingerprint']}"
+            )
+    if problems:
+        raise DataError(
+            f"teacher-logit cache {out} was built for something else ({'; '.join(problems)}); "
+            "pass --overwrite to rebuild it, or another --out"
+        )
+
+
+@torch.inference_mode()
+def shard_logits(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Logits of the frozen teacher (eval mode, no grad) for `texts`, in order."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            texts[start : start + batch_size],
+            pairs[start : start + batch_size] if pairs is not None else None,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits
+        out.append(logits.float().cpu())
+    return torch.cat(out)
+
+
+def build_cache(
+    cfg: RunConfig,
+    teacher: str,
+    out: Path,
+    splits: tuple[str, ...] = ("train",),
+    shard_size: int = 2048,
+    batch_size: int = 64,
+    overwrite: bool = False,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Compute (or finish) the cache in `out`; returns the manifest. Collective under accelerate launch.
+
+    Raises DataError for a cache built for other data / another teacher (unless `overwrite`), and
+    UserError when the teacher has no trained head for the data's labels.
+    """
+    from accelerate import PartialState
+    from safetensors.torch import save_file
+
+    from scalelora import data as data_lib
+    from scalelora.models import load_classifier, load_tokenizer
+
+    no_cuda = not torch.cuda.is_available()
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # as runtime.build_accelerator: torchrun-launched CPU processes need cpu=True and gloo, or each
+    # process silently believes it is alone (and all of them would compute every shard)
+    state = PartialState(cpu=no_cuda, **({"backend": "gloo"} if no_cuda and multi else {}))
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if state.is_main_process else None)
+    loaded = data_lib.load_splits(cfg.data, cfg.seed)
+    datasets_by_split = {"train": loaded.train, "eval": loaded.eval, "test": loaded.test}
+    teacher_cfg = ModelConfig(
+        name=teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+    )
+    model, new_modules = load_classifier(teacher_cfg, loaded.label_names)
+    if new_modules:
+        raise UserError(
+            f"--teacher {teacher} has no trained classification head for labels {loaded.label_names} "
+            f"(newly initialised: {', '.join(new_modules)}); train a teacher with model.mode=full first"
+        )
+    model = model.to(state.device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(teacher_cfg, cfg.data.truncation_side)
+    expected: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "teacher": teacher_identity(teacher),
+        "label_names": list(loaded.label_names),
+        "max_length": cfg.data.max_length,
+        "splits": {},
+    }
+    for split in splits:
+        ds = datasets_by_split.get(split)
+        if ds is None:
+            raise UserError(
+                f"--splits names '{split}', which this config has no data for (train, eval, test)"
+            )
+        num_shards = max(1, -(-len(ds) // shard_size))
+        expected["splits"][split] = {
+            "fingerprint": loaded.fingerprints[split],
+            "num_examples": len(ds),
+            "shard_size": shard_size,
+            "shards": [shard_name(split, k) for k in range(num_shards)],
+            "complete": False,
+        }
+
+    manifest_path = out / MANIFEST
+    error: str | None = None
+    if state.is_main_process:
+        try:
+            if manifest_path.is_file() and not overwrite:
+                existing = json.loads(manifest_path.read_text())
+                check_compatible(existing, expected, out)
+                for split, info in existing.get("splits", {}).items():
+                    if split in expected["splits"] and info.get("shard_size") != shard_size:
+                        raise DataError(
+                            f"teacher-logit cache {out} uses --shard-size {info.get('shard_size')}; "
+                            "rerun with that size or pass --overwrite"
+                        )
+            elif out.exists() and overwrite:
+                for stale in list(out.glob("*.safetensors")) + [manifest_path]:
+                    if stale.exists():
+                        stale.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            _atomic_json(manifest_path, expected)  # records the identity before any shard exists
+        except UserError as err:
+            error = str(err)
+    flag = [error]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(flag, from_process=0)
+    if flag[0] is not None:
+        raise DataError(flag[0])
+
+    for split in splits:
+        ds = datasets_by_split[split]
+        info = expected["splits"][split]
+        done = computed = 0
+        for k, name in enumerate(info["shards"]):
+            if k % state.num_processes != state.process_index:
+                continue
+            path = out / name
+            if path.is_file():
+                done += 1
+                continue  # finished by an earlier (interrupted) build
+            rows = ds.select(range(k * shard_size, min(len(ds), (k + 1) * shard_size)))
+            logits = shard_logits(
+                model,
+                tokenizer,
+                list(rows["text"]),
+                list(rows["text_pair"]) if "text_pair" in rows.column_names else None,
+                cfg.data.max_length,
+                batch_size,
+                state.device,
+            )
+            tmp = path.with_name(f".{name}.tmp")
+            save_file({"idx": torch.tensor(rows["idx"], dtype=torch.long), "logits": logits}, str(tmp))
+            os.replace(tmp, path)
+            computed += 1
+        print(
+            f"scalelora: teacher_logits rank {state.process_index}: split {split}: {computed} shard(s) computed, "
+            f"{done} kept from an earlier build",
+            file=sys.stderr,
+            flush=True,
+        )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for split in splits:
+            missing = [s for s in expected["splits"][split]["shards"] if not (out / s).is_file()]
+            expected["splits"][split]["complete"] = not missing
+        _atomic_json(manifest_path, expected)
+        log(f"scalelora: teacher logits of {teacher} for {', '.join(splits)} -> {out}")
+    state.wait_for_everyone()
+    return expected
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m scalelora.teacher_logits",
+        description="Cache a frozen teacher's logits for the training data of a recipe (for distill.teacher=cache).",
+    )
+    parser.add_argument("--teacher", required=True, help="teacher model folder (e.g. RUN/model) or hub name")
+    parser.add_argument(
+        "--config", required=True, help="the student's recipe or YAML (its data section is used)"
+    )
+    parser.add_argument("--out", required=True, help="cache folder (distill.cache_dir of the student)")
+    parser.add_argument(
+        "--splits", default="train", help="comma-separated: train, eval, test (default train)"
+    )
+    parser.add_argument("--shard-size", type=int, default=2048, help="examples per shard file")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="rebuild a cache made for other data or teacher"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="the same overrides the student uses"
+    )
+    return parser.parse_intermixed_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.shard_size < 1 or args.batch_size < 1:
+        raise UserError("--shard-size and --batch-size must be positive")
+    cfg = load_config(args.config, args.overrides)
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    build_cache(cfg, args.teacher, Path(args.out), splits, args.shard_size, args.batch_size, args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The training losses as pure functions, checked against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scalelora.losses import (
+    IGNORE_INDEX,
+    count_valid,
+    cross_entropy_sum,
+    distillation_loss_sum,
+    hidden_mse_sum,
+    kd_kl_sum,
+)
+
+
+def softmax(xs: list[float]) -> list[float]:
+    exps = [math.exp(x) for x in xs]
+    return [e / sum(exps) for e in exps]
+
+
+def kl_by_hand(teacher: list[float], student: list[float], t: float) -> float:
+    """T^2 * sum_i p_i (log p_i - log q_i), p = softmax(teacher/T), q = softmax(student/T)."""
+    p = softmax([x / t for x in teacher])
+    q = softmax([x / t for x in student])
+    return t * t * sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+STUDENT = torch.tensor([[1.0, 0.0], [0.0, 2.0, ], [3.0, -1.0]])
+TEACHER = torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.0]])
+LABELS = torch.tensor([0, 1, 1])
+
+
+def test_cross_entropy_is_a_sum_over_examples():
+    # -log softmax: log(1 + e^-1), log(1 + e^-2), log(1 + e^4)
+    expected = math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-2)) + math.log(1 + math.exp(4))
+    assert float(cross_entropy_sum(STUDENT, LABELS)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_at_temperature_two_matches_the_closed_form():
+    # example 0 by hand: p = softmax([0, .5]), q = softmax([.5, 0]) = reversed p, so
+    # KL = (p1 - p0) * 0.5 and T^2 * KL = 4 * 0.5 * tanh(0.25)
+    first = 4 * 0.5 * math.tanh(0.25)
+    assert kl_by_hand([0.0, 1.0], [1.0, 0.0], 2.0) == pytest.approx(first)
+    assert float(kd_kl_sum(STUDENT[:1], TEACHER[:1], 2.0)) == pytest.approx(first, rel=1e-6)
+    total = sum(kl_by_hand(t.tolist(), s.tolist(), 2.0) for s, t in zip(STUDENT, TEACHER))
+    assert float(kd_kl_sum(STUDENT, TEACHER, 2.0)) == pytest.approx(total, rel=1e-6)
+
+
+def test_kd_is_zero_when_student_equals_teacher_and_scales_with_t_squared():
+    assert float(kd_kl_sum(TEACHER, TEACHER, 3.0)) == pytest.approx(0.0, abs=1e-7)
+    t1 = sum(kl_by_hand(t.tolist(), s.tolist(), 1.0) for s, t in zip(STUDENT, TEACHER))
+    assert float(kd_kl_sum(STUDENT, TEACHER, 1.0)) == pytest.approx(t1, rel=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_distillation_mixes_ce_and_kd_with_alpha(alpha):
+    t = 2.0
+    ce = sum(-math.log(softmax(s.tolist())[y]) for s, y in zip(STUDENT, LABELS.tolist()))
+    kd = sum(kl_by_hand(tt.tolist(), s.tolist(), t) for s, tt in zip(STUDENT, TEACHER))
+    loss, parts = distillation_loss_sum(STUDENT, LABELS, TEACHER, alpha, t)
+    assert float(loss) == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-6)
+    assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6)
+    if alpha == 0.0:
+        # alpha = 0 is exactly the cross-entropy: the same number, bit for bit, as without a teacher
+        assert torch.equal(loss, distillation_loss_sum(STUDENT, LABELS, None, 0.5, t)[0])
+    else:
+        assert float(parts["kd"]) == pytest.approx(kd, rel=1e-6)
+
+
+def test_ignored_examples_contribute_nothing():
+    labels = torch.tensor([0, IGNORE_INDEX, 1])
+    kept = [0, 2]
+    loss, parts = distillation_loss_sum(STUDENT, labels, TEACHER, 0.5, 2.0)
+    ref, ref_parts = distillation_loss_sum(STUDENT[kept], LABELS[kept], TEACHER[kept], 0.5, 2.0)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert float(parts["kd"]) == pytest.approx(float(ref_parts["kd"]), rel=1e-6)
+    assert int(count_valid(labels)) == 2
+    hidden_s, hidden_t = torch.ones(3, 4), torch.zeros(3, 4)
+    hidden_s[1] = 100.0  # the ignored example's huge error must not count
+    assert float(hidden_mse_sum(hidden_s, hidden_t, labels)) == pytest.approx(2.0)
+
+
+def test_hidden_mse_needs_matching_sizes():
+    assert float(hidden_mse_sum(torch.full((2, 3), 2.0), torch.zeros(2, 3))) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="hidden sizes differ"):
+        hidden_mse_sum(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_kd_gradient_is_student_minus_teacher_probs_times_t():
+    # d/dz [T^2 KL(p || softmax(z/T))] = T (softmax(z/T) - p): the T^2 factor keeps the scale
+    student = STUDENT[:1].clone().requires_grad_(True)
+    kd_kl_sum(student, TEACHER[:1], 2.0).backward()
+    q = torch.softmax(STUDENT[:1] / 2, -1)
+    p = torch.softmax(TEACHER[:1] / 2, -1)
+    torch.testing.assert_close(student.grad, 2.0 * (q - p))

@@ -1,0 +1,158 @@
+"""`python -m scalelora.teacher_logits`: manifest, refusal of mismatched caches, resume after an
+interruption, a teacher with another tokenizer, and a 2-process build without duplicates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import accelerate_launch, read_summary, run_cli, tiny_overrides
+from scalelora import teacher_logits
+from scalelora.config import load_config
+from scalelora.data import load_splits
+from scalelora.errors import DataError
+from scalelora.teacher import CachedTeacher
+from scalelora.train import main as train_main
+from test_distill import save_tiny_classifier
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_bert) -> Path:
+    return save_tiny_classifier(tmp_path_factory.mktemp("logit-teacher"), tiny_bert)
+
+
+def build_args(teacher: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--teacher", str(teacher), "--config", "quickstart", "--out", str(out), "--shard-size", "40",
+            f"data.path={data}", "data.max_length=32", *extra]
+
+
+def shard_rows(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    shards = [load_file(str(out / name)) for name in manifest["splits"]["train"]["shards"]]
+    return torch.cat([s["idx"] for s in shards]), torch.cat([s["logits"] for s in shards])
+
+
+def direct_logits(teacher: Path, texts: list[str]) -> torch.Tensor:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    tok = AutoTokenizer.from_pretrained(teacher)
+    with torch.no_grad():
+        return torch.cat([model(**tok(t, truncation=True, max_length=32, return_tensors="pt")).logits for t in texts])
+
+
+def test_cache_has_a_manifest_and_every_example_once(teacher, toy_data, tmp_path):
+    out = tmp_path / "cache"
+    assert teacher_logits.main(build_args(teacher, toy_data, out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    cfg = load_config("quickstart", [f"data.path={toy_data}", "data.max_length=32"])
+    splits = load_splits(cfg.data, cfg.seed)
+    train = manifest["splits"]["train"]
+    assert manifest["label_names"] == ["neg", "pos"] and manifest["max_length"] == 32
+    assert manifest["teacher"] == teacher_logits.teacher_identity(str(teacher))
+    assert manifest["teacher"]["path"] == str(teacher.resolve()) and len(manifest["teacher"]["hash"]) == 16
+    assert train["fingerprint"] == splits.fingerprints["train"] and train["num_examples"] == 96
+    assert train["complete"] is True and train["shards"] == [f"train-0000{k}.safetensors" for k in range(3)]
+    idx, logits = shard_rows(out)
+    assert sorted(idx.tolist()) == list(range(96))
+    # the cached logits are the teacher's own, keyed by example id
+    by_id = dict(zip(splits.train["idx"], splits.train["text"]))
+    torch.testing.assert_close(logits[:5], direct_logits(teacher, [by_id[int(i)] for i in idx[:5]]), atol=1e-5, rtol=1e-4)
+
+
+def test_a_cache_for_other_data_or_labels_is_refused(teacher, toy_data, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert teacher_logits.main(build_args(teacher, toy_data, out)) == 0
+    fingerprint = json.loads((out / "manifest.json").read_text())["splits"]["train"]["fingerprint"]
+    with pytest.raises(DataError, match="built for other training data"):
+        CachedTeacher(out, "0123456789abcdef", ["neg", "pos"], torch.device("cpu"))
+    with pytest.raises(DataError, match=r"has labels \['neg', 'pos'\], the data has \['pos', 'neg'\]"):
+        CachedTeacher(out, fingerprint, ["pos", "neg"], torch.device("cpu"))
+
+    # a student training on another subset than the cache was built for: one clear line, exit 2
+    student = tiny_overrides(teacher, toy_data, tmp_path / "student", **{
+        "distill.enabled": "true", "distill.teacher": "cache", "distill.cache_dir": out, "data.max_train_samples": 50})
+    capsys.readouterr()
+    assert train_main(["--config", "quickstart", *student]) == 2
+    err = capsys.readouterr().err
+    assert "scalelora: error: teacher-logit cache" in err and "other training data" in err and "Traceback" not in err
+
+    # rebuilding into the same folder for other data needs --overwrite
+    assert teacher_logits.main(build_args(teacher, toy_data, out, "data.max_train_samples=50")) == 2
+    assert "was built for something else (splits.train.fingerprint" in capsys.readouterr().err
+    assert teacher_logits.main(build_args(teacher, toy_data, out, "--overwrite", "data.max_train_samples=50")) == 0
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["num_examples"] == 50
+
+
+def test_an_interrupted_build_resumes_where_it_stopped(teacher, toy_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cache"
+    real = teacher_logits.shard_logits
+    calls = []
+
+    def crash_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")  # as if the job died while computing shard 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_logits, "shard_logits", crash_on_second_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        teacher_logits.main(build_args(teacher, toy_data, out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["complete"] is False
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["train-00000.safetensors"]
+    with pytest.raises(DataError, match="incomplete"):
+        CachedTeacher(out, manifest["splits"]["train"]["fingerprint"], ["neg", "pos"], torch.device("cpu"))
+    first_mtime = (out / "train-00000.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(teacher_logits, "shard_logits", real)
+    capsys.readouterr()
+    assert teacher_logits.main(build_args(teacher, toy_data, out)) == 0
+    assert "2 shard(s) computed, 1 kept from an earlier build" in capsys.readouterr().err
+    assert (out / "train-00000.safetensors").stat().st_mtime_ns == first_mtime
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["complete"] is True
+    resumed_idx, resumed = shard_rows(out)
+    assert teacher_logits.main(build_args(teacher, tmp_path / "fresh", tmp_path / "fresh")) == 2  # no data there
+    assert teacher_logits.main(build_args(teacher, toy_data, tmp_path / "fresh")) == 0
+    fresh_idx, fresh = shard_rows(tmp_path / "fresh")
+    assert torch.equal(resumed_idx, fresh_idx) and torch.equal(resumed, fresh)
+
+
+def test_teacher_with_another_tokenizer_works_through_the_cache_on_a_subset(tiny_bert, toy_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    small_vocab = AutoTokenizer.from_pretrained(tiny_bert).train_new_from_iterator(
+        ["the film was great", "dull boring plot", "a lovely story"] * 20, vocab_size=150)
+    other = save_tiny_classifier(tmp_path / "other-tok", tiny_bert, tokenizer=small_vocab)
+    out = tmp_path / "cache"
+    # a 30-example subset: ids go up to 95, beyond the number of cached rows
+    assert teacher_logits.main(build_args(other, toy_data, out, "data.max_train_samples=30")) == 0
+    idx, _ = shard_rows(out)
+    assert len(idx) == 30 and int(idx.max()) > 30
+    run = tmp_path / "student"
+    args = tiny_overrides(tiny_bert, toy_data, run, **{"distill.enabled": "true", "distill.teacher": "cache",
+                                                        "distill.cache_dir": out, "data.max_train_samples": 30,
+                                                        "train.max_steps": 2})
+    assert train_main(["--config", "quickstart", *args]) == 0
+    assert read_summary(run)["distill"]["teacher"] == "cache"
+
+
+@pytest.mark.slow
+def test_two_processes_write_disjoint_shards_matching_one_process(teacher, toy_data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert teacher_logits.main(build_args(teacher, toy_data, one, "--shard-size", "16")) == 0
+    result = run_cli("scalelora.teacher_logits", build_args(teacher, toy_data, two, "--shard-size", "16"),
+                     launcher=accelerate_launch(2, "cpu_2proc.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0: split train: 3 shard(s) computed" in result.stderr
+    assert "rank 1: split train: 3 shard(s) computed" in result.stderr
+    idx2, logits2 = shard_rows(two)
+    assert sorted(idx2.tolist()) == list(range(96))  # every example exactly once, no padding duplicates
+    idx1, logits1 = shard_rows(one)
+    assert torch.equal(idx1, idx2)
+    torch.testing.assert_close(logits1, logits2, atol=1e-5, rtol=1e-5)
+    assert json.loads((two / "manifest.json").read_text())["splits"]["train"]["complete"] is True
