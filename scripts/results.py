@@ -146,6 +146,12 @@ def main() -> int:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--out-root", default=str(ROOT / "runs" / "results"))
     parser.add_argument("--results-dir", default=str(ROOT / "results"))
+    parser.add_argument(
+        "--collect",
+        help="no training: gather <root>/<dataset>/results.json from these comma-separated roots "
+        "(e.g. after running datasets in parallel with different --out-root)",
+    )
+    parser.add_argument("--wall-minutes", type=float, help="with --collect: the measured wall time to report")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from scalelora.pipeline import Pipeline
@@ -154,6 +160,18 @@ def main() -> int:
     started = time.time()
     rows: list[dict] = []
     done: list[str] = []
+    if args.collect:
+        for dataset in [d for d in args.datasets.split(",") if d]:
+            for root in args.collect.split(","):
+                path = Path(root) / dataset / "results.json"
+                if path.is_file():
+                    rows += json.loads(path.read_text())
+                    done.append(dataset)
+                    break
+        if args.wall_minutes:
+            started = time.time() - 60 * args.wall_minutes
+        write(rows, settings, started, done, Path(args.results_dir))
+        return 0
     for dataset in [d for d in args.datasets.split(",") if d]:
         t0 = time.time()
         pipeline = Pipeline(dataset, Path(args.out_root) / dataset, settings)

@@ -20,7 +20,11 @@ from scalelora.trainer import Trainer
 
 
 def save_tiny_classifier(
-    folder: Path, tokenizer_dir: Path, hidden: int = 32, labels: tuple[str, ...] = ("neg", "pos"), tokenizer=None
+    folder: Path,
+    tokenizer_dir: Path,
+    hidden: int = 32,
+    labels: tuple[str, ...] = ("neg", "pos"),
+    tokenizer=None,
 ) -> Path:
     """A random 2-layer BERT sequence classifier with a saved head for `labels`: a stand-in teacher."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -28,9 +32,15 @@ def save_tiny_classifier(
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(1)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=len(labels),
-        id2label=dict(enumerate(labels)), label2id={name: i for i, name in enumerate(labels)},
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
     )
     model = BertForSequenceClassification(config)
     with torch.no_grad():
@@ -72,12 +82,17 @@ def test_self_model_and_cache_teachers_give_the_same_kd_loss(tiny_teacher, toy_d
         from_self = loss_parts(trainer, batch)
 
         cfg.distill.teacher = str(tiny_teacher)
-        trainer.teacher = ModelTeacher(cfg, trainer.label_names, trainer.tokenizer, trainer.accelerator.device)
+        trainer.teacher = ModelTeacher(
+            cfg, trainer.label_names, trainer.tokenizer, trainer.accelerator.device
+        )
         from_model = loss_parts(trainer, batch)
 
         build_cache(cfg, str(tiny_teacher), tmp_path / "cache", shard_size=40)
         trainer.teacher = CachedTeacher(
-            tmp_path / "cache", trainer.splits.fingerprints["train"], trainer.label_names, trainer.accelerator.device
+            tmp_path / "cache",
+            trainer.splits.fingerprints["train"],
+            trainer.label_names,
+            trainer.accelerator.device,
         )
         from_cache = loss_parts(trainer, batch)
 
@@ -111,7 +126,9 @@ def trained_adapter(teacher: Path, data: Path, out: Path, **extra) -> dict[str, 
 
 def test_alpha_zero_equals_no_distillation_and_alpha_half_differs(tiny_teacher, toy_data, tmp_path):
     plain = trained_adapter(tiny_teacher, toy_data, tmp_path / "plain", **{"lora.dropout": 0.1})
-    alpha0 = trained_adapter(tiny_teacher, toy_data, tmp_path / "alpha0", **{**KD, "distill.weight": 0.0, "lora.dropout": 0.1})
+    alpha0 = trained_adapter(
+        tiny_teacher, toy_data, tmp_path / "alpha0", **{**KD, "distill.weight": 0.0, "lora.dropout": 0.1}
+    )
     alpha_half = trained_adapter(tiny_teacher, toy_data, tmp_path / "alpha05", **{**KD, "lora.dropout": 0.1})
     assert plain.keys() == alpha0.keys()
     for key in plain:
@@ -124,14 +141,18 @@ def test_alpha_zero_equals_no_distillation_and_alpha_half_differs(tiny_teacher, 
 def test_hidden_loss_with_another_width_is_a_clear_error(tiny_teacher, toy_data, tmp_path, tiny_bert, capsys):
     wide = save_tiny_classifier(tmp_path / "wide", tiny_bert, hidden=48)
     out = tmp_path / "run"
-    args = tiny_overrides(tiny_teacher, toy_data, out, **{**KD, "distill.teacher": wide, "distill.hidden_weight": 1.0})
+    args = tiny_overrides(
+        tiny_teacher, toy_data, out, **{**KD, "distill.teacher": wide, "distill.hidden_weight": 1.0}
+    )
     assert main(["--config", "quickstart", *args]) == 2
     err = capsys.readouterr().err
     assert "scalelora: error: distill.hidden_weight: hidden sizes differ" in err
     assert "(8, 32) vs teacher (8, 48)" in err and "Traceback" not in err
 
 
-def test_teachers_with_other_labels_or_another_tokenizer_are_refused(tiny_teacher, toy_data, tmp_path, tiny_bert):
+def test_teachers_with_other_labels_or_another_tokenizer_are_refused(
+    tiny_teacher, toy_data, tmp_path, tiny_bert
+):
     from transformers import AutoTokenizer
 
     cfg = load_config("quickstart", tiny_overrides(tiny_teacher, toy_data, tmp_path / "x", **KD))
@@ -141,7 +162,9 @@ def test_teachers_with_other_labels_or_another_tokenizer_are_refused(tiny_teache
     with pytest.raises(UserError, match=r"classifier for labels \['bad', 'good'\]"):
         ModelTeacher(cfg, ["neg", "pos"], student_tok, torch.device("cpu"))
 
-    small_vocab = student_tok.train_new_from_iterator(["the film was great", "dull plot"] * 20, vocab_size=150)
+    small_vocab = student_tok.train_new_from_iterator(
+        ["the film was great", "dull plot"] * 20, vocab_size=150
+    )
     other_tok = save_tiny_classifier(tmp_path / "tok", tiny_bert, tokenizer=small_vocab)
     cfg.distill.teacher = str(other_tok)
     with pytest.raises(ConfigError, match="another tokenizer.*distill.teacher=cache"):
@@ -152,11 +175,16 @@ def test_teachers_with_other_labels_or_another_tokenizer_are_refused(tiny_teache
 def test_two_process_kd_run(tiny_teacher, toy_data, tmp_path):
     out = tmp_path / "kd2"
     args = tiny_overrides(tiny_teacher, toy_data, out, **{**KD, "train.max_steps": 4, "train.batch_size": 4})
-    result = run_cli("scalelora.train", ["--config", "quickstart", *args], launcher=accelerate_launch(2, "cpu_2proc.yaml"))
+    result = run_cli(
+        "scalelora.train", ["--config", "quickstart", *args], launcher=accelerate_launch(2, "cpu_2proc.yaml")
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = read_summary(out)
     assert summary["world_size"] == 2 and summary["distill"]["teacher"] == "self"
     assert summary["eval"]["validation"]["num_examples"] == 40  # gathered without padding duplicates
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["split"] == "train"]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

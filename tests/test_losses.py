@@ -29,7 +29,16 @@ def kl_by_hand(teacher: list[float], student: list[float], t: float) -> float:
     return t * t * sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
 
 
-STUDENT = torch.tensor([[1.0, 0.0], [0.0, 2.0, ], [3.0, -1.0]])
+STUDENT = torch.tensor(
+    [
+        [1.0, 0.0],
+        [
+            0.0,
+            2.0,
+        ],
+        [3.0, -1.0],
+    ]
+)
 TEACHER = torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.0]])
 LABELS = torch.tensor([0, 1, 1])
 

@@ -26,8 +26,19 @@ def teacher(tmp_path_factory, tiny_bert) -> Path:
 
 
 def build_args(teacher: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--teacher", str(teacher), "--config", "quickstart", "--out", str(out), "--shard-size", "40",
-            f"data.path={data}", "data.max_length=32", *extra]
+    return [
+        "--teacher",
+        str(teacher),
+        "--config",
+        "quickstart",
+        "--out",
+        str(out),
+        "--shard-size",
+        "40",
+        f"data.path={data}",
+        "data.max_length=32",
+        *extra,
+    ]
 
 
 def shard_rows(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +53,9 @@ def direct_logits(teacher: Path, texts: list[str]) -> torch.Tensor:
     model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
     tok = AutoTokenizer.from_pretrained(teacher)
     with torch.no_grad():
-        return torch.cat([model(**tok(t, truncation=True, max_length=32, return_tensors="pt")).logits for t in texts])
+        return torch.cat(
+            [model(**tok(t, truncation=True, max_length=32, return_tensors="pt")).logits for t in texts]
+        )
 
 
 def test_cache_has_a_manifest_and_every_example_once(teacher, toy_data, tmp_path):
@@ -61,7 +74,9 @@ def test_cache_has_a_manifest_and_every_example_once(teacher, toy_data, tmp_path
     assert sorted(idx.tolist()) == list(range(96))
     # the cached logits are the teacher's own, keyed by example id
     by_id = dict(zip(splits.train["idx"], splits.train["text"]))
-    torch.testing.assert_close(logits[:5], direct_logits(teacher, [by_id[int(i)] for i in idx[:5]]), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        logits[:5], direct_logits(teacher, [by_id[int(i)] for i in idx[:5]]), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_a_cache_for_other_data_or_labels_is_refused(teacher, toy_data, tmp_path, capsys):
@@ -74,17 +89,33 @@ def test_a_cache_for_other_data_or_labels_is_refused(teacher, toy_data, tmp_path
         CachedTeacher(out, fingerprint, ["pos", "neg"], torch.device("cpu"))
 
     # a student training on another subset than the cache was built for: one clear line, exit 2
-    student = tiny_overrides(teacher, toy_data, tmp_path / "student", **{
-        "distill.enabled": "true", "distill.teacher": "cache", "distill.cache_dir": out, "data.max_train_samples": 50})
+    student = tiny_overrides(
+        teacher,
+        toy_data,
+        tmp_path / "student",
+        **{
+            "distill.enabled": "true",
+            "distill.teacher": "cache",
+            "distill.cache_dir": out,
+            "data.max_train_samples": 50,
+        },
+    )
     capsys.readouterr()
     assert train_main(["--config", "quickstart", *student]) == 2
     err = capsys.readouterr().err
-    assert "scalelora: error: teacher-logit cache" in err and "other training data" in err and "Traceback" not in err
+    assert (
+        "scalelora: error: teacher-logit cache" in err
+        and "other training data" in err
+        and "Traceback" not in err
+    )
 
     # rebuilding into the same folder for other data needs --overwrite
     assert teacher_logits.main(build_args(teacher, toy_data, out, "data.max_train_samples=50")) == 2
     assert "was built for something else (splits.train.fingerprint" in capsys.readouterr().err
-    assert teacher_logits.main(build_args(teacher, toy_data, out, "--overwrite", "data.max_train_samples=50")) == 0
+    assert (
+        teacher_logits.main(build_args(teacher, toy_data, out, "--overwrite", "data.max_train_samples=50"))
+        == 0
+    )
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["num_examples"] == 50
 
 
@@ -116,7 +147,9 @@ def test_an_interrupted_build_resumes_where_it_stopped(teacher, toy_data, tmp_pa
     assert (out / "train-00000.safetensors").stat().st_mtime_ns == first_mtime
     assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["complete"] is True
     resumed_idx, resumed = shard_rows(out)
-    assert teacher_logits.main(build_args(teacher, tmp_path / "fresh", tmp_path / "fresh")) == 2  # no data there
+    assert (
+        teacher_logits.main(build_args(teacher, tmp_path / "fresh", tmp_path / "fresh")) == 2
+    )  # no data there
     assert teacher_logits.main(build_args(teacher, toy_data, tmp_path / "fresh")) == 0
     fresh_idx, fresh = shard_rows(tmp_path / "fresh")
     assert torch.equal(resumed_idx, fresh_idx) and torch.equal(resumed, fresh)
@@ -126,7 +159,8 @@ def test_teacher_with_another_tokenizer_works_through_the_cache_on_a_subset(tiny
     from transformers import AutoTokenizer
 
     small_vocab = AutoTokenizer.from_pretrained(tiny_bert).train_new_from_iterator(
-        ["the film was great", "dull boring plot", "a lovely story"] * 20, vocab_size=150)
+        ["the film was great", "dull boring plot", "a lovely story"] * 20, vocab_size=150
+    )
     other = save_tiny_classifier(tmp_path / "other-tok", tiny_bert, tokenizer=small_vocab)
     out = tmp_path / "cache"
     # a 30-example subset: ids go up to 95, beyond the number of cached rows
@@ -134,9 +168,18 @@ def test_teacher_with_another_tokenizer_works_through_the_cache_on_a_subset(tiny
     idx, _ = shard_rows(out)
     assert len(idx) == 30 and int(idx.max()) > 30
     run = tmp_path / "student"
-    args = tiny_overrides(tiny_bert, toy_data, run, **{"distill.enabled": "true", "distill.teacher": "cache",
-                                                        "distill.cache_dir": out, "data.max_train_samples": 30,
-                                                        "train.max_steps": 2})
+    args = tiny_overrides(
+        tiny_bert,
+        toy_data,
+        run,
+        **{
+            "distill.enabled": "true",
+            "distill.teacher": "cache",
+            "distill.cache_dir": out,
+            "data.max_train_samples": 30,
+            "train.max_steps": 2,
+        },
+    )
     assert train_main(["--config", "quickstart", *args]) == 0
     assert read_summary(run)["distill"]["teacher"] == "cache"
 
@@ -145,8 +188,11 @@ def test_teacher_with_another_tokenizer_works_through_the_cache_on_a_subset(tiny
 def test_two_processes_write_disjoint_shards_matching_one_process(teacher, toy_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert teacher_logits.main(build_args(teacher, toy_data, one, "--shard-size", "16")) == 0
-    result = run_cli("scalelora.teacher_logits", build_args(teacher, toy_data, two, "--shard-size", "16"),
-                     launcher=accelerate_launch(2, "cpu_2proc.yaml"))
+    result = run_cli(
+        "scalelora.teacher_logits",
+        build_args(teacher, toy_data, two, "--shard-size", "16"),
+        launcher=accelerate_launch(2, "cpu_2proc.yaml"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0: split train: 3 shard(s) computed" in result.stderr
     assert "rank 1: split train: 3 shard(s) computed" in result.stderr

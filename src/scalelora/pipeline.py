@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from scalelora.config import load_config, parse_overrides, to_dict
-from scalelora.errors import ConfigError, UserError, exit_on_user_error
+from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
 
 TRAINED_RUNS = ("teacher_full", "lora_on_teacher", "lora_on_teacher_kd", "head_only", "lora_base_kd")
 RUNS = (
@@ -201,7 +201,11 @@ class Pipeline:
         cfg = load_config(self.recipe, self.common)
         self.log(f"teacher logits -> {self.cache_dir}")
         started = time.perf_counter()
-        build_cache(cfg, str(self.teacher_dir), self.cache_dir, overwrite=True)
+        try:  # a complete cache of this very teacher for this data is kept as it is
+            build_cache(cfg, str(self.teacher_dir), self.cache_dir)
+        except DataError as err:
+            self.log(f"rebuilding the teacher logits ({err})")
+            build_cache(cfg, str(self.teacher_dir), self.cache_dir, overwrite=True)
         self.cache_seconds = time.perf_counter() - started
 
     def baseline(self, run: str) -> dict[str, Any]:

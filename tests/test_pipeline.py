@@ -1,0 +1,101 @@
+"""`python -m scalelora.pipeline` end to end on a tiny model and a small slice of the real
+rotten_tomatoes data: every run, the teacher wiring, the results files, reuse, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scalelora.pipeline import Pipeline, main
+
+ROWS = [
+    "teacher_full",
+    "lora_on_teacher",
+    "lora_on_teacher_kd",
+    "head_only",
+    "linear_probe",
+    "lora_base_kd",
+    "tfidf_lr",
+    "tfidf_lr_subset",
+]
+KEYS = {
+    "dataset",
+    "run",
+    "trainable_params",
+    "total_params",
+    "trainable_pct",
+    "validation",
+    "test",
+    "train_seconds",
+}
+
+
+def tiny(model: Path) -> list[str]:
+    return [
+        f"model.name={model}",
+        "data.max_train_samples=48",
+        "data.max_eval_samples=24",
+        "data.max_length=32",
+        "train.batch_size=16",
+        "train.eval_batch_size=32",
+        "eval.sample_predictions=0",
+        "train.log_every=1",
+        "teacher_full:train.lr=5e-3",
+    ]
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "rt"
+    rows = Pipeline("rotten_tomatoes", out, tiny(tiny_bert)).run()
+    assert [r["run"] for r in rows] == ROWS
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == rows
+    by = {r["run"]: r for r in rows}
+    for row in rows:
+        assert row.keys() >= KEYS and row["dataset"] == "rotten_tomatoes"
+        for split in ("validation", "test"):
+            assert 0.0 <= row[split]["accuracy"] <= 1.0 and 0.0 <= row[split]["macro_f1"] <= 1.0
+    teacher = by["teacher_full"]
+    assert teacher["trainable_params"] == teacher["total_params"] and teacher["trainable_pct"] == 100.0
+    assert teacher["details"]["steps"] == 6  # 48 examples / 16 per batch * 2 epochs
+    for run in ("lora_on_teacher", "lora_on_teacher_kd", "lora_base_kd"):
+        assert 0 < by[run]["trainable_pct"] <= 1.5
+    assert by["head_only"]["trainable_params"] == 32 * 2 + 2  # the classifier of a 32-wide model
+    assert by["linear_probe"]["trainable_params"] == 32 + 1  # binary LR: one weight row and a bias
+    assert by["tfidf_lr"]["num_train_examples"] == 8530 and by["tfidf_lr_subset"]["num_train_examples"] == 48
+
+    # the students sit on the saved teacher; KD reads the cache of that teacher for the same data
+    teacher_dir = out / "teacher_full" / "model"
+    for run in ("lora_on_teacher", "lora_on_teacher_kd"):
+        assert json.loads((out / run / "summary.json").read_text())["model"] == str(teacher_dir)
+    assert json.loads((out / "lora_base_kd" / "summary.json").read_text())["model"] == str(tiny_bert)
+    manifest = json.loads((out / "teacher_logits" / "manifest.json").read_text())
+    assert (
+        manifest["teacher"]["path"] == str(teacher_dir.resolve()) and manifest["splits"]["train"]["complete"]
+    )
+    for run in ("lora_on_teacher_kd", "lora_base_kd"):
+        distill = json.loads((out / run / "summary.json").read_text())["distill"]
+        assert distill["teacher"] == "cache" and distill["cache_dir"] == str(out / "teacher_logits")
+    table = (out / "results.md").read_text()
+    assert table.count("\n| (") == 6 and "| TF-IDF word+char + LR (whole train split) |" in table
+
+    # a rerun with the same settings reuses every finished run; a changed one recomputes only that
+    capsys.readouterr()
+    again = Pipeline("rotten_tomatoes", out, [*tiny(tiny_bert), "head_only:train.lr=1e-2"]).run()
+    err = capsys.readouterr().err
+    assert err.count("reusing the finished run") == 7 and "head_only: training" in err
+    assert [r["test"] for r in again if r["run"] != "head_only"] == [
+        r["test"] for r in rows if r["run"] != "head_only"
+    ]
+
+
+def test_pipeline_cli_errors(tmp_path, capsys):
+    assert main(["--config", "rotten_tomatoes", "--out", str(tmp_path), "studnet:train.lr=1"]) == 2
+    assert "names run 'studnet'" in capsys.readouterr().err
+    assert main(["--config", "rotten_tomatoes", "--out", str(tmp_path), "--runs", "lora_on_teacher"]) == 2
+    assert "add teacher_full to --runs" in capsys.readouterr().err
+    assert main(["--config", "rotten_tomatoes", "--out", str(tmp_path), "--runs", "bogus"]) == 2
+    assert "--runs names ['bogus']" in capsys.readouterr().err
