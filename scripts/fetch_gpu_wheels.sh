@@ -64,8 +64,11 @@ echo "fetch_gpu_wheels: ${#pins[@]} packages for Python ${PY_VERSION} into ${WHE
 
 download=(python -m pip download --no-deps --only-binary=:all: --dest "$WHEEL_DIR"
   --python-version "$PY_VERSION" --implementation cp --abi "$PY_TAG" --abi abi3 --abi none
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-  --platform linux_x86_64 --platform any)
+  --platform manylinux2014_x86_64 --platform any)
+# a GPU image with glibc >= 2.35 (Ubuntu 22.04) runs every manylinux_2_X wheel up to 2.35
+for glibc in 17 24 27 28 31 34 35; do
+  download+=(--platform "manylinux_2_${glibc}_x86_64")
+done
 build=(python -m pip wheel --no-deps --no-build-isolation --wheel-dir "$WHEEL_DIR")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '%s\n' "${pins[@]}"

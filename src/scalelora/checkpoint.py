@@ -207,8 +207,11 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     """Verify and load a checkpoint into the prepared objects; return its trainer state."""
     verify_manifest(path)
+    # our save hook keeps only trainable tensors, hence strict=False; DeepSpeed saves the whole module
+    # itself (the hook is not used there) and its load_checkpoint takes no `strict`
+    uses_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
     try:
-        accelerator.load_state(str(path), strict=False)
+        accelerator.load_state(str(path), **({} if uses_deepspeed else {"strict": False}))
     except Exception as err:  # torch/safetensors raise several types for foreign or mismatched files
         raise CheckpointError(f"cannot load checkpoint {path}: {' '.join(str(err).split())[:200]}") from None
     return json.loads((path / TRAINER_STATE).read_text())

@@ -1,0 +1,216 @@
+"""DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 + offload for real: 2 CPU processes (gloo) through
+`accelerate launch`, the tiny model trained, its adapter saved from the gathered state, checked,
+reloaded to the same probabilities, and resumed to the same adapter as an uninterrupted run.
+
+Every run has one evaluation, at its last step, so the best adapter is the final one: each run also
+goes through `restore_best` (loading the adapter back into a sharded model) before its final
+predictions, and resumed and uninterrupted runs are comparable weight for weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, free_port, read_summary, run_cli, tiny_overrides
+from scalelora.checkpoint import check_adapter_weights
+from scalelora.errors import CheckpointError
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'scalelora[deepspeed]')")
+
+pytestmark = pytest.mark.slow
+
+# (shipped accelerate config, ZeRO stage, optimizer offload device)
+CONFIGS = {
+    "zero2": ("deepspeed_zero2.yaml", 2, "none"),
+    "zero3": ("deepspeed_zero3.yaml", 3, "none"),
+    "zero3_offload": ("deepspeed_zero3_offload.yaml", 3, "cpu"),
+}
+RUN = {
+    "train.max_steps": 4,
+    "eval.every": 4,
+    "checkpoint.every": 2,
+    "checkpoint.keep_last": 3,
+    "train.max_grad_norm": 0.5,
+    "lora.dropout": 0.0,
+}
+
+
+def sharded_variant(name: str, folder: Path) -> Path:
+    """The shipped config with ZeRO-3's persistence threshold at 0, so even LoRA tensors this small are
+    partitioned (with "auto" they stay whole on every rank, and a rank-local save would look fine)."""
+    accel = yaml.safe_load((ROOT / "accel_configs" / CONFIGS[name][0]).read_text())
+    ds = json.loads((ROOT / accel["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    if ds["zero_optimization"]["stage"] == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (folder / f"{name}.json").write_text(json.dumps(ds))
+    accel["deepspeed_config"]["deepspeed_config_file"] = str(folder / f"{name}.json")
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(accel))
+    return path
+
+
+def launcher(config: Path) -> list[str]:
+    # no --cpu: it would silently switch DeepSpeed off; the trainer picks gloo itself without CUDA
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ds_env():
+    """Compiled DeepSpeed ops are cached across runs; shared-memory buffers this module leaves are removed."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    yield {"TORCH_EXTENSIONS_DIR": cache}
+    for leftover in set(shm.glob("deepspeed_*")) - before if shm.is_dir() else ():
+        leftover.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert, toy_data, tmp_path_factory, ds_env):
+    """Per config: an uninterrupted 4-step run, and a copy of it resumed from its step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    out = {}
+    for name in CONFIGS:
+        config = sharded_variant(name, root)
+        full = root / name
+        result = run_cli(
+            "scalelora.train",
+            ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, full, **RUN)],
+            env=ds_env,
+            launcher=launcher(config),
+        )
+        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
+        resumed = root / f"{name}-resumed"
+        shutil.copytree(full, resumed)
+        for later in ("checkpoints/step-4", "adapter", "summary.json"):
+            shutil.rmtree(resumed / later) if (resumed / later).is_dir() else (resumed / later).unlink()
+        again = run_cli(
+            "scalelora.train",
+            ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, resumed, **RUN), "resume=auto"],
+            env=ds_env,
+            launcher=launcher(config),
+        )
+        assert again.returncode == 0, f"{name} resumed: {again.stderr[-3000:]}"
+        out[name] = {"full": full, "resumed": resumed, "resume_log": again.stderr}
+    ddp = root / "ddp"
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, ddp, **RUN)],
+        launcher=launcher(ROOT / "accel_configs" / "cpu_2proc.yaml"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out["ddp"] = {"full": ddp}
+    return out
+
+
+def adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_run_is_deepspeed_with_the_recipe_values(runs, name):
+    summary = read_summary(runs[name]["full"])
+    _, stage, offload = CONFIGS[name]
+    assert summary["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert summary["world_size"] == 2
+    assert summary["global_step"] == 4
+    assert summary["deepspeed"] == {
+        "zero_stage": stage,
+        "offload_optimizer": offload,
+        "offload_param": offload,
+        "train_micro_batch_size_per_gpu": 8,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.5,
+        "bf16": False,
+        "fp16": False,
+    }
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_adapter_is_gathered_complete_and_trained(runs, name):
+    folder = runs[name]["full"] / "adapter"
+    assert check_adapter_weights(folder, r=8) > 0
+    tensors = adapter(runs[name]["full"])
+    # the classification head (modules_to_save) survives the ZeRO round trip (DeepSpeed#7669)
+    head = {k: v for k, v in tensors.items() if "classifier" in k}
+    assert {tuple(v.shape) for v in head.values()} == {(2, 32), (2,)}
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_B" in k), "no training step"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_reloaded_adapter_reproduces_the_trained_models_probabilities(runs, name):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = runs[name]["full"]
+    summary = read_summary(run)
+    tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    base_path = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    model = PeftModel.from_pretrained(base, run / "adapter").eval()
+    rows = summary["sample_predictions"]
+    assert rows
+    encoded = tokenizer(
+        [r["text"] for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        probs = torch.softmax(model(**encoded).logits, dim=-1)
+    for i, row in enumerate(rows):
+        predicted = summary["labels"].index(row["after"])
+        assert int(probs[i].argmax()) == predicted
+        assert abs(float(probs[i, predicted]) - row["after_confidence"]) < 1e-5
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_resumed_run_ends_with_the_uninterrupted_adapter(runs, name):
+    assert "resumed from" in runs[name]["resume_log"] and "step-2" in runs[name]["resume_log"]
+    assert read_summary(runs[name]["resumed"])["global_step"] == 4
+    full, resumed = adapter(runs[name]["full"]), adapter(runs[name]["resumed"])
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_zero_matches_plain_ddp(runs, name):
+    """Who scales, clips and steps differs under DeepSpeed; the result must not (fp32, same data order)."""
+    ddp, zero = adapter(runs["ddp"]["full"]), adapter(runs[name]["full"])
+    for key in ddp:
+        torch.testing.assert_close(zero[key], ddp[key], atol=1e-5, rtol=1e-4)
+
+
+def test_check_adapter_weights_refuses_the_few_byte_zero3_adapter(tmp_path):
+    """The known ZeRO-3 failure (peft#2892, DeepSpeed#7900): a rank-local save writes empty LoRA tensors."""
+    from safetensors.torch import save_file
+
+    save_file(
+        {
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.empty(0),
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.weight": torch.empty(0),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"lora_[AB]\.weight has shape \(0,\) \(expected rank 8\); the save gathered no weights",
+    ):
+        check_adapter_weights(tmp_path, r=8)
