@@ -202,3 +202,16 @@ def free_port() -> int:
 
 def read_summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def finished_tiny_run(tiny_bert, toy_data, tmp_path_factory) -> Path:
+    """One finished CLI run (tiny BERT, toy data, W&B mode=disabled) shared by read-only tests:
+    copy it before changing anything in it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    args = tiny_overrides(
+        tiny_bert, toy_data, out, **{"tracking.report_to": "wandb", "tracking.wandb.mode": "disabled"}
+    )
+    done = run_cli("scalelora.train", ["--config", "quickstart", *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

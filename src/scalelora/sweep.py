@@ -472,8 +472,8 @@ def plot(plan: SweepPlan, rows: list[dict[str, Any]], metric: str, path: Path) -
     fig, axes = plt.subplots(1, len(plan.axes), figsize=(4.6 * len(plan.axes), 3.8), squeeze=False)
     for ax, key in zip(axes[0], plan.axes):
         values = plan.axes[key]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        position = {format_value(v): (v if numeric else i) for i, v in enumerate(values)}
+        # evenly spaced in grid order: ranks 1,2,4,8,16 read as a log scale, dropouts as categories
+        position = {format_value(v): i for i, v in enumerate(values)}
         xs = [position[format_value(r[key])] for r in done]
         ys = [r[metric] for r in done]
         ax.scatter(xs, ys, color="tab:blue", alpha=0.45, s=22, label="run")
@@ -490,8 +490,7 @@ def plot(plan: SweepPlan, rows: list[dict[str, Any]], metric: str, path: Path) -
             ax.annotate(
                 f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
             )
-        if numeric and min(values) > 0 and max(values) / min(values) >= 8:
-            ax.set_xscale("log", base=2)
+        ax.set_xlim(-0.5, len(values) - 0.5)
         ax.set_xticks([position[format_value(v)] for v in values])
         ax.set_xticklabels([format_value(v) for v in values])
         ax.set_xlabel(key)
