@@ -188,3 +188,43 @@ def test_two_process_kd_run(tiny_teacher, toy_data, tmp_path):
         if json.loads(line)["split"] == "train"
     ]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_a_full_fine_tune_is_a_teacher_whose_head_is_kept(tiny_bert, toy_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from scalelora.config import LoraConfig, ModelConfig
+    from scalelora.models import build_model, count_params
+
+    out = tmp_path / "teacher"
+    cfg = load_config(
+        "quickstart", tiny_overrides(tiny_bert, toy_data, out, **{"model.mode": "full", "train.max_steps": 3})
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        trainer.close()
+    model_dir = out / "model"
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (model_dir / name).is_file(), name
+    teacher = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    assert teacher.config.id2label == {0: "neg", 1: "pos"}
+
+    student = build_model(ModelConfig(name=str(model_dir)), LoraConfig(dropout=0.0), ["neg", "pos"]).eval()
+    batch = {
+        "input_ids": torch.tensor([[101, 2307, 2143, 102]]),
+        "attention_mask": torch.ones(1, 4, dtype=torch.long),
+    }
+    with torch.no_grad():
+        # LoRA starts at zero and the trained head is kept: the student starts exactly at the teacher
+        torch.testing.assert_close(student(**batch).logits, teacher(**batch).logits)
+    frozen_head = build_model(
+        ModelConfig(name=str(model_dir), train_head=False), LoraConfig(), ["neg", "pos"]
+    )
+    assert count_params(frozen_head).trainable < count_params(student).trainable
+    with pytest.raises(
+        UserError, match=r"classifier for labels \['neg', 'pos'\], but the data has \['a', 'b'\]"
+    ):
+        build_model(ModelConfig(name=str(model_dir)), LoraConfig(), ["a", "b"])
