@@ -205,8 +205,16 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
-    """Verify and load a checkpoint into the prepared objects; return its trainer state."""
+    """Verify and load a checkpoint into the prepared objects; return its trainer state.
+
+    Raises CheckpointError for a corrupt checkpoint, or one whose weights exist only as pickle.
+    """
     verify_manifest(path)
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise CheckpointError(
+            f"{path} holds its weights only as pickle (.bin), which can run code when loaded; "
+            "scalelora resumes from safetensors checkpoints only: re-save it with safe_serialization=True"
+        )
     # our save hook keeps only trainable tensors, hence strict=False; DeepSpeed saves the whole module
     # itself (the hook is not used there) and its load_checkpoint takes no `strict`
     uses_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None

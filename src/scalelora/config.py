@@ -7,8 +7,10 @@ cross-section conflicts and raises them once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,6 +241,11 @@ class RunConfig:
     def validate(self) -> None:
         """Raise one ConfigError listing every cross-section conflict."""
         problems = []
+        if self.recipe and (Path(self.recipe).name != self.recipe or self.recipe in (".", "..")):
+            # the default output_dir is runs/<recipe>: a path here would write somewhere else
+            problems.append(
+                f"recipe={self.recipe!r} must be a plain name, not a path; set output_dir instead"
+            )
         if self.model.load_in_8bit and self.model.load_in_4bit:
             problems.append("model.load_in_8bit and model.load_in_4bit are exclusive: pick one")
         if self.model.mode == "full" and (self.model.load_in_8bit or self.model.load_in_4bit):
@@ -483,14 +490,17 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 5e-4 (no dot) as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)  # YAML reads 5e-4 (no dot) as a string
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # a NaN slips past every `<= 0` check
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

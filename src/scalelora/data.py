@@ -99,7 +99,8 @@ def find_bad_line(path: Path) -> str | None:
     if path.suffix not in (".jsonl", ".csv"):  # a .json file may be one JSON document, not lines
         return None
     try:
-        path.read_bytes().decode("utf-8")
+        if not path.read_bytes().decode("utf-8").strip():
+            return f"{path}: the file is empty; fill it with rows or remove it"
     except UnicodeDecodeError as bad:
         with path.open("rb") as handle:
             number = handle.read(bad.start).count(b"\n") + 1

@@ -118,6 +118,15 @@ def smollm2_path() -> Path:
     return target
 
 
+def refuse_remote_code(err: Exception, name: str) -> None:
+    """Turn transformers' "needs trust_remote_code" error into one line saying what the switch means."""
+    if "trust_remote_code" in str(err) or "custom code" in str(err):
+        raise UserError(
+            f"model.name={name} ships its own Python code, which scalelora does not run unless you set "
+            "model.trust_remote_code=true (only for a model whose authors and revision you trust)"
+        ) from None
+
+
 def load_tokenizer(cfg: ModelConfig, truncation_side: str = "right") -> Any:
     from transformers import AutoTokenizer
 
@@ -127,6 +136,7 @@ def load_tokenizer(cfg: ModelConfig, truncation_side: str = "right") -> Any:
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as err:
+        refuse_remote_code(err, cfg.name)
         raise UserError(
             f"model.name={cfg.name}: cannot load its tokenizer ({' '.join(str(err).split())[:200]})"
         ) from None
@@ -198,6 +208,7 @@ def load_classifier(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as err:
+        refuse_remote_code(err, cfg.name)
         raise UserError(
             f"model.name={cfg.name}: not a local model folder and not loadable from the hub "
             f"({' '.join(str(err).split())[:200]}); use a path, a hub name, or an alias ({', '.join(ALIASES)})"
