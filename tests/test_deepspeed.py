@@ -214,3 +214,20 @@ def test_check_adapter_weights_refuses_the_few_byte_zero3_adapter(tmp_path):
         match=r"lora_[AB]\.weight has shape \(0,\) \(expected rank 8\); the save gathered no weights",
     ):
         check_adapter_weights(tmp_path, r=8)
+
+
+def test_4bit_base_trains_under_zero3(tiny_bert, toy_data, tmp_path, ds_env):
+    """QLoRA under ZeRO-3: the 4-bit storage dtype equals model.dtype, so ZeRO can shard it, and no
+    device_map is passed (transformers refuses one under ZeRO-3)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    out = tmp_path / "qlora-zero3"
+    overrides = tiny_overrides(tiny_bert, toy_data, out, **{**RUN, "train.max_steps": 2, "eval.every": 2})
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *overrides, "model.load_in_4bit=true"],
+        env=ds_env,
+        launcher=launcher(sharded_variant("zero3", tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_summary(out)["deepspeed"]["zero_stage"] == 3
+    assert check_adapter_weights(out / "adapter", r=8) > 0

@@ -229,12 +229,17 @@ def load_classifier(
     quant = quantization_config(cfg)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = device_map or "cpu"
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        # under ZeRO-3 DeepSpeed places the (4-bit, quant_storage-typed) weights; transformers refuses a device_map
+        if not is_deepspeed_zero3_enabled():
+            kwargs["device_map"] = device_map or "cpu"
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except ValueError as err:
         raise UserError(
-            f"model.name={cfg.name}: cannot build a sequence classifier ({' '.join(str(err).split())[:200]})"
+            f"model.name={cfg.name}: cannot build a sequence classifier ({' '.join(str(err).split())[:120]}); "
+            "use a text model that has a sequence-classification head (BERT, RoBERTa, GPT-2, Llama, ...)"
         ) from None
     if cfg.load_in_4bit:
         keep_4bit_training_layout(model)
