@@ -6,7 +6,7 @@ export SCALELORA_DATA_DIR ?= $(abspath ../shared/data)
 export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
 export PYTHONUNBUFFERED = 1
 
-.PHONY: install quickstart test test-fast lint format results bench clean
+.PHONY: install quickstart test test-fast lint format results bench clean gpu-wheels gpu-check
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH_SPEC)
@@ -20,6 +20,14 @@ quickstart: install
 
 test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+# on a machine with internet: the wheels a GPU image lacks, into .whl/ (see docs: scale-out)
+gpu-wheels:
+	scripts/fetch_gpu_wheels.sh
+
+# on a GPU machine: bf16/fp16, ZeRO-2/3/3+offload, 8-bit and 4-bit LoRA runs and a results table
+gpu-check:
+	scripts/gpu_check.sh
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
