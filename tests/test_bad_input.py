@@ -314,7 +314,12 @@ BAD_INPUTS = [
         ("lora.r", "dotted.key=value"),
     ),
     Case("invalid_yaml", "a recipe file that is not valid YAML", invalid_yaml, ("broken.yaml", "YAML")),
-    Case("section_as_value", "a section given a value `lora=4`", section_as_value, ("lora", "mapping")),
+    Case(
+        "section_as_value",
+        "a section given a value `lora=4`",
+        section_as_value,
+        ("lora", "mapping", "lora.KEY=VALUE"),
+    ),
     Case("missing_data", "data folder or dataset that does not exist", missing_data, ("no-such-data",)),
     Case(
         "missing_split",
@@ -349,7 +354,7 @@ BAD_INPUTS = [
     Case(
         "out_of_range_label", "an integer label beyond the label count", out_of_range_label, ("7", "0..K-1")
     ),
-    Case("null_label", "a missing (null) label", null_label, ("None", "validation")),
+    Case("null_label", "a missing (null) label", null_label, ("None", "validation", "remove the row")),
     Case("empty_text", "an empty text", empty_text, ("empty text", "data.drop_empty")),
     Case("all_filtered", "a split empty after `data.keep_labels`", all_filtered, ("empty after filtering",)),
     Case(
@@ -374,13 +379,13 @@ BAD_INPUTS = [
         "model_not_found",
         "`model.name` that does not exist",
         model_not_found,
-        ("no-such-model", "model.name"),
+        ("no-such-model", "model.name", "alias"),
     ),
     Case(
         "no_classification_head",
         "a model with no sequence-classification head (a vision model)",
         no_classification_head,
-        ("vision-model", "sequence classifier"),
+        ("vision-model", "sequence classifier", "sequence-classification head"),
     ),
     Case(
         "label_count_mismatch",
@@ -404,7 +409,7 @@ BAD_INPUTS = [
         "resume_incomplete",
         "`resume=PATH` to a half-written checkpoint",
         resume_incomplete,
-        ("step-3", "incomplete"),
+        ("step-3", "incomplete", "resume=auto"),
     ),
 ]
 

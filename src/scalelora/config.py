@@ -427,7 +427,10 @@ KEY_SYNONYMS = {
 
 def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
+        section = prefix.rstrip(".") or "config"
+        raise ConfigError(
+            f"{section} must be a mapping, got {type(raw).__name__}; set its keys instead (e.g. {section}.KEY=VALUE)"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

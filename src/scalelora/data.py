@@ -253,7 +253,8 @@ def encode_labels(values: list[Any], names: list[str], split: str, column: str) 
             )
         else:
             raise DataError(
-                f"split '{split}' row {row}: label {value!r} in column '{column}' is missing or of wrong type"
+                f"split '{split}' row {row}: label {value!r} in column '{column}' is missing or of wrong type; "
+                "give every row a label name or integer id, or remove the row"
             )
     return ids
 

@@ -138,7 +138,8 @@ def load_tokenizer(cfg: ModelConfig, truncation_side: str = "right") -> Any:
     except (OSError, ValueError) as err:
         refuse_remote_code(err, cfg.name)
         raise UserError(
-            f"model.name={cfg.name}: cannot load its tokenizer ({' '.join(str(err).split())[:200]})"
+            f"model.name={cfg.name}: cannot load its tokenizer ({' '.join(str(err).split())[:200]}); "
+            f"use a local model folder, a hub name, or an alias ({', '.join(ALIASES)})"
         ) from None
     tokenizer.truncation_side = truncation_side
     if tokenizer.pad_token is None:

@@ -297,7 +297,12 @@ class Trainer:
                     raise CheckpointError(
                         f"resume={cfg.resume}: no such checkpoint folder (use resume=auto to pick the newest)"
                     )
-                ckpt.verify_manifest(path)
+                try:
+                    ckpt.verify_manifest(path)
+                except CheckpointError as err:
+                    raise CheckpointError(
+                        f"{err}; resume from an earlier checkpoint, or use resume=auto (it skips damaged ones)"
+                    ) from None
                 return str(path)
             if cfg.resume == "auto":
                 found = ckpt.latest_valid_checkpoint(self.ckpt_root, log=self.log)
