@@ -469,14 +469,17 @@ def plot(plan: SweepPlan, rows: list[dict[str, Any]], metric: str, path: Path) -
     if not done:
         return False
     names = short_keys(list(plan.axes))
-    fig, axes = plt.subplots(1, len(plan.axes), figsize=(4.6 * len(plan.axes), 3.8), squeeze=False)
+    width = 6.4 if len(plan.axes) == 1 else 4.6 * len(plan.axes)
+    fig, axes = plt.subplots(1, len(plan.axes), figsize=(width, 3.8), squeeze=False)
     for ax, key in zip(axes[0], plan.axes):
         values = plan.axes[key]
         # evenly spaced in grid order: ranks 1,2,4,8,16 read as a log scale, dropouts as categories
         position = {format_value(v): i for i, v in enumerate(values)}
         xs = [position[format_value(r[key])] for r in done]
         ys = [r[metric] for r in done]
-        ax.scatter(xs, ys, color="tab:blue", alpha=0.45, s=22, label="run")
+        ax.scatter(
+            xs, ys, color="tab:blue", alpha=0.45, s=22, label="one run" if len(plan.axes) > 1 else None
+        )
         means = []
         for value in values:
             got = [r[metric] for r in done if format_value(r[key]) == format_value(value)]
@@ -485,7 +488,7 @@ def plot(plan: SweepPlan, rows: list[dict[str, Any]], metric: str, path: Path) -
         if len(plan.axes) > 1 and means:
             ax.plot(*zip(*means), color="tab:blue", marker="o", label="mean over other keys")
         elif means:
-            ax.plot(*zip(*means), color="tab:blue")
+            ax.plot(*zip(*means), color="tab:blue", label=f"validation {metric}")
         for x, y in means:
             ax.annotate(
                 f"{y:.3f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8
@@ -499,7 +502,16 @@ def plot(plan: SweepPlan, rows: list[dict[str, Any]], metric: str, path: Path) -
         if key == "lora.r" and all(r["trainable_params"] for r in done):
             twin = ax.twinx()
             params = sorted({(position[format_value(r[key])], r["trainable_params"]) for r in done})
-            twin.plot(*zip(*params), color="tab:orange", linestyle="--", marker="s", markersize=4)
+            twin.plot(
+                *zip(*params),
+                color="tab:orange",
+                linestyle="--",
+                marker="s",
+                markersize=4,
+                label="trainable params",
+            )
+            handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            ax.legend(handles=handles, fontsize=8, loc="lower right")
             twin.set_ylabel("trainable parameters", color="tab:orange")
             twin.tick_params(axis="y", colors="tab:orange")
         ax.set_title(f"{metric} vs {names[key]}")
