@@ -16,15 +16,17 @@ from scalelora import bench
 
 def test_smoke_runs_both_sides_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    done = run_cli("scalelora.bench", ["--scenario", "cpu-minilm-rt", "--smoke", "--out", str(out)])
+    # one whole epoch of 32 rows (4 steps of 8: 1 warm-up, 3 timed), so both sides also report accuracy
+    args = ["--scenario", "cpu-minilm-rt", "--smoke", "--epochs", "1", "--max-train-samples", "32"]
+    done = run_cli("scalelora.bench", [*args, "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["scenario"] == "cpu-minilm-rt" and report["smoke"] is True
     assert set(report["sides"]) == {bench.HF, bench.SCALELORA}
     for side in report["sides"].values():
         run = side["repeats"][0]
-        assert run["timed_steps"] == 2 and run["warmup_steps"] == 1
-        assert run["samples"] == 2 * 8  # two timed steps of batch 8
+        assert run["timed_steps"] == 3 and run["warmup_steps"] == 1 and run["optimizer_steps"] == 4
+        assert run["samples"] == 3 * 8  # three timed steps of batch 8
         assert 0 < run["tokens"] <= run["padded_tokens"]
         assert side["samples_per_second"] > 0 and side["peak_memory_bytes"] > 0
         assert side["peak_memory_kind"] == "rss"
@@ -51,6 +53,8 @@ def test_smoke_kd_sides_train_from_cache_and_self(tmp_path: Path) -> None:
     assert set(report["sides"]) == {bench.SCALELORA, bench.KD_CACHE, bench.KD_SELF}
     assert report["kd_cache_step_ratio"] > 0 and report["kd_self_step_ratio"] > 0
     assert report["ratio"] is None  # no HF side asked for
+    # a few steps say nothing about accuracy: the report leaves it out rather than print noise
+    assert all(side["validation_accuracy"] is None for side in report["sides"].values())
 
 
 @pytest.mark.slow
