@@ -14,7 +14,6 @@ seeded kill points from the calls a real run makes.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import functools
 import json
@@ -183,14 +182,19 @@ def run_forked(
     return process.exitcode
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fault", action="append", default=[])
-    parser.add_argument("--count")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
-    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    return run_train(train_args, args.fault, args.count)
+def main(argv: list[str] | None = None) -> int:
+    """`fault_inject.py [--fault SPEC]... [--count FILE] [--] TRAIN_ARGS...` (what each rank runs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    faults, count_file = [], None
+    while argv[:1] in (["--fault"], ["--count"]):
+        option, value, argv = argv[0], argv[1], argv[2:]
+        if option == "--fault":
+            faults.append(value)
+        else:
+            count_file = value
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    return run_train(argv, faults, count_file)
 
 
 if __name__ == "__main__":

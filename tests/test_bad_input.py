@@ -128,6 +128,14 @@ def section_as_value(model: Path, data: Path, tmp: Path) -> list[str]:
     return tiny(model, data, tmp / "out", lora=4)
 
 
+def non_finite(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"train.lr": ".nan"})
+
+
+def recipe_path(model: Path, data: Path, tmp: Path) -> list[str]:
+    return ["--config", "quickstart", "recipe=../../x"]
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 
@@ -319,6 +327,18 @@ BAD_INPUTS = [
         "a section given a value `lora=4`",
         section_as_value,
         ("lora", "mapping", "lora.KEY=VALUE"),
+    ),
+    Case(
+        "non_finite",
+        "a non-finite number (`train.lr=.nan`, `lora.alpha=1e400`)",
+        non_finite,
+        ("train.lr", "finite number"),
+    ),
+    Case(
+        "recipe_path",
+        "`recipe=../../x` (the default `output_dir` is `runs/<recipe>`)",
+        recipe_path,
+        ("recipe", "plain name", "output_dir"),
     ),
     Case("missing_data", "data folder or dataset that does not exist", missing_data, ("no-such-data",)),
     Case(
