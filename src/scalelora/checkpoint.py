@@ -210,14 +210,16 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     Raises CheckpointError for a corrupt checkpoint, or one whose weights exist only as pickle.
     """
     verify_manifest(path)
-    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+    uses_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    # DeepSpeed has no safetensors checkpoint format: its engine writes torch pickles (pytorch_model/*.pt),
+    # so under DeepSpeed a checkpoint is accepted when its manifest (checked above) matches
+    if not uses_deepspeed and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise CheckpointError(
             f"{path} holds its weights only as pickle (.bin), which can run code when loaded; "
             "scalelora resumes from safetensors checkpoints only: re-save it with safe_serialization=True"
         )
     # our save hook keeps only trainable tensors, hence strict=False; DeepSpeed saves the whole module
     # itself (the hook is not used there) and its load_checkpoint takes no `strict`
-    uses_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
     try:
         accelerator.load_state(str(path), **({} if uses_deepspeed else {"strict": False}))
     except Exception as err:  # torch/safetensors raise several types for foreign or mismatched files
