@@ -3,7 +3,8 @@ PYTHON ?= python3
 # A CPU wheel of torch; on a GPU machine use `make install TORCH_SPEC=torch` (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 export SCALELORA_DATA_DIR ?= $(abspath ../shared/data)
-export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
+# DeepSpeed compiles its CPU ops once (~2-4 min); keep them outside the checkout so fresh clones reuse them
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/scalelora/torch_extensions
 export PYTHONUNBUFFERED = 1
 
 .PHONY: install quickstart test test-fast lint format results bench clean gpu-wheels gpu-check
