@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import math
+import types
 import typing
 from pathlib import Path
 
@@ -52,6 +53,40 @@ values = st.recursive(
 keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=20), st.sampled_from(KEYS).map(lambda k: k + "x"))
 
 
+def typed_value(hint: object) -> st.SearchStrategy:
+    """Mostly values of the key's own type (so many configs are valid), sometimes a wrong one."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*[typed_value(a) for a in args if a is not type(None)], st.none())
+    if origin is typing.Literal:
+        return st.sampled_from([*args, "bogus"])
+    if origin is list:
+        return st.lists(st.sampled_from(["query", "value", "pos", "neg", "x"]), max_size=3)
+    if hint is bool:
+        return st.booleans()
+    if hint is int:
+        return st.integers(min_value=-2, max_value=64)
+    if hint is float:
+        return st.one_of(st.floats(min_value=-1, max_value=4), st.floats())
+    return st.text(max_size=8)
+
+
+def key_hint(dotted: str) -> object:
+    cls: object = RunConfig
+    *sections, name = dotted.split(".")
+    for section in sections:
+        cls = typing.get_type_hints(cls)[section]
+    return typing.get_type_hints(cls)[name]
+
+
+def typed_pairs() -> st.SearchStrategy:
+    return st.sampled_from(KEYS).flatmap(lambda key: st.tuples(st.just(key), typed_value(key_hint(key))))
+
+
+def as_override(key: str, value: object) -> str:
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+
+
 def check_config(recipe: str, overrides: list[str]) -> None:
     try:
         config = load_config(recipe, overrides)
@@ -85,6 +120,12 @@ def test_fuzzed_overrides_give_a_config_or_a_config_error(pairs):
 
 
 @FUZZ
+@given(st.lists(typed_pairs(), max_size=4))
+def test_fuzzed_typed_overrides_give_a_config_or_a_config_error(pairs):
+    check_config("quickstart", [as_override(key, value) for key, value in pairs])
+
+
+@FUZZ
 @given(st.lists(st.text(max_size=30), max_size=4))
 def test_fuzzed_raw_override_strings_give_a_config_or_a_config_error(overrides):
     check_config("quickstart", overrides)
@@ -114,16 +155,17 @@ labels = st.one_of(
     st.text(max_size=4),
 )
 texts = st.one_of(st.text(max_size=20), st.none(), st.integers(), st.just(""), st.just("   "))
-rows = st.lists(
-    st.dictionaries(
-        st.sampled_from(["text", "label", "other"]), st.one_of(texts, labels), min_size=0, max_size=3
-    ),
-    min_size=0,
-    max_size=6,
+good_row = st.fixed_dictionaries(
+    {"text": st.text(min_size=1, max_size=20).filter(str.strip), "label": st.sampled_from(["pos", "neg"])}
 )
+odd_row = st.dictionaries(
+    st.sampled_from(["text", "label", "other"]), st.one_of(texts, labels), min_size=0, max_size=3
+)
+# mostly well-formed rows, so both outcomes (a dataset, an error) are explored
+rows = st.lists(st.one_of(*[good_row] * 8, odd_row), min_size=1, max_size=8)
 junk_lines = st.lists(
-    st.one_of(st.text(max_size=20), st.just("{"), st.just("[1, 2]"), st.just('"x"')), max_size=2
-)
+    st.one_of(st.text(max_size=20), st.just("{"), st.just("[1, 2]"), st.just('"x"')), max_size=1
+).flatmap(lambda junk: st.sampled_from([[], [], junk]))
 
 
 def write_split(folder: Path, split: str, fmt: str, split_rows: list[dict], junk: list[str]) -> None:

@@ -99,8 +99,9 @@ def find_bad_line(path: Path) -> str | None:
     if path.suffix not in (".jsonl", ".csv"):  # a .json file may be one JSON document, not lines
         return None
     try:
-        if not path.read_bytes().decode("utf-8").strip():
-            return f"{path}: the file is empty; fill it with rows or remove it"
+        lines = [line for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
+        if not lines or (path.suffix == ".csv" and len(lines) == 1):
+            return f"{path}: the file has no rows; fill it with rows or remove it"
     except UnicodeDecodeError as bad:
         with path.open("rb") as handle:
             number = handle.read(bad.start).count(b"\n") + 1
