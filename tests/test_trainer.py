@@ -487,3 +487,14 @@ def test_text_pairs_and_left_truncation_reach_the_tokenizer(tiny_bert, tmp_path)
     assert (
         tokenizer.decode(first["input_ids"], skip_special_tokens=True) == "five six seven"
     )  # the start of the longer text was cut
+
+
+def test_resume_auto_never_replaces_a_finished_run_without_checkpoints(tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "done"
+    args = ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2})]
+    assert main(args) == 0
+    shutil.rmtree(out / "checkpoints")
+    capsys.readouterr()
+    assert main([*args, "resume=auto"]) == 2
+    assert "holds a finished run but no complete checkpoint" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()

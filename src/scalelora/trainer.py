@@ -307,6 +307,12 @@ class Trainer:
             if cfg.resume == "auto":
                 found = ckpt.latest_valid_checkpoint(self.ckpt_root, log=self.log)
                 if found is None:
+                    if (self.run_dir / "summary.json").exists() and not cfg.overwrite:
+                        # never trade a finished run for a fresh start just because its checkpoints are gone
+                        raise CheckpointError(
+                            f"resume=auto: {self.run_dir} holds a finished run but no complete checkpoint to "
+                            "resume from; pass overwrite=true to start over, or another output_dir"
+                        )
                     self._clear_outputs()
                 return str(found) if found else None
             existing = [name for name in ARTIFACTS if (self.run_dir / name).exists()]
@@ -790,7 +796,10 @@ class Trainer:
 
     def log(self, message: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
-            print(message, file=sys.stderr, flush=True)
+            if self.progress is not None and not self.progress.disable:
+                self.progress.write(message, file=sys.stderr)  # above the bar, not glued to it
+            else:
+                print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.progress is not None:
