@@ -31,6 +31,9 @@ SETTINGS = [
     "lora_base_kd:train.epochs=1",
     "head_only:train.epochs=1",
 ]
+# Per-dataset additions: emotion (6 classes) is badly underfit by the 2-epoch, lr 1e-4 teacher
+# (test macro-F1 0.28 in the first run), so its teacher gets more and larger steps.
+DATASET_OVERRIDES = {"emotion": ["teacher_full:train.lr=3e-4", "teacher_full:train.epochs=3"]}
 # English-set reference numbers quoted in the issue (word+char TF-IDF + LR, test macro-F1) and the
 # published DistilBERT-class accuracies the study aims at.
 REFERENCE = {
@@ -106,7 +109,9 @@ def checks(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write(rows: list[dict], settings: list[str], started: float, done: list[str], out: Path) -> None:
+def write(
+    rows: list[dict], settings: list[str], started: float, done: list[str], out: Path, notes: str = ""
+) -> None:
     from scalelora.pipeline import markdown_table
 
     info = machine()
@@ -138,6 +143,8 @@ def write(rows: list[dict], settings: list[str], started: float, done: list[str]
     target_lines = checks(rows)
     if target_lines:
         parts.append("## Targets\n\n" + "\n".join(target_lines) + "\n")
+    if notes:
+        parts.append(notes)
     (out / "RESULTS.md").write_text("\n".join(parts))
 
 
@@ -152,6 +159,9 @@ def main() -> int:
         "(e.g. after running datasets in parallel with different --out-root)",
     )
     parser.add_argument("--wall-minutes", type=float, help="with --collect: the measured wall time to report")
+    parser.add_argument(
+        "--notes", help="a markdown file appended to RESULTS.md (what was tried, what was missed)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from scalelora.pipeline import Pipeline
@@ -170,11 +180,14 @@ def main() -> int:
                     break
         if args.wall_minutes:
             started = time.time() - 60 * args.wall_minutes
-        write(rows, settings, started, done, Path(args.results_dir))
+        notes = Path(args.notes).read_text() if args.notes else ""
+        write(rows, settings, started, done, Path(args.results_dir), notes)
         return 0
     for dataset in [d for d in args.datasets.split(",") if d]:
         t0 = time.time()
-        pipeline = Pipeline(dataset, Path(args.out_root) / dataset, settings)
+        pipeline = Pipeline(
+            dataset, Path(args.out_root) / dataset, settings + DATASET_OVERRIDES.get(dataset, [])
+        )
         rows += pipeline.run()
         done.append(dataset)
         print(f"results: {dataset} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)

@@ -158,7 +158,7 @@ class Pipeline:
         overrides = self.run_overrides(run)
         cfg = load_config(self.recipe, overrides)
         stamp = self._stamp(run, to_dict(cfg))
-        if run != "teacher_full" and (self.teacher_dir / "model.safetensors").is_file():
+        if (run in ON_TEACHER or run in KD_RUNS) and (self.teacher_dir / "model.safetensors").is_file():
             stamp["teacher_mtime"] = (self.teacher_dir / "model.safetensors").stat().st_mtime
         if run in KD_RUNS:
             stamp["cache"] = json.loads((self.cache_dir / "manifest.json").read_text())["teacher"]
