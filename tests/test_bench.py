@@ -58,9 +58,9 @@ def test_smoke_kd_sides_train_from_cache_and_self(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["gpu-gpt2", "gpu-qwen0.5b"])
-def test_smoke_decoder_scenarios_run_on_cpu(tmp_path: Path, scenario: str) -> None:
-    """The GPU scenarios' code paths (config-built decoders, pad tokens) on tiny same-family models."""
+@pytest.mark.parametrize("scenario", ["gpu-distilbert", "gpu-roberta", "gpu-gpt2", "gpu-qwen0.5b"])
+def test_smoke_gpu_scenarios_run_on_cpu(tmp_path: Path, scenario: str) -> None:
+    """The GPU scenarios' code paths (config-built models, no token_type_ids, decoder pad tokens) on tiny same-family models."""
     out = tmp_path / "bench.json"
     done = run_cli("scalelora.bench", ["--scenario", scenario, "--smoke", "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -256,3 +256,17 @@ def test_vectorized_pad_collator_matches_row_by_row_padding() -> None:
             assert batch[key].dtype == torch.long and torch.equal(batch[key], expected)
         assert batch["labels"].tolist() == [r["labels"] for r in rows]
         assert batch["idx"].tolist() == [r["idx"] for r in rows]
+
+
+def test_mfu_counts_a_frozen_base_at_four_flops_per_parameter_and_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bench, "device_peak_flops", lambda: ("NVIDIA H100 80GB HBM3", 1e12))
+    monkeypatch.setattr(bench, "frozen_flops_params", lambda path: 1000)
+    runs = [fake_run(bench.HF, 10.0, 1.0), fake_run(bench.SCALELORA, 20.0, 0.5)]
+    report = bench.summarize(
+        bench.SCENARIOS["gpu-distilbert"], runs, {"model_path": "x", "steps": 1, "warmup": 1}, False
+    )
+    # (4 * 1000 frozen + 6 * 10 trainable) FLOPs per token * 200 tokens/s / 1e12 FLOP/s
+    assert report["sides"][bench.SCALELORA]["mfu"] == pytest.approx(4060 * 200 / 1e12)
+    assert report["sides"][bench.HF]["mfu"] == pytest.approx(4060 * 100 / 1e12)
