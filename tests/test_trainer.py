@@ -128,6 +128,7 @@ def test_a_run_writes_the_documented_outputs(tiny_bert, toy_data, tmp_path):
     summary = read_summary(out)
     assert summary.keys() >= SUMMARY_KEYS
     assert summary["labels"] == ["neg", "pos"] and summary["world_size"] == 1 and summary["mode"] == "lora"
+    assert summary["tokens_per_second"] > 0 and summary["samples_per_second"] > 0
     assert summary["best"]["metric"] == "accuracy" and summary["best"]["step"] in (3, 6)
     for split in ("validation", "test"):
         metrics = summary["eval"][split]

@@ -179,6 +179,7 @@ class Trainer:
         self.tracker: Any = None
         self.accelerator: Any = None
         self.progress: Any = None
+        self._pending_tokens: torch.Tensor | None = None  # counted on device; read at log time (no sync per step)
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -410,6 +411,7 @@ class Trainer:
             window["grad_norm"] = stats["grad_norm"]
             window_samples += stats["samples"]
             if state.global_step % cfg.train.log_every == 0 or state.global_step == self.total_steps:
+                self._flush_token_count()
                 now = time.perf_counter()
                 seconds = max(now - window_started, 1e-9)
                 self._log_train(
@@ -452,7 +454,8 @@ class Trainer:
         # the sum over the global batch divided by its example count
         scale = acc.num_processes * cfg.train.grad_accum / global_count.clamp(min=1).float()
         loss_sum = torch.zeros((), device=acc.device)
-        samples = tokens = 0
+        samples = 0
+        tokens = torch.zeros((), dtype=torch.long, device=acc.device)
         grad_norm: Any = None
         for batch in group:
             labels, idx = batch.pop("labels"), batch.pop("idx")
@@ -469,9 +472,11 @@ class Trainer:
                         self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
             samples += int(labels.shape[0])
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            if "attention_mask" in batch:
+                tokens += batch["attention_mask"].sum()
         self.state.train_samples += samples * acc.num_processes
-        self.state.train_tokens += tokens * acc.num_processes
+        pending = tokens * acc.num_processes
+        self._pending_tokens = pending if self._pending_tokens is None else self._pending_tokens + pending
         return {
             "loss_sum": loss_sum.detach(),
             "count": local_count,
@@ -642,7 +647,13 @@ class Trainer:
 
     # --- saving --------------------------------------------------------------------------------
 
+    def _flush_token_count(self) -> None:
+        if self._pending_tokens is not None:
+            self.state.train_tokens += int(self._pending_tokens)
+            self._pending_tokens = None
+
     def save_checkpoint(self) -> Path:
+        self._flush_token_count()
         state = dict(self.state.__dict__)
         return ckpt.save_checkpoint(
             self.accelerator, self.ckpt_root, self.state.global_step, state, self.cfg.checkpoint.keep_last
@@ -694,6 +705,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         cfg, acc, state = self.cfg, self.accelerator, self.state
+        self._flush_token_count()
         if cfg.eval.load_best_at_end and state.best_step is not None:
             acc.wait_for_everyone()
             self.restore_best()
