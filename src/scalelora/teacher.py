@@ -115,7 +115,11 @@ class CachedTeacher:
         # filtering), so the table is as long as the largest id, not as the number of examples
         table = torch.full((int(ids.max()) + 1 if len(ids) else 0, len(label_names)), float("nan"))
         table[ids] = torch.cat([t["logits"].float() for t in shards])
-        if len(ids) != split["num_examples"] or len(torch.unique(ids)) != len(ids) or torch.isnan(table[ids]).any():
+        if (
+            len(ids) != split["num_examples"]
+            or len(torch.unique(ids)) != len(ids)
+            or torch.isnan(table[ids]).any()
+        ):
             raise DataError(
                 f"teacher-logit cache {cache_dir} holds {len(ids)} rows for {split['num_examples']} training "
                 "examples; rebuild it with python -m scalelora.teacher_logits --overwrite"
