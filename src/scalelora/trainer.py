@@ -179,7 +179,9 @@ class Trainer:
         self.tracker: Any = None
         self.accelerator: Any = None
         self.progress: Any = None
-        self._pending_tokens: torch.Tensor | None = None  # counted on device; read at log time (no sync per step)
+        self._pending_tokens: torch.Tensor | None = (
+            None  # counted on device; read at log time (no sync per step)
+        )
 
     # --- setup ---------------------------------------------------------------------------------
 
