@@ -29,6 +29,7 @@ from typing import Any
 
 from scalelora.config import load_config, parse_overrides, to_dict
 from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
+from scalelora.report import fmt
 
 TRAINED_RUNS = ("teacher_full", "lora_on_teacher", "lora_on_teacher_kd", "head_only", "lora_base_kd")
 RUNS = (
@@ -276,16 +277,6 @@ class Pipeline:
         self.log(f"results -> {self.out / 'results.md'}")
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
     lines = [
         "| run | trainable | total | trainable % | val acc | val macro-F1 | test acc | test macro-F1 | train s |",
@@ -294,9 +285,9 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
     for r in rows:
         val, test = r.get("validation") or {}, r.get("test") or {}
         lines.append(
-            f"| {r['description']} | {_fmt(r['trainable_params'])} | {_fmt(r['total_params'])} | "
-            f"{_fmt(r['trainable_pct'], 2)} | {_fmt(val.get('accuracy'))} | {_fmt(val.get('macro_f1'))} | "
-            f"{_fmt(test.get('accuracy'))} | {_fmt(test.get('macro_f1'))} | {_fmt(r['train_seconds'], 1)} |"
+            f"| {r['description']} | {fmt(r['trainable_params'])} | {fmt(r['total_params'])} | "
+            f"{fmt(r['trainable_pct'], 2)} | {fmt(val.get('accuracy'))} | {fmt(val.get('macro_f1'))} | "
+            f"{fmt(test.get('accuracy'))} | {fmt(test.get('macro_f1'))} | {fmt(r['train_seconds'], 1)} |"
         )
     return title + "\n".join(lines) + "\n"
 
