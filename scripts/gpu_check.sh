@@ -56,7 +56,7 @@ if ((${#wheels[@]})); then
 fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
 
-echo "gpu_check: $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -n 1) x ${NUM_GPUS}"
+echo "gpu_check: $(date -u +%Y-%m-%dT%H:%MZ) on $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sed -n 1p) x ${NUM_GPUS}"
 python - << 'PY'
 import importlib.metadata as m
 
