@@ -20,7 +20,7 @@ quickstart: install
 	$(PYTHON) -m scalelora.train --config quickstart output_dir=runs/quickstart overwrite=true
 
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15
 
 # on a machine with internet: the wheels a GPU image lacks, into .whl/ (see docs: scale-out)
 gpu-wheels:
