@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -201,13 +200,11 @@ class Pipeline:
 
         cfg = load_config(self.recipe, self.common)
         self.log(f"teacher logits -> {self.cache_dir}")
-        started = time.perf_counter()
         try:  # a complete cache of this very teacher for this data is kept as it is
             build_cache(cfg, str(self.teacher_dir), self.cache_dir)
         except DataError as err:
             self.log(f"rebuilding the teacher logits ({err})")
             build_cache(cfg, str(self.teacher_dir), self.cache_dir, overwrite=True)
-        self.cache_seconds = time.perf_counter() - started
 
     def baseline(self, run: str) -> dict[str, Any]:
         from scalelora import baselines

@@ -38,9 +38,6 @@ class NullTracker:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        pass
-
     def log_final(self, summary: dict[str, Any]) -> None:
         pass
 
@@ -138,9 +135,6 @@ class WandbTracker:
     def summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             self.run.summary[key] = value
-
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        self.run.log({key: self._wandb.Table(columns=columns, data=rows)}, step=self._current_step())
 
     def log_final(self, summary: dict[str, Any]) -> None:
         """The end of a run: best metric and step, final metrics per split, parameter counts,
