@@ -27,10 +27,10 @@ from typing import Any
 
 # point -> (module, attribute path, when): "before" acts on entry, "after" once the call returned
 POINTS: dict[str, tuple[str, str, str]] = {
-    "forward": ("scalelora.trainer", "Trainer._loss", "after"),  # mid optimizer step
+    "forward": ("scalelora.trainer", "Trainer.compute_loss", "after"),  # mid optimizer step
     "optimizer_step": ("torch.optim.AdamW", "step", "before"),
     "evaluate": ("scalelora.trainer", "evaluate_split", "before"),
-    "metrics": ("scalelora.trainer", "Trainer.write_metrics", "before"),
+    "metrics": ("scalelora.checkpoint", "Checkpointer.append_metrics", "before"),
     "save_state": ("accelerate.Accelerator", "save_state", "before"),
     "weights_file": ("accelerate.utils.other", "safe_save_file", "after"),  # some checkpoint files on disk
     "torch_save": ("torch", "save", "after"),  # optimizer/scheduler/RNG state of a checkpoint

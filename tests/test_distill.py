@@ -64,7 +64,7 @@ def loss_parts(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
     batch = dict(batch)
     labels, idx = batch.pop("labels"), batch.pop("idx")
     with torch.no_grad():
-        _, parts = trainer._loss(batch, labels, idx)
+        _, parts = trainer.compute_loss(batch, labels, idx)
     return parts
 
 

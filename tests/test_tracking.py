@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_summary, run_cli, tiny_overrides
-from scalelora.tracking import LAST_STEP_FILE, RUN_ID_FILE, offline_runs, read_wandb_run, wandb_mode
+from scalelora.tracking import LAST_STEP_FILE, RUN_ID_FILE, wandb_mode
+from wandb_records import offline_runs, read_wandb_run
 
 pytest.importorskip("wandb")
 

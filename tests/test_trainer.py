@@ -141,19 +141,6 @@ def test_a_run_writes_the_documented_outputs(tiny_bert, toy_data, tmp_path):
         assert line["probs"][row["after"]] == pytest.approx(row["after_confidence"], abs=1e-5)
 
 
-def test_an_existing_run_is_not_overwritten_without_asking(tiny_bert, toy_data, tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2})]
-    assert main(args) == 0
-    capsys.readouterr()
-    assert main(args) == 2
-    assert (
-        "already holds a run" in capsys.readouterr().err
-        and "resume=auto" in capsys.readouterr().err + "resume=auto"
-    )
-    assert main([*args, "overwrite=true"]) == 0
-
-
 def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
     """The saved trainable weights: a LoRA adapter, or the full model of mode=full."""
     adapter = out / "adapter" / "adapter_model.safetensors"
@@ -472,14 +459,3 @@ def test_text_pairs_and_left_truncation_reach_the_tokenizer(tiny_bert, tmp_path)
     assert (
         tokenizer.decode(first["input_ids"], skip_special_tokens=True) == "five six seven"
     )  # the start of the longer text was cut
-
-
-def test_resume_auto_never_replaces_a_finished_run_without_checkpoints(tiny_bert, toy_data, tmp_path, capsys):
-    out = tmp_path / "done"
-    args = ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2})]
-    assert main(args) == 0
-    shutil.rmtree(out / "checkpoints")
-    capsys.readouterr()
-    assert main([*args, "resume=auto"]) == 2
-    assert "holds a finished run but no complete checkpoint" in capsys.readouterr().err
-    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()

@@ -1,6 +1,6 @@
-"""Checkpoints and saved models, written so a crash never leaves a half-written one as the latest.
+"""The run folder: its lock, resume policy, resumable checkpoints, the best adapter, metrics and summary.
 
-A resumable checkpoint is `checkpoints/step-N/`: Accelerate's `save_state` (trainable weights in
+Everything is written so a crash never leaves a half-written file or folder as the latest. A resumable checkpoint is `checkpoints/step-N/`: Accelerate's `save_state` (trainable weights in
 safetensors, optimizer, scheduler, RNG), `trainer_state.json`, and `manifest.json` (size and
 sha256 of every file) written last. Everything is first written to `.tmp-step-N/` and renamed,
 so a folder named `step-N` with a matching manifest is complete by construction.
@@ -17,14 +17,15 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from scalelora.errors import CheckpointError, UserError
+from scalelora.errors import CheckpointError, UserError, one_line
+from scalelora.runtime import is_deepspeed, zero_stage
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -210,7 +211,7 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     Raises CheckpointError for a corrupt checkpoint, or one whose weights exist only as pickle.
     """
     verify_manifest(path)
-    uses_deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    uses_deepspeed = is_deepspeed(accelerator)
     # DeepSpeed has no safetensors checkpoint format: its engine writes torch pickles (pytorch_model/*.pt),
     # so under DeepSpeed a checkpoint is accepted when its manifest (checked above) matches
     if not uses_deepspeed and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
@@ -223,20 +224,15 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     try:
         accelerator.load_state(str(path), **({} if uses_deepspeed else {"strict": False}))
     except Exception as err:  # torch/safetensors raise several types for foreign or mismatched files
-        raise CheckpointError(f"cannot load checkpoint {path}: {' '.join(str(err).split())[:200]}") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {one_line(err, 200)}") from None
     return json.loads((path / TRAINER_STATE).read_text())
-
-
-def is_zero3(accelerator: Any) -> bool:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
 
 
 @contextlib.contextmanager
 def gathered_for_write(accelerator: Any, params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
     """Collective: under ZeRO-3 every rank sees the full `params` inside the block, and what rank 0
     writes into them is re-partitioned on exit (a rank-local shard is an empty tensor). No-op otherwise."""
-    if not is_zero3(accelerator):
+    if zero_stage(accelerator) != 3:
         yield
         return
     import deepspeed
@@ -356,3 +352,260 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --- the run folder, as one object the loop asks ----------------------------------------------------
+
+# Keys of the config whose change makes an old checkpoint meaningless for this run.
+RESUME_IDENTITY_KEYS = (
+    "model.name",
+    "model.mode",
+    "lora.r",
+    "lora.target_modules",
+    "data.path",
+    "data.keep_labels",
+)
+# What a finished or interrupted run leaves in output_dir; a fresh start removes all of it.
+ARTIFACTS = (
+    "checkpoints",
+    "adapter",
+    "model",
+    "summary.json",
+    "metrics.jsonl",
+    "config.yaml",
+    "report.md",
+    "curves.png",
+    # a fresh start must not continue the W&B run of the outputs it replaces
+    "wandb_run_id.txt",
+    "wandb_last_step.txt",
+)
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def dotted_get(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def resume_identity(config: dict[str, Any], label_names: list[str]) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed by it (see RESUME_IDENTITY_KEYS)."""
+    identity = {key: dotted_get(config, key) for key in RESUME_IDENTITY_KEYS}
+    identity["labels"] = list(label_names)
+    return identity
+
+
+class Checkpointer:
+    """Owns `output_dir`: the run lock, whether and from where to resume, when to write a resumable
+    checkpoint and which to keep, the best model, `metrics.jsonl`, `config.yaml` and `summary.json`.
+
+    The loop asks it (`maybe_save(step, last, state)`) and hands it plain data; it never reads the
+    loop's objects. Methods marked collective are called by every rank; the main process writes.
+    """
+
+    def __init__(
+        self,
+        accelerator: Any,
+        run_dir: Path,
+        resume: str | None,
+        overwrite: bool,
+        every: int | None,
+        keep_last: int,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        self.accelerator = accelerator
+        self.run_dir = run_dir
+        self.root = run_dir / "checkpoints"
+        self.resume_setting = resume
+        self.overwrite = overwrite
+        self.every = every
+        self.keep_last = keep_last
+        self.echo = echo
+        self.lock = RunLock(run_dir)
+        self.last_saved_step: int | None = None
+
+    # --- claiming the folder -------------------------------------------------------------------
+
+    def claim(self) -> Path | None:
+        """Collective. Take the lock and decide where to resume from (None: a fresh start, outputs
+        cleared). The main process decides; every rank gets the answer or the same error."""
+        acc = self.accelerator
+        answer: list[Any] = [None]
+        if acc.is_main_process:
+            try:
+                answer[0] = ("ok", self._decide())
+            except UserError as err:
+                answer[0] = ("error", str(err), type(err).__name__)
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(answer, from_process=0)
+        if answer[0][0] == "error":
+            error_type = CheckpointError if answer[0][2] == "CheckpointError" else UserError
+            raise error_type(answer[0][1])
+        found = answer[0][1]
+        acc.wait_for_everyone()
+        if found is None and self.resume_setting == "auto":
+            self.echo("scalelora: resume=auto found no complete checkpoint; starting fresh")
+        return Path(found) if found else None
+
+    def _decide(self) -> str | None:
+        self.lock.acquire()
+        try:
+            if self.resume_setting not in (None, "auto"):
+                path = Path(self.resume_setting)
+                if not path.is_dir():
+                    raise CheckpointError(
+                        f"resume={self.resume_setting}: no such checkpoint folder (use resume=auto to pick the newest)"
+                    )
+                try:
+                    verify_manifest(path)
+                except CheckpointError as err:
+                    raise CheckpointError(
+                        f"{err}; resume from an earlier checkpoint, or use resume=auto (it skips damaged ones)"
+                    ) from None
+                return str(path)
+            if self.resume_setting == "auto":
+                found = latest_valid_checkpoint(self.root, log=self.echo)
+                if found is None:
+                    if (self.run_dir / SUMMARY_FILE).exists() and not self.overwrite:
+                        # never trade a finished run for a fresh start just because its checkpoints are gone
+                        raise CheckpointError(
+                            f"resume=auto: {self.run_dir} holds a finished run but no complete checkpoint to "
+                            "resume from; pass overwrite=true to start over, or another output_dir"
+                        )
+                    self._clear_outputs()
+                return str(found) if found else None
+            existing = [name for name in ARTIFACTS if (self.run_dir / name).exists()]
+            if existing and not self.overwrite:
+                raise UserError(
+                    f"output_dir {self.run_dir} already holds a run ({', '.join(existing)}); pass resume=auto to "
+                    "continue it, overwrite=true to start over, or another output_dir"
+                )
+            self._clear_outputs()
+            return None
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _clear_outputs(self) -> None:
+        for name in ARTIFACTS:
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    def release(self) -> None:
+        self.lock.release()
+
+    # --- resumable checkpoints -----------------------------------------------------------------
+
+    def resume(self, path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+        """Collective. Load checkpoint `path` into the prepared objects and return its trainer state.
+
+        Raises CheckpointError when it is from another config (compared before loading weights:
+        another config's tensors would fail with a shape error) or cannot be loaded.
+        """
+        saved_identity = read_trainer_state(path).get("identity", {})
+        changed = [
+            f"{k}: checkpoint {saved_identity.get(k)!r}, now {v!r}"
+            for k, v in identity.items()
+            if saved_identity.get(k) != v
+        ]
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {path} is from another config ({'; '.join(changed)}); "
+                "use its original config, or start over with overwrite=true or another output_dir"
+            )
+        state = load_checkpoint(self.accelerator, path)
+        step = int(state.get("global_step", 0))
+        self.last_saved_step = step
+        self._trim_metrics(step)
+        self.echo(f"scalelora: resumed from {path} at step {step}")
+        return state
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop metric lines logged after the checkpoint, so a resumed run never repeats or goes back in steps."""
+        path = self.run_dir / METRICS_FILE
+        if self.accelerator.is_main_process and path.is_file():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether `maybe_save` writes a checkpoint at this step: every `checkpoint.every` steps and at the
+        last step, never twice for one step."""
+        periodic = bool(self.every) and step % self.every == 0
+        return (periodic or last) and self.last_saved_step != step
+
+    def maybe_save(self, step: int, last: bool, state: Callable[[], dict[str, Any]]) -> Path | None:
+        """Collective. Save every `checkpoint.every` steps and once at the last step (unless that step
+        was just saved). `state` is called only when saving (it may sync the device)."""
+        if not self.due(step, last):
+            return None
+        return self.save(step, state())
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Collective. Write `checkpoints/step-N` now (on preemption, a halt, or when due)."""
+        path = save_checkpoint(self.accelerator, self.root, step, state, self.keep_last)
+        self.last_saved_step = step
+        return path
+
+    # --- the model a user keeps ----------------------------------------------------------------
+
+    def model_dir(self, peft_model: bool) -> Path:
+        return self.run_dir / ("adapter" if peft_model else "model")
+
+    def save_model(
+        self, model: torch.nn.Module, tokenizer: Any, meta: dict[str, Any], lora_r: int | None
+    ) -> Path:
+        """Collective. `adapter/` (LoRA, `lora_r` set) or `model/` (full, head_only), loadable with PEFT
+        or transformers alone, with the extra JSON files in `meta` (file name -> content)."""
+        target = self.model_dir(lora_r is not None)
+        save_model_dir(self.accelerator, model, target, tokenizer, meta, lora_r)
+        return target
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        """Collective. Load the weights saved at the best evaluation back into `model`."""
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        unwrapped = acc.unwrap_model(model)
+        if hasattr(unwrapped, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+            with gathered_for_write(acc, trainable):  # ZeRO-3 shards are empty tensors
+                set_peft_model_state_dict(
+                    unwrapped, load_file(str(self.model_dir(True) / "adapter_model.safetensors"))
+                )
+            return
+        # transformers 5 dropped modeling_utils.load_sharded_checkpoint: read the shards ourselves
+        shards = sorted(self.model_dir(False).glob("model*.safetensors"))
+        with gathered_for_write(acc, unwrapped.parameters()):
+            for shard in shards:
+                unwrapped.load_state_dict(load_file(str(shard)), strict=False)
+
+    # --- small files ---------------------------------------------------------------------------
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One line of `metrics.jsonl` (main process only)."""
+        if self.accelerator.is_main_process:
+            with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.accelerator.is_main_process:
+            atomic_write_text(self.run_dir / name, text)
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.run_dir / SUMMARY_FILE
+        if self.accelerator.is_main_process:
+            atomic_write_json(path, summary)
+        return path

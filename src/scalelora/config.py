@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from scalelora.errors import ConfigError
+from scalelora.errors import ConfigError, one_line
 
 
 @dataclass
@@ -350,16 +350,12 @@ def read_recipe(name_or_path: str) -> tuple[str, dict[str, Any]]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--config {name_or_path}: not valid YAML ({one_line_yaml(err)})") from None
+        raise ConfigError(f"--config {name_or_path}: not valid YAML ({one_line(err)})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {name_or_path}: the YAML must be a mapping of config keys")
     return name, raw
-
-
-def one_line_yaml(err: Exception) -> str:
-    return " ".join(str(err).split())
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

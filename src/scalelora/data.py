@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from scalelora.config import DataConfig
-from scalelora.errors import DataError
+from scalelora.errors import DataError, one_line
 
 DATA_DIR_ENV = "SCALELORA_DATA_DIR"
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -133,7 +133,7 @@ def describe_bad_file(path: Path, err: Exception | None, only_lines: bool = Fals
                     return f"{path}:{reader.line_num}: {len(row)} fields where the header has {len(header)}; quote the text column"
     if only_lines:
         return None
-    return f"{path}: cannot be read as {path.suffix[1:]} ({' '.join(str(err).split())[:200]})"
+    return f"{path}: cannot be read as {path.suffix[1:]} ({one_line(err, 200)})"
 
 
 def load_raw_splits(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], list[str] | None, str]:
@@ -179,7 +179,7 @@ def load_hub_splits(
         )
         raise DataError(
             f"data.path={cfg.path}: not a local folder, {where}, and the hub could not load it "
-            f"({' '.join(str(err).split())[:160]})"
+            f"({one_line(err, 160)})"
         ) from None
     splits = {}
     for split in wanted:

@@ -35,8 +35,10 @@ class TrainingHalted(UserError):
     exit_code = 3
 
 
-def one_line(message: str) -> str:
-    return " ".join(str(message).split())
+def one_line(message: object, limit: int | None = None) -> str:
+    """`message` (an error or text) on one line, cut to `limit` characters when given."""
+    text = " ".join(str(message).split())
+    return text if limit is None else text[:limit]
 
 
 def exit_on_user_error(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from scalelora.config import LoraConfig, ModelConfig
-from scalelora.errors import ConfigError, UserError
+from scalelora.errors import ConfigError, UserError, one_line
 
 # bitsandbytes (imported by peft) warns about optional CPU kernels on every start; it is noise here
 warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
@@ -137,7 +137,7 @@ def load_tokenizer(cfg: ModelConfig, truncation_side: str = "right") -> Any:
     except (OSError, ValueError) as err:
         refuse_remote_code(err, cfg.name)
         raise UserError(
-            f"model.name={cfg.name}: cannot load its tokenizer ({' '.join(str(err).split())[:200]}); "
+            f"model.name={cfg.name}: cannot load its tokenizer ({one_line(err, 200)}); "
             f"use a local model folder, a hub name, or an alias ({', '.join(ALIASES)})"
         ) from None
     tokenizer.truncation_side = truncation_side
@@ -211,7 +211,7 @@ def load_classifier(
         refuse_remote_code(err, cfg.name)
         raise UserError(
             f"model.name={cfg.name}: not a local model folder and not loadable from the hub "
-            f"({' '.join(str(err).split())[:200]}); use a path, a hub name, or an alias ({', '.join(ALIASES)})"
+            f"({one_line(err, 200)}); use a path, a hub name, or an alias ({', '.join(ALIASES)})"
         ) from None
     check_label_match(model_config, label_names, cfg.name)
     id2label = dict(enumerate(label_names))
@@ -238,7 +238,7 @@ def load_classifier(
         model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     except ValueError as err:
         raise UserError(
-            f"model.name={cfg.name}: cannot build a sequence classifier ({' '.join(str(err).split())[:120]}); "
+            f"model.name={cfg.name}: cannot build a sequence classifier ({one_line(err, 120)}); "
             "use a text model that has a sequence-classification head (BERT, RoBERTa, GPT-2, Llama, ...)"
         ) from None
     if cfg.load_in_4bit:
@@ -323,7 +323,7 @@ def apply_mode(
             {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         )
         raise ConfigError(
-            f"lora.target_modules={','.join(sorted(peft_config.target_modules))}: {' '.join(str(err).split())[:160]}; "
+            f"lora.target_modules={','.join(sorted(peft_config.target_modules))}: {one_line(err, 160)}; "
             f"this model's linear layers are named {', '.join(linear[:12])}"
         ) from None
     if not model_cfg.train_head:

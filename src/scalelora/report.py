@@ -1,15 +1,18 @@
-"""`report.md` and `curves.png` for a finished run; also `python -m scalelora.report RUN_DIR` to redraw them.
+"""Every summary, table and figure the project writes: a run's `summary.json` contents, its `report.md`
+and `curves.png` (also `python -m scalelora.report RUN_DIR` to redraw them), and the markdown-table
+and figure helpers the study tools share.
 
-Everything comes from the files a run already wrote (`summary.json`, `metrics.jsonl`,
-`config.yaml`), so a report can be rebuilt at any time, for old runs too.
+A report comes from the files a run already wrote (`summary.json`, `metrics.jsonl`, `config.yaml`),
+so it can be rebuilt at any time, for old runs too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,83 @@ REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
 
 
+def build_summary(
+    cfg: Any,
+    state: dict[str, Any],
+    facts: dict[str, Any],
+    final_eval: dict[str, Any],
+    after: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The contents of summary.json from the config, the trainer state (plain data), the run's facts
+    (see `Trainer.run_facts`), the final metrics per split and the sample predictions after training."""
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from scalelora.config import to_dict
+
+    before = {row["text"]: row for row in state["predictions_before"]}
+    samples = [
+        {
+            "text": row["text"],
+            "gold": row["gold"],
+            "before": before.get(row["text"], {}).get("predicted"),
+            "before_confidence": before.get(row["text"], {}).get("confidence"),
+            "after": row["predicted"],
+            "after_confidence": row["confidence"],
+        }
+        for row in after
+    ]
+    params = facts["params"]
+    return {
+        "recipe": cfg.recipe,
+        "model": cfg.model.name,
+        "dataset": cfg.data.path,
+        "data_source": facts["data_source"],
+        "mode": cfg.model.mode,
+        "labels": facts["labels"],
+        "num_train_examples": facts["num_train_examples"],
+        "dropped_empty": facts["dropped_empty"],
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_pct": params.pct,
+        "best": {"metric": cfg.eval.metric, "value": state["best_value"], "step": state["best_step"]},
+        "eval": final_eval,
+        "global_step": state["global_step"],
+        "total_steps": facts["total_steps"],
+        "samples_per_second": state["train_samples"] / max(state["step_seconds"], 1e-9),
+        "tokens_per_second": state["train_tokens"] / max(state["step_seconds"], 1e-9),
+        "train_seconds": state["wall_seconds"],
+        "nonfinite_skipped": state["nonfinite_skipped"],
+        "world_size": facts["world_size"],
+        "precision": cfg.train.precision,
+        "distributed_type": facts["distributed_type"],
+        "deepspeed": facts["deepspeed"],
+        "peak_memory_gb": facts["peak_memory_gb"],
+        "seed": cfg.seed,
+        "distill": to_dict(cfg)["distill"] if cfg.distill.enabled else None,
+        "versions": {
+            "scalelora": __import__("scalelora").__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "accelerate": accelerate.__version__,
+            "python": sys.version.split()[0],
+        },
+        "sample_predictions": samples,
+    }
+
+
+def final_line(summary: dict[str, Any]) -> str:
+    """`(N samples/s): validation accuracy=... macro_f1=...  test ...` for the run's last log line."""
+    metrics = "  ".join(
+        f"{split} accuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f}"
+        for split, m in summary["eval"].items()
+    )
+    return f"({summary['samples_per_second']:.1f} samples/s): {metrics}"
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -28,21 +108,50 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> bool:
-    """Train loss (and learning rate) and the validation metrics against the optimizer step.
+@contextlib.contextmanager
+def figure(
+    path: Path, ncols: int = 1, figsize: tuple[float, float] = (6.4, 3.8), **kwargs: Any
+) -> Iterator[Any]:
+    """A row of `ncols` axes (a numpy array), saved as a PNG at `path` when the block ends, then closed.
 
-    False (and no file) when the run logged nothing to draw.
+    Every figure the project writes goes through here (headless backend, one size and resolution).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False, **kwargs)
+    try:
+        yield fig, axes[0]
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> bool:
+    """Train loss (and learning rate) and the validation metrics against the optimizer step.
+
+    False (and no file) when the run logged nothing to draw.
+    """
     train = [r for r in records if r.get("split") == "train" and r.get("loss") is not None]
     evals = [r for r in records if r.get("split") == "validation"]
     if not train and not evals:
         return False
-    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    with figure(path, ncols=2, figsize=(10, 3.8), sharex=True) as (fig, (loss_ax, metric_ax)):
+        draw_curves(fig, loss_ax, metric_ax, train, evals, summary)
+    return True
+
+
+def draw_curves(
+    fig: Any,
+    loss_ax: Any,
+    metric_ax: Any,
+    train: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    summary: dict[str, Any],
+) -> None:
     if train:
         steps = [r["step"] for r in train]
         loss_ax.plot(
@@ -90,10 +199,6 @@ def plot_curves(records: list[dict[str, Any]], summary: dict[str, Any], path: Pa
         f"{summary.get('recipe') or 'run'}: {summary.get('model')} on {summary.get('dataset')} ({summary.get('mode')})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -107,6 +212,8 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def table(header: list[str], rows: list[list[Any]], align: str = "---:") -> list[str]:
+    """A markdown table (the project's only table helper): strings as they are, numbers through `fmt`;
+    the first column left-aligned, the others by `align`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *[align] * (len(header) - 1)]) + "|"]
     lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
     return lines

@@ -90,7 +90,55 @@ def check_deepspeed_config(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
+    """The one test for "does this run go through DeepSpeed" (the launch config decides it)."""
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The ZeRO stage of a DeepSpeed run; None when the run does not use DeepSpeed."""
+    if not is_deepspeed(accelerator):
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def deepspeed_summary(accelerator: Accelerator) -> dict[str, Any] | None:
+    """The DeepSpeed settings the run actually used (after Accelerate filled the "auto" values)."""
+    if not is_deepspeed(accelerator):
+        return None
+    ds = accelerator.deepspeed_config
+    zero = ds.get("zero_optimization", {})
+    return {
+        "zero_stage": zero.get("stage", 0),
+        "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
+        "offload_param": zero.get("offload_param", {}).get("device", "none"),
+        "train_micro_batch_size_per_gpu": ds.get("train_micro_batch_size_per_gpu"),
+        "gradient_accumulation_steps": ds.get("gradient_accumulation_steps"),
+        "gradient_clipping": ds.get("gradient_clipping"),
+        "bf16": bool(ds.get("bf16", {}).get("enabled")),
+        "fp16": bool(ds.get("fp16", {}).get("enabled")),
+    }
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> dict[str, int | None]:
+    """Peak accelerator memory allocated by this process (None off CUDA) and its peak resident host memory."""
+    import resource
+
+    device = torch.device(device) if device is not None else None
+    on_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
+    gpu = int(torch.cuda.max_memory_allocated(device)) if on_cuda else None
+    host = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    return {"gpu": gpu, "host": host}
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons (and transformers' ZeRO-3 flag), so another run in this
+    process can choose its own precision, accumulation and DeepSpeed settings. Call after `end_training`."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    unset_hf_deepspeed_config()
 
 
 class StopSignal:

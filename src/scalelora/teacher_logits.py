@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from scalelora.checkpoint import atomic_write_json
 from scalelora.config import ModelConfig, RunConfig, load_config
 from scalelora.errors import DataError, UserError, exit_on_user_error
 
@@ -60,12 +61,6 @@ def teacher_identity(name: str) -> dict[str, Any]:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.safetensors"
-
-
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def check_compatible(existing: dict[str, Any], expected: dict[str, Any], out: Path) -> None:
@@ -193,7 +188,7 @@ def build_cache(
                     if stale.exists():
                         stale.unlink()
             out.mkdir(parents=True, exist_ok=True)
-            _atomic_json(manifest_path, expected)  # records the identity before any shard exists
+            atomic_write_json(manifest_path, expected)  # records the identity before any shard exists
         except UserError as err:
             error = str(err)
     flag = [error]
@@ -240,7 +235,7 @@ def build_cache(
         for split in splits:
             missing = [s for s in expected["splits"][split]["shards"] if not (out / s).is_file()]
             expected["splits"][split]["complete"] = not missing
-        _atomic_json(manifest_path, expected)
+        atomic_write_json(manifest_path, expected)
         log(f"scalelora: teacher logits of {teacher} for {', '.join(splits)} -> {out}")
     state.wait_for_everyone()
     return expected

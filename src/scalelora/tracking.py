@@ -1,6 +1,6 @@
 """Experiment tracking: W&B on the main process, a do-nothing tracker everywhere else.
 
-The trainer calls `log`, `summary`, `log_final` and `finish` unconditionally; which ranks talk to
+The trainer calls `log_metrics`, `set_summary`, `log_final` and `close` unconditionally; which ranks talk to
 W&B is decided here, so no `if rank == 0` sits in the loop.
 
 A run's W&B id is kept in `output_dir/wandb_run_id.txt` and the last step sent to W&B in
@@ -12,9 +12,7 @@ itself from the environment or ~/.netrc; scalelora never reads, prints or writes
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,16 +30,16 @@ class NullTracker:
 
     run_id: str | None = None
 
-    def log(self, values: dict[str, Any], step: int) -> None:
+    def log_metrics(self, values: dict[str, Any], step: int) -> None:
         pass
 
-    def summary(self, values: dict[str, Any]) -> None:
+    def set_summary(self, values: dict[str, Any]) -> None:
         pass
 
     def log_final(self, summary: dict[str, Any]) -> None:
         pass
 
-    def finish(self) -> None:
+    def close(self) -> None:
         pass
 
 
@@ -128,11 +126,11 @@ class WandbTracker:
             self._claim(max(self.floor + 1, 0))
         return self.step
 
-    def log(self, values: dict[str, Any], step: int) -> None:
+    def log_metrics(self, values: dict[str, Any], step: int) -> None:
         if self._claim(step):
             self.run.log(values, step=step)
 
-    def summary(self, values: dict[str, Any]) -> None:
+    def set_summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             self.run.summary[key] = value
 
@@ -153,7 +151,7 @@ class WandbTracker:
             for key in ("accuracy", "macro_f1", "ece"):
                 if key in metrics:
                     values[f"final/{split}/{key}"] = metrics[key]
-        self.summary(values)
+        self.set_summary(values)
         labels = summary["labels"]
         payload: dict[str, Any] = {}
         for split, metrics in summary["eval"].items():
@@ -193,7 +191,7 @@ class WandbTracker:
         if payload:
             self.run.log(payload, step=self._current_step())
 
-    def finish(self) -> None:
+    def close(self) -> None:
         self.run.finish()
 
 
@@ -208,66 +206,3 @@ def build_tracker(
     if mode == "disabled":
         return NullTracker()
     return WandbTracker(cfg, config_dict, mode)
-
-
-# --- reading an offline run back -----------------------------------------------------------------
-
-_BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc, length, type) chunks
-_HEADER = 7  # ":W&B" + magic + version
-
-
-def _records(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    records, partial, pos = [], b"", _HEADER
-    while pos + 7 <= len(data):
-        if _BLOCK - pos % _BLOCK < 7:  # a block tail too short for a chunk header is padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:  # FULL
-            records.append(chunk)
-        elif kind == 2:  # FIRST
-            partial = chunk
-        elif kind == 3:  # MIDDLE
-            partial += chunk
-        elif kind == 4:  # LAST
-            records.append(partial + chunk)
-            partial = b""
-    return records
-
-
-def read_wandb_run(path: Path) -> dict[str, Any]:
-    """Read a local `run-<id>.wandb` file (offline or not yet synced) into plain Python:
-    {"run_id", "group", "config", "history": [{"_step": n, key: value, ...}], "summary"}.
-
-    Values are JSON-decoded; tables and plots appear as their W&B reference dicts.
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    def key(item: Any) -> str:
-        return item.key or "/".join(item.nested_key)
-
-    out: dict[str, Any] = {"run_id": None, "group": None, "config": {}, "history": [], "summary": {}}
-    for raw in _records(path):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            out["run_id"] = record.run.run_id
-            out["group"] = record.run.run_group
-            out["config"].update({key(i): json.loads(i.value_json) for i in record.run.config.update})
-        elif kind == "config":
-            out["config"].update({key(i): json.loads(i.value_json) for i in record.config.update})
-        elif kind == "history":
-            out["history"].append({key(i): json.loads(i.value_json) for i in record.history.item})
-        elif kind == "summary":
-            out["summary"].update({key(i): json.loads(i.value_json) for i in record.summary.update})
-    out["config"].pop("_wandb", None)
-    return out
-
-
-def offline_runs(run_dir: Path) -> list[Path]:
-    """The `.wandb` files under `run_dir/wandb/`, oldest first (one per process that tracked the run)."""
-    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -1,4 +1,5 @@
-"""`python -m scalelora.train --config RECIPE [key=value ...]` (also under `accelerate launch -m`)."""
+"""`python -m scalelora.train --config RECIPE [key=value ...]` (also under `accelerate launch -m`):
+parse, `run_training(cfg)`, exit codes (0 done, 2 a user error, 3 halted, 75 preempted)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from scalelora.trainer import Preempted, Trainer  # heavy imports only when training
+    from scalelora.trainer import Preempted, run_training  # heavy imports only when training
 
-    trainer = Trainer(cfg)
     try:
-        trainer.setup()
-        trainer.train()
+        run_training(cfg)
     except Preempted as stop:
         print(f"scalelora: {stop}; resume with resume=auto", file=sys.stderr, flush=True)
         return stop.exit_code
-    finally:
-        trainer.close()
     return 0
 
 

@@ -1,0 +1,168 @@
+"""The Checkpointer and the run folder: claiming output_dir, when checkpoints are written and which are kept,
+resume identity, metrics trimming, atomic files and manifests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from scalelora import checkpoint as ckpt
+from scalelora.errors import CheckpointError, UserError
+from scalelora.train import main
+
+
+class OneProcess:
+    """The part of an Accelerator the run-folder policy talks to, for one process."""
+
+    is_main_process = True
+    num_processes = 1
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def checkpointer(run_dir: Path, resume: str | None = None, overwrite: bool = False, every: int | None = None):
+    lines: list[str] = []
+    keeper = ckpt.Checkpointer(
+        OneProcess(), run_dir, resume, overwrite, every, keep_last=2, echo=lines.append
+    )
+    return keeper, lines
+
+
+def test_checkpoints_are_due_every_n_steps_and_once_at_the_last_step(tmp_path):
+    keeper, _ = checkpointer(tmp_path, every=3)
+    due = [step for step in range(1, 8) if keeper.due(step, last=step == 7)]
+    assert due == [3, 6, 7]
+    keeper.last_saved_step = 6
+    assert not keeper.due(6, last=True)  # the last step was just saved: not twice
+    never, _ = checkpointer(tmp_path, every=None)
+    assert [s for s in range(1, 5) if never.due(s, last=s == 4)] == [4]
+
+
+def test_maybe_save_asks_for_the_state_only_when_it_saves(tmp_path, monkeypatch):
+    keeper, _ = checkpointer(tmp_path, every=2)
+    saved = []
+    monkeypatch.setattr(
+        ckpt, "save_checkpoint", lambda acc, root, step, state, keep: saved.append(step) or root
+    )
+
+    def state() -> dict:
+        asked.append(True)
+        return {}
+
+    asked: list[bool] = []
+    for step in range(1, 5):
+        keeper.maybe_save(step, step == 4, state)
+    assert saved == [2, 4] and len(asked) == 2 and keeper.last_saved_step == 4
+
+
+def test_a_used_output_dir_is_refused_and_overwrite_clears_only_run_outputs(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    keeper, _ = checkpointer(tmp_path)
+    with pytest.raises(UserError, match="already holds a run .*summary.json.*resume=auto"):
+        keeper.claim()
+    assert not (tmp_path / ".lock").exists(), "a refused claim must release the lock"
+    keeper, _ = checkpointer(tmp_path, overwrite=True)
+    assert keeper.claim() is None
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "checkpoints").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    keeper.release()
+
+
+def test_resume_auto_takes_the_newest_valid_checkpoint_and_says_so(tmp_path):
+    for step in (2, 4):
+        folder = tmp_path / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": step})
+        ckpt.write_manifest(folder)
+    (tmp_path / "checkpoints" / "step-4" / ckpt.TRAINER_STATE).write_text("{}")  # damaged after its manifest
+    keeper, lines = checkpointer(tmp_path, resume="auto")
+    assert keeper.claim() == tmp_path / "checkpoints" / "step-2"
+    assert any("skipping checkpoint step-4" in line for line in lines)
+    keeper.release()
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path):
+    folder = tmp_path / "checkpoints" / "step-2"
+    folder.mkdir(parents=True)
+    config = {
+        "model": {"name": "m", "mode": "lora"},
+        "lora": {"r": 8, "target_modules": None},
+        "data": {"path": "d", "keep_labels": None},
+    }
+    ckpt.atomic_write_json(
+        folder / ckpt.TRAINER_STATE, {"identity": ckpt.resume_identity(config, ["a", "b"])}
+    )
+    config["lora"]["r"] = 16
+    keeper, _ = checkpointer(tmp_path)
+    with pytest.raises(CheckpointError, match="lora.r: checkpoint 8, now 16"):
+        keeper.resume(folder, ckpt.resume_identity(config, ["a", "b"]))
+
+
+def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
+    keeper, _ = checkpointer(tmp_path)
+    for step in (2, 4, 6):
+        keeper.append_metrics({"step": step, "split": "train"})
+    keeper._trim_metrics(4)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+
+
+def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    ckpt.atomic_write_json(path, {"v": 1})
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", fail)
+    with pytest.raises(CheckpointError, match="no space left"):
+        ckpt.atomic_write_json(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
+
+
+def test_manifest_names_a_missing_truncated_or_altered_file(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"12345678")
+    (tmp_path / "b.json").write_text("{}")
+    ckpt.write_manifest(tmp_path)
+    ckpt.verify_manifest(tmp_path)
+    (tmp_path / "a.bin").write_bytes(b"1234")
+    with pytest.raises(CheckpointError, match="a.bin has 4 bytes.*truncated"):
+        ckpt.verify_manifest(tmp_path)
+    (tmp_path / "a.bin").write_bytes(b"12345679")
+    with pytest.raises(CheckpointError, match="a.bin does not match its checksum"):
+        ckpt.verify_manifest(tmp_path)
+    (tmp_path / "a.bin").unlink()
+    with pytest.raises(CheckpointError, match="a.bin is missing"):
+        ckpt.verify_manifest(tmp_path)
+
+
+def test_an_existing_run_is_not_overwritten_without_asking(tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2})]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    assert (
+        "already holds a run" in capsys.readouterr().err
+        and "resume=auto" in capsys.readouterr().err + "resume=auto"
+    )
+    assert main([*args, "overwrite=true"]) == 0
+
+
+def test_resume_auto_never_replaces_a_finished_run_without_checkpoints(tiny_bert, toy_data, tmp_path, capsys):
+    out = tmp_path / "done"
+    args = ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2})]
+    assert main(args) == 0
+    shutil.rmtree(out / "checkpoints")
+    capsys.readouterr()
+    assert main([*args, "resume=auto"]) == 2
+    assert "holds a finished run but no complete checkpoint" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
