@@ -45,7 +45,7 @@ format:
 # writes results/RESULTS.md and results/results.json. Finished runs under runs/results are reused.
 results:
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false \
-		$(PYTHON) scripts/results.py $(RESULTS_ARGS)
+		$(PYTHON) -m scalelora.study.results $(RESULTS_ARGS)
 
 # Side-by-side throughput against HF Trainer + PEFT: `make bench SCENARIO=cpu-minilm-kd` (see --list).
 SCENARIO ?= cpu-minilm-rt

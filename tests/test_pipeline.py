@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scalelora.pipeline import Pipeline, main
+from scalelora.study.pipeline import Pipeline, main
 
 ROWS = [
     "teacher_full",

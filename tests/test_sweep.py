@@ -12,8 +12,8 @@ import pytest
 
 from conftest import read_summary, run_cli, tiny_overrides
 from scalelora.errors import ConfigError
-from scalelora.sweep import main as sweep_main
-from scalelora.sweep import parse_grid, run_name, split_values
+from scalelora.study.sweep import main as sweep_main
+from scalelora.study.sweep import parse_grid, run_name, split_values
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,7 +121,7 @@ def test_rerun_skips_complete_runs(local_sweep):
     assert (out / "r2" / "summary.json").stat().st_mtime_ns == before
 
 
-def test_slurm_writes_and_submits_an_array(tmp_path, monkeypatch, capsys):
+def test_slurm_submits_the_shipped_array_script_and_a_table_job(tmp_path, monkeypatch, capsys):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "sbatch_calls.txt"
@@ -148,13 +148,13 @@ def test_slurm_writes_and_submits_an_array(tmp_path, monkeypatch, capsys):
     )
     assert code == 0
     assert "submitted array job 1001 (6 tasks) and table job 1002" in capsys.readouterr().out
-    script = (out / "sweep_array.sbatch").read_text()
-    assert "#SBATCH --array=0-5%3" in script and "#SBATCH --gres=gpu:1" in script
-    assert f'python -m scalelora.sweep --out {out.resolve()} --task "$SLURM_ARRAY_TASK_ID"' in script
-    assert "scontrol requeue" in script
+    shipped = Path(__file__).resolve().parents[1] / "slurm" / "sweep_array.sbatch"
     first, second = calls.read_text().splitlines()
-    assert first.endswith(str(out / "sweep_array.sbatch"))
-    assert "--dependency=afterany:1001" in second and "--aggregate" in second
+    # the one copy of the job script is submitted as it is; the per-sweep values are sbatch options
+    assert not (out / "sweep_array.sbatch").exists()
+    assert first.endswith(f"{shipped} {out.resolve()}")
+    assert "--array=0-5%3" in first.split() and "--gres=gpu:1" in first.split()
+    assert "--dependency=afterany:1001" in second and "--aggregate" in second and "--gres=gpu:1" in second
     plan = json.loads((out / "sweep_plan.json").read_text())
     assert [r["name"] for r in plan["runs"]] == [
         "r1-alpha16",
@@ -165,9 +165,8 @@ def test_slurm_writes_and_submits_an_array(tmp_path, monkeypatch, capsys):
         "r4-alpha64",
     ]
     assert plan["fixed"] == ["train.epochs=1"]
-    # the shipped template is what --slurm writes, less the per-sweep values
-    shipped = (Path(__file__).resolve().parents[1] / "slurm" / "sweep_array.sbatch").read_text()
-    assert '--task "$SLURM_ARRAY_TASK_ID"' in shipped and "scontrol requeue" in shipped
+    script = shipped.read_text()
+    assert '--task "$SLURM_ARRAY_TASK_ID"' in script and "scontrol requeue" in script
 
 
 def test_slurm_without_sbatch_is_a_user_error(tmp_path, monkeypatch, capsys):

@@ -2,7 +2,7 @@
 collected into results/results.json and results/RESULTS.md (rewritten after every dataset, so an
 interrupted run still leaves the finished datasets). Finished runs are reused on a rerun.
 
-Usage: python scripts/results.py [--datasets a,b] [--out-root runs/results] [key=value | RUN:key=value ...]
+Usage: python -m scalelora.study.results [--datasets a,b] [--out-root runs/results] [key=value | RUN:key=value ...]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository: src/scalelora/study/results.py
 DATASETS = ("rotten_tomatoes", "emotion", "sst2", "codemix_tamil", "codemix_hindi")
 # Chosen so the whole study fits in about an hour on 2 CPU cores (see the README, section `make results`).
 SETTINGS = [
@@ -114,7 +114,7 @@ def checks(rows: list[dict]) -> list[str]:
 def write(
     rows: list[dict], settings: list[str], started: float, done: list[str], out: Path, notes: str = ""
 ) -> None:
-    from scalelora.pipeline import markdown_table
+    from scalelora.study.pipeline import markdown_table
 
     info = machine()
     payload = {
@@ -129,7 +129,7 @@ def write(
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     parts = [
         "# Results: teacher -> LoRA student with distillation (MiniLM-L6, CPU)\n",
-        "Produced by `make results` (`python scripts/results.py`). Machine: "
+        "Produced by `make results` (`python -m scalelora.study.results`). Machine: "
         f"{info['cpu']}, {info['cpu_count']} cores, {info['memory_gib']} GiB RAM, no GPU; torch {info['torch']}. "
         f"{info['note']}.\n",
         "Settings for every trained run: `" + " ".join(settings) + "`; per-run defaults in "
@@ -169,7 +169,7 @@ def main() -> int:
     )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    from scalelora.pipeline import Pipeline
+    from scalelora.study.pipeline import Pipeline
 
     settings = SETTINGS + args.overrides
     started = time.time()

@@ -1,0 +1,333 @@
+"""`python -m scalelora.pipeline` (code: `scalelora.study.pipeline`) --config RECIPE [--out DIR] [--runs a,b] [key=value | RUN:key=value ...]`.
+
+For one dataset, runs the teacher -> student study and its baselines, then writes `results.json`
+and `results.md` in `--out` (one row per run):
+
+1. `teacher_full`        full fine-tune of the recipe's model (the teacher, saved to teacher_full/model)
+2. `lora_on_teacher`     LoRA on the frozen teacher, no distillation
+3. `lora_on_teacher_kd`  the same with KD from the teacher (cached logits)
+4. `head_only`           frozen pretrained encoder, trainable classification head
+5. `linear_probe`        logistic regression on frozen mean-pooled pretrained features
+6. `lora_base_kd`        LoRA on the pretrained (not teacher) base with KD from the teacher
+7. `tfidf_lr`            word + char TF-IDF and logistic regression on the whole training split
+   (`tfidf_lr_subset`: the same on the transformers' `data.max_train_samples` subset, when set)
+
+Overrides: `key=value` applies to every trained run, `RUN:key=value` to one run (after the
+defaults in STAGE_DEFAULTS). Teacher logits for runs 3 and 6 are computed once into
+`teacher_logits/` (a cache as `python -m scalelora.teacher_logits` builds it). A finished run
+whose settings are unchanged is reused (`--fresh` recomputes everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from scalelora.config import load_config, parse_overrides, to_dict
+from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
+from scalelora.report import fmt, table
+
+TRAINED_RUNS = ("teacher_full", "lora_on_teacher", "lora_on_teacher_kd", "head_only", "lora_base_kd")
+RUNS = (
+    "teacher_full",
+    "lora_on_teacher",
+    "lora_on_teacher_kd",
+    "head_only",
+    "linear_probe",
+    "lora_base_kd",
+    "tfidf_lr",
+)
+DESCRIPTIONS = {
+    "teacher_full": "(1) teacher: full fine-tune",
+    "lora_on_teacher": "(2) LoRA on frozen teacher",
+    "lora_on_teacher_kd": "(3) LoRA on frozen teacher + KD",
+    "head_only": "(4) head only, pretrained encoder",
+    "linear_probe": "(5) linear probe (LR on mean-pooled features)",
+    "lora_base_kd": "(6) LoRA on pretrained base + KD from teacher",
+    "tfidf_lr": "TF-IDF word+char + LR (whole train split)",
+    "tfidf_lr_subset": "TF-IDF word+char + LR (same train subset)",
+}
+# Per-run settings on top of the recipe; `key=value` overrides on the command line win over these.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "teacher_full": {"model.mode": "full", "train.lr": 1e-4, "train.epochs": 2},
+    "lora_on_teacher": {"model.mode": "lora", "train.lr": 5e-4, "train.epochs": 1},
+    "lora_on_teacher_kd": {
+        "model.mode": "lora",
+        "train.lr": 5e-4,
+        "train.epochs": 1,
+        "distill.enabled": True,
+    },
+    "head_only": {"model.mode": "head_only", "train.lr": 5e-3, "train.epochs": 2},
+    "lora_base_kd": {"model.mode": "lora", "train.lr": 1e-3, "train.epochs": 2, "distill.enabled": True},
+}
+KD_RUNS = ("lora_on_teacher_kd", "lora_base_kd")
+ON_TEACHER = ("lora_on_teacher", "lora_on_teacher_kd")
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Separate `key=value` (every run) from `RUN:key=value` (one run). Raises ConfigError on an unknown RUN."""
+    common: list[str] = []
+    per_run: dict[str, list[str]] = {}
+    for item in items:
+        key = item.split("=", 1)[0]
+        if ":" in key:
+            run, rest = item.split(":", 1)
+            if run not in TRAINED_RUNS:
+                raise ConfigError(
+                    f"override {item!r} names run '{run}'; trained runs are {', '.join(TRAINED_RUNS)}"
+                )
+            per_run.setdefault(run, []).append(rest)
+        else:
+            common.append(item)
+    parse_overrides(common)  # syntax errors now, not after an hour of training
+    for values in per_run.values():
+        parse_overrides(values)
+    return common, per_run
+
+
+def _value(v: Any) -> str:
+    return "true" if v is True else "false" if v is False else str(v)
+
+
+class Pipeline:
+    """Runs the study for one recipe into `out`; see the module docstring."""
+
+    def __init__(
+        self, recipe: str, out: Path, overrides: list[str], runs: tuple[str, ...] = RUNS, fresh: bool = False
+    ) -> None:
+        self.recipe = recipe
+        self.out = out
+        self.common, self.per_run = split_overrides(overrides)
+        unknown = [r for r in runs if r not in RUNS]
+        if unknown:
+            raise ConfigError(f"--runs names {unknown}; choose from {', '.join(RUNS)}")
+        self.runs = runs
+        self.fresh = fresh
+        self.base_cfg = load_config(recipe, self.common)
+        self.teacher_dir = out / "teacher_full" / "model"
+        self.cache_dir = out / "teacher_logits"
+        self.rows: list[dict[str, Any]] = []
+
+    def log(self, message: str) -> None:
+        print(f"scalelora.pipeline: {message}", file=sys.stderr, flush=True)
+
+    # --- overrides per run ----------------------------------------------------------------------
+
+    def run_overrides(self, run: str) -> list[str]:
+        settings = dict(STAGE_DEFAULTS[run])
+        fixed: dict[str, Any] = {"output_dir": self.out / run, "overwrite": True}
+        if run in ON_TEACHER:
+            fixed["model.name"] = (
+                self.teacher_dir
+            )  # after the common overrides: a model.name there names the base
+        if run in KD_RUNS:
+            fixed["distill.teacher"] = "cache"
+            fixed["distill.cache_dir"] = self.cache_dir
+        return (
+            [f"{k}={_value(v)}" for k, v in settings.items()]
+            + self.common
+            + self.per_run.get(run, [])
+            + [f"{k}={_value(v)}" for k, v in fixed.items()]
+        )
+
+    # --- reuse of finished runs -----------------------------------------------------------------
+
+    def _stamp(self, run: str, settings: Any) -> dict[str, Any]:
+        return {"recipe": self.recipe, "settings": settings}
+
+    def _reusable(self, run: str, stamp: dict[str, Any]) -> dict[str, Any] | None:
+        path = self.out / run / "pipeline_row.json"
+        if self.fresh or not path.is_file():
+            return None
+        saved = json.loads(path.read_text())
+        return saved["row"] if saved.get("stamp") == stamp else None
+
+    def _save_row(self, run: str, stamp: dict[str, Any], row: dict[str, Any]) -> None:
+        folder = self.out / run
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pipeline_row.json").write_text(json.dumps({"stamp": stamp, "row": row}, indent=2) + "\n")
+
+    # --- the runs -------------------------------------------------------------------------------
+
+    def train(self, run: str) -> dict[str, Any]:
+        from scalelora.trainer import run_training
+
+        overrides = self.run_overrides(run)
+        cfg = load_config(self.recipe, overrides)
+        stamp = self._stamp(run, to_dict(cfg))
+        if (run in ON_TEACHER or run in KD_RUNS) and (self.teacher_dir / "model.safetensors").is_file():
+            stamp["teacher_mtime"] = (self.teacher_dir / "model.safetensors").stat().st_mtime
+        if run in KD_RUNS:
+            stamp["cache"] = json.loads((self.cache_dir / "manifest.json").read_text())["teacher"]
+        reused = self._reusable(run, stamp)
+        if reused is not None:
+            self.log(f"{run}: reusing the finished run in {self.out / run}")
+            return reused
+        self.log(f"{run}: training ({' '.join(overrides)})")
+        summary = run_training(cfg)  # resets Accelerate's process-wide state: stages may differ in precision
+        row = {
+            "trainable_params": summary["trainable_params"],
+            "total_params": summary["total_params"],
+            "eval": {
+                split: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+                for split, m in summary["eval"].items()
+            },
+            "train_seconds": summary["train_seconds"],
+            "num_train_examples": summary["num_train_examples"],
+            "details": {
+                "model": cfg.model.name,
+                "mode": cfg.model.mode,
+                "epochs": cfg.train.epochs,
+                "lr": cfg.train.lr,
+                "steps": summary["global_step"],
+                "best_step": summary["best"]["step"],
+                "distill": summary.get("distill"),
+            },
+        }
+        self._save_row(run, stamp, row)
+        return row
+
+    def teacher_logits(self) -> None:
+        from scalelora.teacher_logits import build_cache
+
+        cfg = load_config(self.recipe, self.common)
+        self.log(f"teacher logits -> {self.cache_dir}")
+        try:  # a complete cache of this very teacher for this data is kept as it is
+            build_cache(cfg, str(self.teacher_dir), self.cache_dir)
+        except DataError as err:
+            self.log(f"rebuilding the teacher logits ({err})")
+            build_cache(cfg, str(self.teacher_dir), self.cache_dir, overwrite=True)
+
+    def baseline(self, run: str) -> dict[str, Any]:
+        from scalelora import data as data_lib
+        from scalelora.study import baselines
+
+        cfg = self.base_cfg
+        stamp = self._stamp(run, to_dict(cfg)["data"] | {"model": cfg.model.name})
+        reused = self._reusable(run, stamp)
+        if reused is not None:
+            self.log(f"{run}: reusing the finished run in {self.out / run}")
+            return reused
+        self.log(f"{run}: fitting")
+        splits = data_lib.load_splits(cfg.data, cfg.seed)
+        if run == "linear_probe":
+            row = baselines.linear_probe(splits, cfg.model.name, cfg.data.max_length)
+        elif run == "tfidf_lr_subset":
+            row = baselines.tfidf_logreg(splits)
+        else:
+            from dataclasses import replace
+
+            whole = data_lib.load_splits(replace(cfg.data, max_train_samples=None), cfg.seed)
+            row = baselines.tfidf_logreg(splits, train_rows=whole.train)
+        self._save_row(run, stamp, row)
+        return row
+
+    def run(self) -> list[dict[str, Any]]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        needs_teacher = [r for r in self.runs if r in ON_TEACHER or r in KD_RUNS]
+        results: dict[str, dict[str, Any]] = {}
+        order = list(self.runs)
+        if needs_teacher and "teacher_full" not in order and not (self.teacher_dir / "config.json").is_file():
+            raise UserError(
+                f"--runs {','.join(needs_teacher)} need the teacher in {self.teacher_dir}; add teacher_full to --runs"
+            )
+        if "tfidf_lr" in order and self.base_cfg.data.max_train_samples:
+            order.insert(order.index("tfidf_lr") + 1, "tfidf_lr_subset")
+        cache_built = False
+        for run in order:
+            if run in KD_RUNS and not cache_built:
+                self.teacher_logits()
+                cache_built = True
+            results[run] = self.train(run) if run in TRAINED_RUNS else self.baseline(run)
+        self.rows = [self.make_row(run, row) for run, row in results.items()]
+        self.write()
+        return self.rows
+
+    def make_row(self, run: str, row: dict[str, Any]) -> dict[str, Any]:
+        trainable, total = row["trainable_params"], row["total_params"]
+        return {
+            "dataset": self.recipe,
+            "data": self.base_cfg.data.path,
+            "run": run,
+            "description": DESCRIPTIONS[run],
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_pct": round(100.0 * trainable / total, 4) if total else None,
+            "validation": row["eval"].get("validation"),
+            "test": row["eval"].get("test"),
+            "train_seconds": round(row["train_seconds"], 1),
+            "num_train_examples": row["num_train_examples"],
+            "details": row.get("details", {}),
+        }
+
+    def write(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.rows, indent=2) + "\n")
+        (self.out / "results.md").write_text(markdown_table(self.rows, title=f"### {self.recipe}\n\n"))
+        self.log(f"results -> {self.out / 'results.md'}")
+
+
+def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
+    header = [
+        "run",
+        "trainable",
+        "total",
+        "trainable %",
+        "val acc",
+        "val macro-F1",
+        "test acc",
+        "test macro-F1",
+        "train s",
+    ]
+    body = []
+    for r in rows:
+        val, test = r.get("validation") or {}, r.get("test") or {}
+        body.append(
+            [
+                r["description"],
+                r["trainable_params"],
+                r["total_params"],
+                fmt(r["trainable_pct"], 2),
+                val.get("accuracy"),
+                val.get("macro_f1"),
+                test.get("accuracy"),
+                test.get("macro_f1"),
+                fmt(r["train_seconds"], 1),
+            ]
+        )
+    return title + "\n".join(table(header, body)) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m scalelora.pipeline",
+        description="Teacher full fine-tune -> LoRA students with/without KD, plus baselines, for one recipe.",
+        epilog="Overrides: key=value for every trained run, RUN:key=value for one (e.g. teacher_full:train.lr=5e-5).",
+    )
+    parser.add_argument("--config", required=True, help="a shipped recipe name or a YAML file")
+    parser.add_argument("--out", help="output folder (default runs/pipeline/<recipe>)")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
+    parser.add_argument(
+        "--fresh", action="store_true", help="recompute runs that finished with the same settings"
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("overrides", nargs="*", metavar="[RUN:]key=value")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    name = Path(args.config).stem
+    out = Path(args.out or f"runs/pipeline/{name}")
+    runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
+    pipeline = Pipeline(args.config, out, args.overrides, runs, args.fresh)
+    pipeline.run()
+    print(markdown_table(pipeline.rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
