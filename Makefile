@@ -34,12 +34,12 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
 lint:
-	$(PYTHON) -m ruff check src tests
-	$(PYTHON) -m ruff format --check src tests
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks
 
 format:
-	$(PYTHON) -m ruff format src tests
-	$(PYTHON) -m ruff check --fix src tests
+	$(PYTHON) -m ruff format src tests benchmarks
+	$(PYTHON) -m ruff check --fix src tests benchmarks
 
 # The teacher -> LoRA student study on the five local datasets (about an hour on 2 CPU cores);
 # writes results/RESULTS.md and results/results.json. Finished runs under runs/results are reused.

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import bench
 from conftest import run_cli
-from scalelora import bench
 
 
 def test_smoke_runs_both_sides_and_writes_json(tmp_path: Path) -> None:
