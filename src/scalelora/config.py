@@ -162,6 +162,11 @@ class EvalConfig:
     """Finish with the best weights (saved as adapter/) rather than the last ones."""
     sample_predictions: int = 8
     """Validation texts shown with gold label and prediction before and after training."""
+    extra_metrics: list[str] = field(default_factory=list)
+    """More metrics from the `evaluate` library, reported for every split: hub names (e.g.
+    `matthews_correlation`; needs internet) or local folders / .py files holding a module."""
+    trust_remote_code: bool = False
+    """Run the code of `extra_metrics` (every evaluate module is a Python script). Off unless you trust it."""
 
     def __post_init__(self) -> None:
         _check_positive("eval.every", self.every)
@@ -272,6 +277,11 @@ class RunConfig:
             problems.append(
                 f"model.dtype={self.model.dtype} needs train.precision={wanted} (autocast mixes the float32 "
                 "trainable weights with the low-precision base), or model.dtype=float32"
+            )
+        if self.eval.extra_metrics and not self.eval.trust_remote_code:
+            problems.append(
+                f"eval.extra_metrics={','.join(self.eval.extra_metrics)} runs each evaluate module's Python code: "
+                "set eval.trust_remote_code=true if you trust them, or drop eval.extra_metrics"
             )
         if self.resume not in (None, "auto") and self.overwrite:
             problems.append("resume=PATH and overwrite=true contradict each other: drop one")

@@ -1,7 +1,13 @@
-"""Metrics (accuracy, macro-F1, per-class report, confusion matrix, calibration) and gathered prediction."""
+"""Metrics (accuracy, macro-F1, per-class report, confusion matrix, calibration) and gathered prediction.
+
+The built-in metrics come from scikit-learn: they need no download and run no code but the library's.
+Users add metrics of the `evaluate` library by name (`eval.extra_metrics`): hub modules or local
+folders/scripts, which are Python code, hence `eval.trust_remote_code`.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,9 +79,71 @@ def gather_predictions(
 
 
 def evaluate_split(
-    accelerator: Any, model: torch.nn.Module, loader: Any, label_names: list[str]
+    accelerator: Any,
+    model: torch.nn.Module,
+    loader: Any,
+    label_names: list[str],
+    extra_metrics: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     probs, labels, idx = gather_predictions(accelerator, model, loader)
-    metrics = classification_metrics(probs.argmax(axis=1), labels, label_names, probs)
+    predictions = probs.argmax(axis=1)
+    metrics = classification_metrics(predictions, labels, label_names, probs)
     metrics["unique_examples"] = int(len(np.unique(idx)))
+    add_extra_metrics(metrics, extra_metrics or {}, predictions, labels)
     return metrics
+
+
+def metric_name(name: str) -> str:
+    """How an `eval.extra_metrics` entry is called in outputs: a hub name's last part, a path's stem."""
+    return Path(name.rstrip("/")).stem if ("/" in name or name.endswith(".py")) else name
+
+
+def load_extra_metrics(names: list[str], trusted: bool) -> dict[str, Any]:
+    """Load `evaluate` modules (hub names, local folders or .py files) once, before training.
+
+    Raises ConfigError when code may not run (`eval.trust_remote_code` false) or a module does not load.
+    """
+    from scalelora.errors import ConfigError, one_line
+
+    if not names:
+        return {}
+    if not trusted:
+        raise ConfigError(
+            f"eval.extra_metrics={','.join(names)}: evaluate modules are Python code that scalelora runs; "
+            "set eval.trust_remote_code=true if you trust them, or drop eval.extra_metrics"
+        )
+    import evaluate
+
+    modules = {}
+    for name in names:
+        try:
+            modules[metric_name(name)] = evaluate.load(name)
+        except Exception as err:  # evaluate raises many types for a missing or broken module
+            raise ConfigError(
+                f"eval.extra_metrics: cannot load {name!r} ({one_line(err, 160)}); give an evaluate module's "
+                "hub name (needs internet) or a local folder or .py file holding one"
+            ) from None
+    return modules
+
+
+def add_extra_metrics(
+    metrics: dict[str, Any], modules: dict[str, Any], predictions: np.ndarray, labels: np.ndarray
+) -> None:
+    """Add each module's results to `metrics` (a key a built-in metric already has gets `<module>/`),
+    and list the added keys under `extra_metrics`. Raises UserError when a module's compute fails."""
+    from scalelora.errors import UserError, one_line
+
+    added = []
+    for name, module in modules.items():
+        try:
+            result = module.compute(predictions=predictions.tolist(), references=labels.tolist())
+        except Exception as err:  # a user's module can raise anything
+            raise UserError(
+                f"eval.extra_metrics: {name} failed on this split ({one_line(err, 160)}); fix or drop it"
+            ) from None
+        for key, value in (result or {}).items():
+            out_key = key if key not in metrics else f"{name}/{key}"
+            metrics[out_key] = value.tolist() if hasattr(value, "tolist") else value
+            added.append(out_key)
+    if modules:
+        metrics["extra_metrics"] = added

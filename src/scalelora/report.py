@@ -286,6 +286,12 @@ def render_report(summary: dict[str, Any], config: dict[str, Any], has_curves: b
             for split, m in evals.items()
         ],
     )
+    extra_keys = list(dict.fromkeys(k for m in evals.values() for k in m.get("extra_metrics", [])))
+    if extra_keys:
+        lines += ["", "Extra metrics (`eval.extra_metrics`, computed by the `evaluate` library):", ""]
+        lines += table(
+            ["split", *extra_keys], [[split, *(m.get(k) for k in extra_keys)] for split, m in evals.items()]
+        )
     lines += [
         "",
         "ECE is the expected calibration error of the top-label confidence: 0 means the model is "

@@ -148,7 +148,7 @@ class WandbTracker:
             **param_counts(summary["trainable_params"], summary["total_params"]),
         }
         for split, metrics in summary["eval"].items():
-            for key in ("accuracy", "macro_f1", "ece"):
+            for key in ("accuracy", "macro_f1", "ece", *metrics.get("extra_metrics", [])):
                 if key in metrics:
                     values[f"final/{split}/{key}"] = metrics[key]
         self.set_summary(values)

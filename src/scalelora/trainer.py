@@ -25,7 +25,7 @@ from scalelora import report
 from scalelora.checkpoint import Checkpointer, resume_identity
 from scalelora.config import RunConfig, dump_yaml, to_dict
 from scalelora.errors import TrainingHalted, UserError
-from scalelora.evaluation import evaluate_split
+from scalelora.evaluation import evaluate_split, load_extra_metrics
 from scalelora.losses import count_valid, distillation_loss_sum, hidden_mse_sum
 from scalelora.models import HEAD_MODULES, build_model, count_params, is_peft, load_tokenizer, max_positions
 from scalelora.runtime import (
@@ -197,6 +197,8 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         acc = self.accelerator = build_accelerator(cfg)
+        # before the output folder is touched: a metric that cannot load fails the run at once
+        self.extra_metrics = load_extra_metrics(cfg.eval.extra_metrics, cfg.eval.trust_remote_code)
         self.checkpointer = Checkpointer(
             acc,
             cfg.run_dir,
@@ -468,19 +470,23 @@ class Trainer:
     # --- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, split: str = "eval") -> dict[str, Any]:
-        return evaluate_split(self.accelerator, self.model, self.eval_loaders[split], self.label_names)
+        return evaluate_split(
+            self.accelerator, self.model, self.eval_loaders[split], self.label_names, self.extra_metrics
+        )
 
     def evaluate_and_track_best(self) -> bool:
         """Evaluate, save the model when the metric improves; True when early stopping says stop."""
         cfg, state = self.cfg, self.state
         metrics = self.evaluate("eval")
         self.last_eval = (state.global_step, metrics)
+        extra = {key: metrics[key] for key in metrics.get("extra_metrics", [])}
         self.checkpointer.append_metrics(
             {
                 "step": state.global_step,
                 "split": "validation",
                 "accuracy": metrics["accuracy"],
                 "macro_f1": metrics["macro_f1"],
+                **extra,
             }
         )
         self.tracker.log_metrics(
@@ -488,6 +494,7 @@ class Trainer:
                 "eval/accuracy": metrics["accuracy"],
                 "eval/macro_f1": metrics["macro_f1"],
                 "eval/ece": metrics.get("ece"),
+                **{f"eval/{key}": value for key, value in extra.items()},
             },
             step=state.global_step,
         )

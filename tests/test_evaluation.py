@@ -1,0 +1,97 @@
+"""evaluation.py: metrics against hand computation, calibration error, and `evaluate` modules named by the user."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import read_summary, tiny_overrides
+from scalelora.evaluation import classification_metrics, expected_calibration_error, metric_name
+from scalelora.train import main
+
+LABELS = ["a", "b", "c"]
+
+
+def test_accuracy_macro_f1_per_class_and_confusion_match_hand_computation():
+    gold = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 1, 1, 2, 0])
+    m = classification_metrics(pred, gold, LABELS)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # per class (precision, recall): a (1/2, 1/2), b (2/3, 1), c (1, 1/2)
+    f1 = [0.5, 2 * (2 / 3) / (2 / 3 + 1), 2 * 0.5 / 1.5]
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+    assert m["per_class"]["b"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 1.0, "f1": f1[1], "support": 2}
+    )
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_expected_calibration_error_by_hand():
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    gold = np.array([0, 1, 0, 1])
+    # bins: 0.9 (2 examples, accuracy 1/2), 0.6 (1, accuracy 1), 0.7 (1, accuracy 1)
+    expected = (2 / 4) * abs(0.5 - 0.9) + (1 / 4) * abs(1 - 0.6) + (1 / 4) * abs(1 - 0.7)
+    assert expected_calibration_error(probs, gold) == pytest.approx(expected)
+
+
+METRIC_MODULE = """
+import datasets
+import evaluate
+
+
+class PredictedFirstLabel(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="share of predictions that are label 0",
+            citation="",
+            inputs_description="predictions and references: label ids",
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references):
+        return {"first_label_rate": sum(p == 0 for p in predictions) / len(predictions), "accuracy": -1.0}
+"""
+
+
+def write_metric(folder):
+    folder.mkdir(parents=True)
+    (folder / f"{folder.name}.py").write_text(METRIC_MODULE)
+    return folder
+
+
+def test_a_local_evaluate_module_is_reported_for_every_split(tiny_bert, toy_data, tmp_path):
+    module = write_metric(tmp_path / "first_label")
+    out = tmp_path / "run"
+    extra = {"eval.extra_metrics": f"[{module}]", "eval.trust_remote_code": "true"}
+    assert main(["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **extra)]) == 0
+    summary = read_summary(out)
+    for split in ("validation", "test"):
+        metrics = summary["eval"][split]
+        assert 0.0 <= metrics["first_label_rate"] <= 1.0
+        # a key a built-in metric already has keeps the built-in value; the module's gets its name
+        assert metrics["accuracy"] >= 0 and metrics["first_label/accuracy"] == -1.0
+        assert metrics["extra_metrics"] == ["first_label_rate", "first_label/accuracy"]
+    assert "first_label_rate" in (out / "report.md").read_text()
+    validation_lines = [
+        line for line in (out / "metrics.jsonl").read_text().splitlines() if '"validation"' in line
+    ]
+    assert validation_lines and all("first_label_rate" in line for line in validation_lines)
+
+
+def test_extra_metrics_need_the_opt_in_and_a_loadable_module(tiny_bert, toy_data, tmp_path, capsys):
+    module = write_metric(tmp_path / "first_label")
+    args = ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, tmp_path / "run")]
+    assert main([*args, f"eval.extra_metrics=[{module}]"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "set eval.trust_remote_code=true" in err
+    assert main([*args, f"eval.extra_metrics=[{tmp_path / 'nowhere'}]", "eval.trust_remote_code=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot load" in err and "nowhere" in err
+
+
+def test_metric_names_in_outputs():
+    assert metric_name("matthews_correlation") == "matthews_correlation"
+    assert metric_name("/x/y/first_label") == "first_label"
+    assert metric_name("metrics/f.py") == "f"
