@@ -1,5 +1,5 @@
-"""Distillation in the trainer: the three teacher sources agree, alpha=0 is plain fine-tuning, the
-hidden-state loss and its errors, teachers that cannot be used, and a 2-process KD run."""
+"""teacher.py and distillation through it: the three teacher sources agree, alpha=0 is plain fine-tuning,
+the hidden-state loss and its errors, teachers that cannot be used, and a 2-process KD run."""
 
 from __future__ import annotations
 
