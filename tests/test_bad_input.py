@@ -1,7 +1,7 @@
 """Each bad input a user can give: exit code 2, one `scalelora: error: ...` line naming the fix,
 no traceback, and nothing left in output_dir that looks like a finished run.
 
-The table in the README (Reliability) lists these cases; `CASES` here is its source of truth
+The table in docs/reliability.md (Bad input) lists these cases; `BAD_INPUTS` here is its source of truth
 (a test checks the two agree).
 """
 
@@ -489,6 +489,6 @@ def test_existing_run_without_resume_is_refused(finished_run: Path, tiny_bert, t
 
 
 def test_docs_table_lists_every_case():
-    doc = (ROOT / "README.md").read_text()
+    doc = (ROOT / "docs" / "reliability.md").read_text()
     for case in BAD_INPUTS:
-        assert case.input in doc, f"README.md (Reliability) misses the bad input {case.input!r}"
+        assert case.input in doc, f"docs/reliability.md (Bad input) misses the bad input {case.input!r}"

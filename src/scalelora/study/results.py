@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository: src/scalelora/study/results.py
 DATASETS = ("rotten_tomatoes", "emotion", "sst2", "codemix_tamil", "codemix_hindi")
-# Chosen so the whole study fits in about an hour on 2 CPU cores (see the README, section `make results`).
+# Chosen so the whole study fits in about an hour on 2 CPU cores (see docs/results.md).
 SETTINGS = [
     "model.name=minilm-l6",
     "data.max_train_samples=2000",

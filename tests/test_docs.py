@@ -1,0 +1,95 @@
+"""The documentation's links: every relative link in README.md and docs/ points to a file of the
+repository (and, with `#anchor`, to a heading of that page), and every page in docs/ is reachable
+from the README."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
+CODE_SPAN = re.compile(r"(`+).+?\1", re.S)
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
+HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
+
+
+def prose(text: str) -> str:
+    """The text without fenced code blocks and code spans, where links are not links."""
+    return CODE_SPAN.sub("", FENCE.sub("", text))
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: link markup reduced to its text, lower case, every character
+    but letters, marks, digits, `_`, `-` and spaces dropped, spaces turned into `-`."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading).lower()
+    kept = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LMN")
+    return kept.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in HEADING.findall(FENCE.sub("", page.read_text())):
+        base = slug(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def relative_links(page: Path) -> list[str]:
+    return [t for t in LINK.findall(prose(page.read_text())) if not re.match(r"[a-z][a-z0-9+.-]*:", t)]
+
+
+def resolve(page: Path, target: str) -> tuple[Path, str]:
+    path, _, anchor = target.partition("#")
+    return ((page.parent / path).resolve() if path else page), anchor
+
+
+@pytest.mark.parametrize(
+    ("heading", "anchor"),
+    [
+        ("Teacher → LoRA student with distillation", "teacher--lora-student-with-distillation"),
+        (
+            "Scale out: DeepSpeed ZeRO, 8-bit/4-bit bases, SLURM and preemption",
+            "scale-out-deepspeed-zero-8-bit4-bit-bases-slurm-and-preemption",
+        ),
+        ("Distillation (`distill.*`)", "distillation-distill"),
+        ("`make results`", "make-results"),
+    ],
+)
+def test_slug_matches_github(heading, anchor):
+    assert slug(heading) == anchor
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in relative_links(page):
+        path, anchor = resolve(page, target)
+        if not path.exists() or not path.is_relative_to(ROOT):
+            broken.append(f"{target}: no such file in the repository")
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            broken.append(f"{target}: no heading #{anchor} in {path.relative_to(ROOT)}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    reached, todo = set(), [ROOT / "README.md"]
+    while todo:
+        page = todo.pop()
+        if page in reached:
+            continue
+        reached.add(page)
+        for target in relative_links(page):
+            path, _ = resolve(page, target)
+            if path.suffix == ".md" and path.is_file():
+                todo.append(path)
+    orphans = [str(p.relative_to(ROOT)) for p in PAGES if p not in reached]
+    assert not orphans, f"pages no link leads to from README.md: {orphans}"
