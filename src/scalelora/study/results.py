@@ -133,7 +133,7 @@ def write(
         f"{info['cpu']}, {info['cpu_count']} cores, {info['memory_gib']} GiB RAM, no GPU; torch {info['torch']}. "
         f"{info['note']}.\n",
         "Settings for every trained run: `" + " ".join(settings) + "`; per-run defaults in "
-        "`scalelora.pipeline.STAGE_DEFAULTS` (teacher: full fine-tune, 2 epochs, lr 1e-4; LoRA on the teacher "
+        "`scalelora.study.pipeline.STAGE_DEFAULTS` (teacher: full fine-tune, 2 epochs, lr 1e-4; LoRA on the teacher "
         "r=8: 1 epoch, lr 5e-4; LoRA on the pretrained base + KD: 1 epoch, lr 1e-3; head only: 1 epoch, "
         "lr 5e-3; KD alpha=0.5, T=2 from cached teacher logits). Validation and test: a seeded subset of "
         "at most 1000 rows each (the same rows for every run, the TF-IDF rows included). "
