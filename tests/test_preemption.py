@@ -1,6 +1,8 @@
-"""Preemption for real: a stop signal reaches a running 2-process CPU training through
-`accelerate launch` (torchrun), every rank stops at the same step with a complete checkpoint, and
-`resume=auto` finishes with the adapter of an uninterrupted run, in the same W&B run."""
+"""Stop signals outside SLURM: a SIGTERM to a local `accelerate launch` (torchrun forwards it) stops
+a running 2-process CPU training, every rank at the same step with a complete checkpoint, and
+`resume=auto` finishes with the adapter of an uninterrupted run, in the same W&B run. The chain
+through the scheduler (`slurm/preemptible.sbatch`: USR1, checkpoint, requeue, resume) runs on a real
+SLURM cluster in tests/test_slurm_cluster.py."""
 
 from __future__ import annotations
 
@@ -89,7 +91,7 @@ def uninterrupted(tiny_bert, toy_data, tmp_path_factory) -> Path:
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_matches(
     tiny_bert, toy_data, tmp_path, uninterrupted
 ):
-    """What slurm/preemptible.sbatch does on USR1: SIGTERM to the launcher, which torchrun forwards."""
+    """A `kill` of a local launch: SIGTERM to the launcher, which torchrun forwards to every rank."""
     out = tmp_path / "preempted"
     wandb = ["tracking.report_to=wandb", "tracking.wandb.mode=offline"]
     job = start(

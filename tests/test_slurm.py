@@ -1,14 +1,15 @@
-"""The SLURM and launch scripts without a cluster: `bash -n`, shellcheck, and runs with fake `srun`,
-`scontrol` and `accelerate` on PATH and SLURM_* set for 2 nodes, checking the exact `accelerate launch`
-command each node would run, the preemption trap and the requeue."""
+"""The SLURM and launch scripts without a cluster: `bash -n`, shellcheck, the resources the scripts
+derive from SLURM_*, and the GPU paths a CPU machine cannot run: fake `srun`, `scontrol` and
+`accelerate` on PATH and SLURM_* set for 2 nodes with 4 GPUs each, checking the exact `accelerate
+launch` command each node would run. The CPU paths, the preemption signal and the requeue run on a
+real SLURM cluster in tests/test_slurm_cluster.py."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,10 @@ SCRIPTS = [
     ROOT / "slurm" / "single_node.sbatch",
     ROOT / "slurm" / "multi_node.sbatch",
     ROOT / "slurm" / "preemptible.sbatch",
+    ROOT / "slurm" / "sweep_array.sbatch",
+    ROOT / "slurm" / "job_env.sh",
+    ROOT / "slurm" / "launch_node.sh",
+    ROOT / "scripts" / "local_slurm.sh",
     ROOT / "launch" / "local_multi_gpu.sh",
     ROOT / "launch" / "cpu_2proc.sh",
     ROOT / "scripts" / "gpu_check.sh",
@@ -47,6 +52,9 @@ exit $rc
 """
 FAKE_SCONTROL = r"""#!/usr/bin/env bash
 if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu-node-17\ngpu-node-18\n'; exit 0; fi
+if [[ $1 == show && $2 == node ]]; then
+  printf 'NodeName=%s Arch=x86_64 CoresPerSocket=32\n   NodeAddr=10.1.0.17 NodeHostName=%s\n' "$3" "$3"; exit 0
+fi
 echo "scontrol $*" >> "$FAKE_LOG/scontrol.calls"
 """
 # accelerate: record argv (one per line) per node; FAKE_MODE=exit:N exits N, FAKE_MODE=wait runs until TERM
@@ -78,7 +86,9 @@ def fake_cluster(tmp_path):
         **{
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "ACCEL_CONFIG", "GPUS_PER_NODE", "MAIN_"))
+            if not k.startswith(
+                ("SLURM_", "SRUN_", "ACCEL_CONFIG", "GPUS_PER_NODE", "PROCS_PER_NODE", "MAIN_", "OMP_")
+            )
         },
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "FAKE_LOG": str(log),
@@ -108,11 +118,13 @@ def expected_node_command(config: str, node: int, port: str, tail: list[str]) ->
         "--num_processes",
         "8",
         "--main_process_ip",
-        "gpu-node-17",
+        "10.1.0.17",  # the first node's NodeAddr
         "--main_process_port",
         port,
         "--rdzv_backend",
         "c10d",
+        "--rdzv_conf",
+        f"is_host={int(node == 0)}",  # the first node hosts the rendezvous
         "-m",
         "scalelora.train",
         "--config",
@@ -126,7 +138,8 @@ def test_script_parses_and_passes_shellcheck(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True)
+    # from the repository root, where `source slurm/job_env.sh` resolves
+    result = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout
 
 
@@ -140,10 +153,13 @@ def test_script_is_executable_and_documented(script):
         assert sbatch_lines and all("#" in line[len("#SBATCH") :] for line in sbatch_lines), (
             "document every #SBATCH line"
         )
-        assert "#SBATCH --output=%x-%j.log" in text  # a log per job id
+        # a log per job id (per array task)
+        assert "#SBATCH --output=%x-%j.log" in text or "#SBATCH --output=%x-%A_%a.log" in text
+        # resources come from the sbatch command line: a CPU-only cluster rejects GPU requests
+        assert not re.search(r"^#SBATCH\s+--(gpus|gres|cpus-per|mem|partition)", text, re.M)
 
 
-def test_multi_node_runs_one_launch_per_node_with_its_own_rank(fake_cluster):
+def test_multi_node_on_gpu_nodes_runs_one_launch_per_node_with_its_own_rank(fake_cluster):
     env, log = fake_cluster
     result = subprocess.run(
         ["bash", "slurm/multi_node.sbatch", "emotion", "lora.r=16", "tracking.wandb.name=two words"],
@@ -191,7 +207,7 @@ def test_multi_node_takes_the_accel_config_and_gpu_count_from_the_environment(fa
     assert args[args.index("--machine_rank") + 1] == "1"
 
 
-def test_single_node_launches_every_gpu(fake_cluster):
+def test_single_node_on_a_gpu_node_launches_every_gpu(fake_cluster):
     env, log = fake_cluster
     env = {**env, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MAIN_PORT": "29500"}
     result = subprocess.run(
@@ -230,9 +246,7 @@ def test_sbatch_without_a_recipe_prints_usage(fake_cluster, script):
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
-@pytest.mark.parametrize(
-    ("launcher_exit", "script_exit", "requeued"), [(0, 0, False), (1, 1, False), (75, 0, True)]
-)
+@pytest.mark.parametrize(("launcher_exit", "script_exit", "requeued"), [(1, 1, False), (75, 0, True)])
 def test_preemptible_requeues_only_after_a_preemption_exit(
     fake_cluster, launcher_exit, script_exit, requeued
 ):
@@ -256,30 +270,56 @@ def test_preemptible_requeues_only_after_a_preemption_exit(
         assert args[args.index("--machine_rank") + 1] == str(node)
 
 
-def test_preemptible_turns_usr1_into_sigterm_for_the_launchers_and_requeues(fake_cluster):
-    env, log = fake_cluster
-    env = {**env, "FAKE_MODE": "wait", "MAIN_PORT": "29502", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": ""}
-    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT")
-    job = subprocess.Popen(
-        ["bash", "slurm/preemptible.sbatch", "emotion", "output_dir=/shared/runs/emo"],
+JOB_ENV_CASES = {
+    # name: (environment, expected GPUS_PER_NODE, PROCS_PER_NODE, ACCEL_CONFIG, OMP_NUM_THREADS)
+    "gpus_on_node": (
+        {"SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "32"},
+        ("8", "8", "accel_configs/multi_gpu.yaml", "4"),
+    ),
+    "typed_gpus_per_node": (
+        {"SLURM_GPUS_PER_NODE": "a100:4", "SLURM_CPUS_ON_NODE": "16"},
+        ("4", "4", "accel_configs/multi_gpu.yaml", "4"),
+    ),
+    "cuda_visible_devices": (
+        {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_CPUS_PER_TASK": "1"},
+        ("2", "2", "accel_configs/multi_gpu.yaml", "1"),
+    ),
+    "cpu_node": ({"SLURM_CPUS_PER_TASK": "8"}, ("0", "1", "accel_configs/cpu_2proc.yaml", "8")),
+    "cpu_node_2_procs": (
+        {"SLURM_CPUS_PER_TASK": "8", "PROCS_PER_NODE": "2"},
+        ("0", "2", "accel_configs/cpu_2proc.yaml", "4"),
+    ),
+    "user_settings_win": (
+        {"SLURM_GPUS_ON_NODE": "8", "GPUS_PER_NODE": "2", "ACCEL_CONFIG": "x.yaml", "OMP_NUM_THREADS": "3"},
+        ("2", "2", "x.yaml", "3"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", JOB_ENV_CASES)
+def test_job_env_derives_the_launch_from_the_resources_slurm_gave(fake_cluster, case):
+    env, _ = fake_cluster
+    extra, expected = JOB_ENV_CASES[case]
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_GPUS") and k != "CUDA_VISIBLE_DEVICES"}
+    env.update(SLURM_NNODES="1", **extra)
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            "set -eu; source slurm/job_env.sh; "
+            'echo "$GPUS_PER_NODE $PROCS_PER_NODE $ACCEL_CONFIG $OMP_NUM_THREADS ${SRUN_CPUS_PER_TASK:-unset}"',
+        ],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        capture_output=True,
         text=True,
+        timeout=60,
     )
-    deadline = time.monotonic() + 30
-    while not all((log / f"accelerate.{n}.started").exists() for n in (0, 1)):
-        assert time.monotonic() < deadline and job.poll() is None, "the fake launchers never started"
-        time.sleep(0.1)
-    job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` does
-    output, _ = job.communicate(timeout=30)
-    assert job.returncode == 0, output
-    # USR1 itself never reaches the launchers (it would kill the torchrun agent): they get TERM
-    assert (log / "srun.signals").read_text().strip() == "TERM"
-    assert all((log / f"accelerate.{n}.signal").read_text().strip() == "TERM" for n in (0, 1))
-    assert "requeue 4242" in (log / "scontrol.calls").read_text()
-    assert "got USR1" in output and "requeueing" in output
+    assert result.returncode == 0, result.stderr
+    *launch, srun_cpus = result.stdout.split()
+    assert tuple(launch) == expected
+    # srun does not inherit --cpus-per-task from sbatch (SLURM 22.05+): the scripts pass it on
+    assert srun_cpus == extra.get("SLURM_CPUS_PER_TASK", "unset")
 
 
 def test_local_launchers_pass_the_recipe_and_overrides(fake_cluster):

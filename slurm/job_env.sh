@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Sourced by slurm/*.sbatch, not run: turns what SLURM gave the job into the launch settings.
+# Resources come from the sbatch command line only (the scripts request no GPUs or CPU counts):
+#
+#   sbatch --gpus-per-node=8 --cpus-per-task=32 slurm/single_node.sbatch emotion   # a GPU node
+#   sbatch slurm/single_node.sbatch quickstart                                      # a CPU node
+#
+# Reads, all optional: GPUS_PER_NODE (default: SLURM_GPUS_ON_NODE, else SLURM_GPUS_PER_NODE, else
+# the devices in CUDA_VISIBLE_DEVICES, else 0), PROCS_PER_NODE (training processes per node;
+# default: one per GPU, 1 without GPUs), ACCEL_CONFIG (default: $GPU_ACCEL_CONFIG, set by the
+# calling script, with GPUs; accel_configs/cpu_2proc.yaml, DDP on gloo, without), OMP_NUM_THREADS
+# (default: the CPUs per task, SLURM_CPUS_PER_TASK, else the CPUs of this node, SLURM_CPUS_ON_NODE,
+# divided by PROCS_PER_NODE, at least 1), MAIN_PORT (default: a free port on this, the first, node).
+# Exports those, NNODES and MAIN_HOST (the first node's NodeAddr), and SRUN_CPUS_PER_TASK so the
+# `srun` job step keeps the job's --cpus-per-task (srun does not inherit it since SLURM 22.05).
+
+# GPUs SLURM gave this node: "4", or "a100:4" in SLURM_GPUS_PER_NODE
+slurm_gpus_on_node() {
+  local count=${SLURM_GPUS_ON_NODE:-}
+  if [[ -z $count && -n ${SLURM_GPUS_PER_NODE:-} ]]; then
+    count=${SLURM_GPUS_PER_NODE##*:}
+  fi
+  if [[ -z $count && -n ${CUDA_VISIBLE_DEVICES:-} && $CUDA_VISIBLE_DEVICES != NoDevFiles ]]; then
+    local ids
+    IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+    count=${#ids[@]}
+  fi
+  echo "${count:-0}"
+}
+
+# The address the other nodes reach the first node at: its NodeAddr (which defaults to its name).
+slurm_first_node_addr() {
+  local first addr
+  first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p) # sed reads all: no SIGPIPE
+  addr=$(scontrol show node "$first" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | sed -n 1p)
+  echo "${addr:-$first}"
+}
+
+export NNODES=${SLURM_NNODES:?not inside a SLURM allocation (SLURM_NNODES is unset)}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(slurm_gpus_on_node)}
+export GPUS_PER_NODE
+if ((GPUS_PER_NODE > 0)); then
+  export PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
+  export ACCEL_CONFIG=${ACCEL_CONFIG:-${GPU_ACCEL_CONFIG:-accel_configs/multi_gpu.yaml}}
+else
+  export PROCS_PER_NODE=${PROCS_PER_NODE:-1}
+  export ACCEL_CONFIG=${ACCEL_CONFIG:-accel_configs/cpu_2proc.yaml}
+fi
+if [[ -z ${OMP_NUM_THREADS:-} ]]; then
+  OMP_NUM_THREADS=$((${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}} / PROCS_PER_NODE))
+  ((OMP_NUM_THREADS >= 1)) || OMP_NUM_THREADS=1
+fi
+export OMP_NUM_THREADS
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+  export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
+if ((NNODES > 1)); then
+  MAIN_HOST=$(slurm_first_node_addr)
+else
+  MAIN_HOST=127.0.0.1
+fi
+export MAIN_HOST
+# the batch script runs on the first node of the allocation, so a port free here is free on MAIN_HOST
+export MAIN_PORT=${MAIN_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
