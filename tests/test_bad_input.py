@@ -106,6 +106,18 @@ def out_of_range(model: Path, data: Path, tmp: Path) -> list[str]:
     return tiny(model, data, tmp / "out", **{"lora.dropout": 1.5})
 
 
+def class_weights_unknown_label(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"train.class_weights": "{neg: 1, happy: 2}"})
+
+
+def class_weights_not_positive(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"train.class_weights": "{neg: 0, pos: 1}"})
+
+
+def focal_gamma_negative(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, data, tmp / "out", **{"train.loss": "focal", "train.focal_gamma": -1})
+
+
 def conflicting(model: Path, data: Path, tmp: Path) -> list[str]:
     return tiny(model, data, tmp / "out", **{"model.load_in_8bit": "true", "model.load_in_4bit": "true"})
 
@@ -303,6 +315,24 @@ BAD_INPUTS = [
     Case("zero_size", "zero size `train.batch_size=0`", zero_size, ("train.batch_size", "positive")),
     Case("negative_size", "negative size `lora.r=-4`", negative_size, ("lora.r", "positive")),
     Case("out_of_range", "value out of range `lora.dropout=1.5`", out_of_range, ("lora.dropout", "[0, 1)")),
+    Case(
+        "class_weights_unknown_label",
+        "`train.class_weights={neg: 1, happy: 2}` naming a label the data does not have",
+        class_weights_unknown_label,
+        ("train.class_weights", "happy", "not labels of this data"),
+    ),
+    Case(
+        "class_weights_not_positive",
+        "a zero or negative class weight `train.class_weights={neg: 0, pos: 1}`",
+        class_weights_not_positive,
+        ("train.class_weights", "positive", "data.keep_labels"),
+    ),
+    Case(
+        "focal_gamma_negative",
+        "`train.focal_gamma=-1`",
+        focal_gamma_negative,
+        ("train.focal_gamma", ">= 0"),
+    ),
     Case(
         "conflicting",
         "conflicting options `model.load_in_8bit=true model.load_in_4bit=true`",

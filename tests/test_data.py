@@ -11,8 +11,15 @@ import pytest
 
 from conftest import write_jsonl
 from scalelora.config import DataConfig
-from scalelora.data import LengthGroupedSampler, PadCollator, infer_label_names, load_splits
-from scalelora.errors import DataError
+from scalelora.data import (
+    LengthGroupedSampler,
+    PadCollator,
+    SeededRandomSampler,
+    class_weights,
+    infer_label_names,
+    load_splits,
+)
+from scalelora.errors import ConfigError, DataError
 
 
 def folder_with(
@@ -145,6 +152,58 @@ def test_length_grouped_sampler_is_seeded_complete_and_groups_lengths():
     spread = np.mean([np.ptp([lengths[j] for j in b]) for b in batches])
     random_spread = np.mean([np.ptp(rng.choice(lengths, 16)) for _ in range(60)])
     assert spread < random_spread / 4  # batches of similar lengths: little padding
+
+
+def test_class_balanced_sampling_draws_every_class_equally_often_and_still_groups_lengths():
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 900 + [1] * 80 + [2] * 20)  # 90% / 8% / 2%
+    lengths = rng.integers(5, 120, size=1000).tolist()
+    for sampler in (
+        LengthGroupedSampler(lengths, batch_size=16, seed=3, labels=labels.tolist()),
+        SeededRandomSampler(1000, seed=3, labels=labels.tolist()),
+    ):
+        order = list(sampler)
+        assert len(order) == 1000
+        shares = np.bincount(labels[order], minlength=3) / 1000
+        assert np.all(np.abs(shares - 1 / 3) < 0.06), shares
+        assert order == list(type(sampler)(**vars_of(sampler)))  # seeded: the same draw again
+        sampler.set_epoch(1)
+        assert list(sampler) != order
+    grouped = list(LengthGroupedSampler(lengths, batch_size=16, seed=3, labels=labels.tolist()))
+    batches = [grouped[i : i + 16] for i in range(0, 1000, 16)]
+    spread = np.mean([np.ptp([lengths[j] for j in b]) for b in batches])
+    assert spread < np.mean([np.ptp(rng.choice(lengths, 16)) for _ in range(60)]) / 4
+
+
+def vars_of(sampler) -> dict:
+    if isinstance(sampler, LengthGroupedSampler):
+        return {
+            "lengths": sampler.lengths.tolist(),
+            "batch_size": sampler.batch_size,
+            "seed": sampler.seed,
+            "labels": sampler.labels.tolist(),
+        }
+    return {"size": sampler.size, "seed": sampler.seed, "labels": sampler.labels.tolist()}
+
+
+def test_balanced_class_weights_follow_the_filtered_training_split(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"label": [0] * 6 + [1] * 2})
+    assert class_weights("none", ["a", "b"], train) is None
+    # N / (K * count): 8 / (2 * 6) and 8 / (2 * 2); each class carries the same total weight
+    assert class_weights("balanced", ["a", "b"], train) == pytest.approx([8 / 12, 2.0])
+    assert class_weights({"b": 3.0}, ["a", "b"], train) == [1.0, 3.0]
+    with pytest.raises(ConfigError, match="names \\['c'\\]"):
+        class_weights({"c": 2.0}, ["a", "b"], train)
+    # after data.keep_labels the weights are over the kept labels only
+    folder = tmp_path / "skewed"
+    folder.mkdir()
+    rows = [{"text": f"t{i}", "label": lab} for i, lab in enumerate(["x"] * 6 + ["y"] * 3 + ["z"] * 1)]
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = load_splits(DataConfig(path=str(folder), keep_labels=["x", "y"]), seed=0)
+    assert class_weights("balanced", splits.label_names, splits.train) == pytest.approx([9 / 12, 9 / 6])
 
 
 def test_pad_collator_pads_to_the_longest_and_keeps_ids():

@@ -9,9 +9,10 @@ import torch
 
 from scalelora.losses import (
     IGNORE_INDEX,
+    class_weight_sum,
+    combine_loss,
     count_valid,
-    cross_entropy_sum,
-    distillation_loss_sum,
+    hard_label_loss_sum,
     hidden_mse_sum,
     kd_kl_sum,
 )
@@ -43,10 +44,73 @@ TEACHER = torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.0]])
 LABELS = torch.tensor([0, 1, 1])
 
 
+def distillation_loss(student, labels, teacher, alpha, t):
+    """The objective of one batch on its own: (1 - alpha) CE / N + alpha KD / N, and the sums."""
+    hard, weight = hard_label_loss_sum(student, labels)
+    kd = kd_kl_sum(student, teacher, t, labels) if teacher is not None else None
+    return combine_loss(hard, weight, count_valid(labels).float(), kd, alpha), {"ce": hard, "kd": kd}
+
+
 def test_cross_entropy_is_a_sum_over_examples():
     # -log softmax: log(1 + e^-1), log(1 + e^-2), log(1 + e^4)
     expected = math.log(1 + math.exp(-1)) + math.log(1 + math.exp(-2)) + math.log(1 + math.exp(4))
-    assert float(cross_entropy_sum(STUDENT, LABELS)) == pytest.approx(expected, rel=1e-6)
+    hard, weight = hard_label_loss_sum(STUDENT, LABELS)
+    assert float(hard) == pytest.approx(expected, rel=1e-6) and float(weight) == 3
+
+
+# per-example cross-entropy of STUDENT/LABELS: log(1 + e^-1), log(1 + e^-2), log(1 + e^4)
+CE = [math.log(1 + math.exp(-1)), math.log(1 + math.exp(-2)), math.log(1 + math.exp(4))]
+
+
+def test_class_weights_weight_each_example_by_its_label():
+    weights = torch.tensor([1.0, 3.0])  # label 0 weighs 1, label 1 weighs 3
+    hard, weight = hard_label_loss_sum(STUDENT, LABELS, weights)
+    assert float(hard) == pytest.approx(1 * CE[0] + 3 * CE[1] + 3 * CE[2], rel=1e-6)
+    assert float(weight) == 7 and float(class_weight_sum(LABELS, weights)) == 7
+    # the objective: sum w_i CE_i / sum w_i
+    loss = combine_loss(hard, weight, count_valid(LABELS).float())
+    assert float(loss) == pytest.approx((CE[0] + 3 * CE[1] + 3 * CE[2]) / 7, rel=1e-6)
+
+
+def test_focal_loss_matches_the_formula_and_is_cross_entropy_at_gamma_zero():
+    gamma = 2.0
+    expected = 0.0
+    for logits, y in zip(STUDENT.tolist(), LABELS.tolist()):
+        p = softmax(logits)[y]
+        expected += -((1 - p) ** gamma) * math.log(p)
+    hard, _ = hard_label_loss_sum(STUDENT, LABELS, focal_gamma=gamma)
+    assert float(hard) == pytest.approx(expected, rel=1e-6)
+    assert float(hard_label_loss_sum(STUDENT, LABELS, focal_gamma=0.0)[0]) == pytest.approx(sum(CE), rel=1e-6)
+    # focal down-weights the easy example (0: p = 0.73) far more than the hard one (2: p = 0.018)
+    per_example = [
+        float(hard_label_loss_sum(STUDENT[i : i + 1], LABELS[i : i + 1], focal_gamma=gamma)[0])
+        for i in range(3)
+    ]
+    assert per_example[0] / CE[0] < 0.1 and per_example[2] / CE[2] > 0.9
+
+
+def test_label_smoothing_spreads_the_target():
+    eps = 0.1
+    expected = 0.0
+    for logits, y in zip(STUDENT.tolist(), LABELS.tolist()):
+        logp = [math.log(p) for p in softmax(logits)]
+        target = [eps / 2 + (1 - eps) * (c == y) for c in range(2)]
+        expected += -sum(q * lp for q, lp in zip(target, logp))
+    assert float(hard_label_loss_sum(STUDENT, LABELS, label_smoothing=eps)[0]) == pytest.approx(
+        expected, rel=1e-6
+    )
+    ref = torch.nn.functional.cross_entropy(STUDENT, LABELS, reduction="sum", label_smoothing=eps)
+    assert float(hard_label_loss_sum(STUDENT, LABELS, label_smoothing=eps)[0]) == pytest.approx(
+        float(ref), rel=1e-6
+    )
+
+
+def test_weights_apply_to_the_hard_labels_only_and_kd_is_divided_by_the_example_count():
+    weights = torch.tensor([1.0, 3.0])
+    hard, weight = hard_label_loss_sum(STUDENT, LABELS, weights)
+    kd = kd_kl_sum(STUDENT, TEACHER, 2.0, LABELS)
+    loss = combine_loss(hard, weight, count_valid(LABELS).float(), kd, 0.4)
+    assert float(loss) == pytest.approx(0.6 * float(hard) / 7 + 0.4 * float(kd) / 3, rel=1e-6)
 
 
 def test_kd_at_temperature_two_matches_the_closed_form():
@@ -70,12 +134,12 @@ def test_distillation_mixes_ce_and_kd_with_alpha(alpha):
     t = 2.0
     ce = sum(-math.log(softmax(s.tolist())[y]) for s, y in zip(STUDENT, LABELS.tolist()))
     kd = sum(kl_by_hand(tt.tolist(), s.tolist(), t) for s, tt in zip(STUDENT, TEACHER))
-    loss, parts = distillation_loss_sum(STUDENT, LABELS, TEACHER, alpha, t)
-    assert float(loss) == pytest.approx((1 - alpha) * ce + alpha * kd, rel=1e-6)
+    loss, parts = distillation_loss(STUDENT, LABELS, TEACHER, alpha, t)
+    assert float(loss) == pytest.approx(((1 - alpha) * ce + alpha * kd) / 3, rel=1e-6)
     assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6)
     if alpha == 0.0:
         # alpha = 0 is exactly the cross-entropy: the same number, bit for bit, as without a teacher
-        assert torch.equal(loss, distillation_loss_sum(STUDENT, LABELS, None, 0.5, t)[0])
+        assert torch.equal(loss, distillation_loss(STUDENT, LABELS, None, 0.5, t)[0])
     else:
         assert float(parts["kd"]) == pytest.approx(kd, rel=1e-6)
 
@@ -83,8 +147,8 @@ def test_distillation_mixes_ce_and_kd_with_alpha(alpha):
 def test_ignored_examples_contribute_nothing():
     labels = torch.tensor([0, IGNORE_INDEX, 1])
     kept = [0, 2]
-    loss, parts = distillation_loss_sum(STUDENT, labels, TEACHER, 0.5, 2.0)
-    ref, ref_parts = distillation_loss_sum(STUDENT[kept], LABELS[kept], TEACHER[kept], 0.5, 2.0)
+    loss, parts = distillation_loss(STUDENT, labels, TEACHER, 0.5, 2.0)
+    ref, ref_parts = distillation_loss(STUDENT[kept], LABELS[kept], TEACHER[kept], 0.5, 2.0)
     assert float(loss) == pytest.approx(float(ref), rel=1e-6)
     assert float(parts["kd"]) == pytest.approx(float(ref_parts["kd"]), rel=1e-6)
     assert int(count_valid(labels)) == 2

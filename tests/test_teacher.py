@@ -59,7 +59,7 @@ KD = {"distill.enabled": "true", "distill.weight": 0.5, "distill.temperature": 2
 
 
 def loss_parts(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor]:
-    """The loss parts of `trainer._loss` on a batch, with the student in eval mode (deterministic)."""
+    """The loss parts of `trainer.compute_loss` on a batch, with the student in eval mode (deterministic)."""
     trainer.model.eval()
     batch = dict(batch)
     labels, idx = batch.pop("labels"), batch.pop("idx")
@@ -107,9 +107,11 @@ def test_self_model_and_cache_teachers_give_the_same_kd_loss(tiny_teacher, toy_d
     assert float(from_self["kd"]) > 0.05
     for parts in (from_model, from_cache):
         torch.testing.assert_close(parts["kd"], from_self["kd"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(parts["ce"], from_self["ce"])
+        torch.testing.assert_close(parts["hard"], from_self["hard"])
     assert float(with_hidden["hidden"]) > 0
-    expected = 0.5 * from_self["ce"] + 0.5 * from_self["kd"] + with_hidden["hidden"]
+    # one batch on its own: (0.5 CE + 0.5 KD + hidden) / N (no class weights, so sum w_i = N)
+    n = float(from_self["weight"])
+    expected = (0.5 * from_self["hard"] + 0.5 * from_self["kd"] + with_hidden["hidden"]) / n
     torch.testing.assert_close(with_hidden["total"], expected, rtol=1e-5, atol=1e-6)
 
 

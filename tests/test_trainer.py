@@ -57,7 +57,22 @@ def captured_grads(trainer: Trainer, group: list[dict]) -> dict[str, torch.Tenso
     return grads
 
 
-def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(no_dropout_bert, toy_data, tmp_path):
+LOSSES = {
+    "ce": {},
+    "weighted": {"train.class_weights": "{neg: 1, pos: 3}"},
+    "focal_weighted_smoothed": {
+        "train.loss": "focal",
+        "train.focal_gamma": 2.0,
+        "train.class_weights": "{neg: 1, pos: 3}",
+        "train.label_smoothing": 0.1,
+    },
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(
+    loss, no_dropout_bert, toy_data, tmp_path
+):
     cfg = load_config(
         "quickstart",
         tiny_overrides(
@@ -69,6 +84,7 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(no_dropou
                 "lora.dropout": 0.0,
                 "train.max_grad_norm": "null",
                 "model.mode": "full",
+                **LOSSES[loss],
             },
         ),
     )
@@ -204,6 +220,86 @@ def test_resumed_run_ends_with_the_same_adapter(tiny_bert, toy_data, tmp_path):
         if json.loads(line)["split"] == "train"
     ]
     assert steps == sorted(set(steps))  # no duplicated or backwards steps after the resume
+
+
+def train_losses(out: Path) -> list[float]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_twice_the_batch_under_class_weights(
+    no_dropout_bert, toy_data, tmp_path
+):
+    """2 ranks x 8 examples per step train exactly like 1 rank x 16: the weighted objective is
+    normalised by the class-weight sum of the global batch, not of each rank's share."""
+    settings = {
+        **LOSSES["focal_weighted_smoothed"],
+        "data.group_by_length": "false",  # the same 16 examples per step, however they are split
+        "lora.dropout": 0.0,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+        "eval.every": 6,
+        "eval.load_best_at_end": "false",
+    }
+    one = tmp_path / "one"
+    result = run_cli(
+        "scalelora.train",
+        [
+            "--config",
+            "quickstart",
+            *tiny_overrides(no_dropout_bert, toy_data, one, **{**settings, "train.batch_size": 16}),
+        ],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = tmp_path / "two"
+    result = run_cli(
+        "scalelora.train",
+        [
+            "--config",
+            "quickstart",
+            *tiny_overrides(no_dropout_bert, toy_data, two, **{**settings, "train.batch_size": 8}),
+        ],
+        launcher=accelerate_launch(2, "cpu_2proc.yaml"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_summary(two)["world_size"] == 2
+    assert train_losses(one) == pytest.approx(train_losses(two), rel=1e-5)
+    ta, tb = adapter_tensors(one), adapter_tensors(two)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], atol=2e-5, rtol=1e-4, msg=key)
+
+
+def test_class_balanced_sampling_resumes_exactly(tiny_bert, toy_data, tmp_path):
+    settings = {**RESUME_RUN, "data.class_balanced": "true", "train.class_weights": "{neg: 1, pos: 2}"}
+    full = tmp_path / "full"
+    result = run_cli(
+        "scalelora.train", ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, full, **settings)]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "class weights (given): neg=1, pos=2" in result.stderr
+    resumed = tmp_path / "resumed"
+    interrupted_copy(full, resumed, keep_step=4)
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, resumed, **settings), "resume=auto"],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stderr
+    assert_same_adapter(full, resumed)
+
+
+def test_balanced_weights_with_balanced_sampling_warn(tiny_bert, toy_data, tmp_path):
+    settings = {"data.class_balanced": "true", "train.class_weights": "balanced", "train.max_steps": 2}
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, tmp_path / "o", **settings)],
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "warning: data.class_balanced=true" in result.stderr and "counts the imbalance twice" in result.stderr
+    )
 
 
 @pytest.mark.slow

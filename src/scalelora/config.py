@@ -54,6 +54,9 @@ class DataConfig:
     """Drop rows with empty text (counted in the summary) instead of refusing them."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding), seeded and identical across ranks."""
+    class_balanced: bool = False
+    """Draw each epoch's training examples with probability inverse to their class's frequency (with
+    replacement; every class equally likely), still grouped by length and exactly resumable."""
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -132,6 +135,17 @@ class TrainConfig:
     max_nonfinite: int = 3
     compile: bool = False
     """torch.compile the model (shapes bounded by padding to multiples of 8)."""
+    loss: Literal["ce", "focal"] = "ce"
+    """Hard-label loss: cross-entropy, or focal loss `-(1 - p)^gamma log p` (Lin et al. 2017), which
+    down-weights examples the model already gets right."""
+    focal_gamma: float = 2.0
+    """The focal loss's gamma (0 gives cross-entropy)."""
+    label_smoothing: float = 0.0
+    """Share of each target spread evenly over all classes (Szegedy et al. 2016); 0 disables."""
+    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    """Per-class weights of the hard-label loss: `none`; `balanced` (N / (K * count of the class), on the
+    training split after filtering); or a mapping `{label: weight}`, e.g. `{neg: 1, pos: 3}`. The
+    loss is sum(w_i * loss_i) / sum(w_i) over the global batch; distillation terms are not weighted."""
 
     def __post_init__(self) -> None:
         _check_positive("train.epochs", self.epochs)
@@ -148,6 +162,20 @@ class TrainConfig:
         _check_positive("train.max_nonfinite", self.max_nonfinite)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_non_negative("train.focal_gamma", self.focal_gamma)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if isinstance(self.class_weights, dict):
+            if not self.class_weights:
+                raise ConfigError(
+                    "train.class_weights is an empty mapping: give {label: weight, ...} or none"
+                )
+            bad = {k: v for k, v in self.class_weights.items() if v <= 0}
+            if bad:
+                raise ConfigError(
+                    f"train.class_weights: weights must be positive, got {bad}; "
+                    "to leave a class out use data.keep_labels"
+                )
 
 
 @dataclass
@@ -475,7 +503,9 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
                 return coerce(arg, value, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid value")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{key}: " + "; or ".join(e.split(": ", 1)[-1] for e in errors))
     if origin is Literal:
         if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
             value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
@@ -485,6 +515,13 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not one of {choices}")
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value if value is not None else {}, prefix=f"{key}.")
+    if origin is dict:
+        key_type, value_type = args
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping {{name: value, ...}}, got {value!r}")
+        return {
+            coerce(key_type, k, f"{key}.{k}"): coerce(value_type, v, f"{key}.{k}") for k, v in value.items()
+        }
     if origin is list:
         (item_type,) = args
         if isinstance(value, str):

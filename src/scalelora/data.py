@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from scalelora.config import DataConfig
-from scalelora.errors import DataError, one_line
+from scalelora.errors import ConfigError, DataError, one_line
 
 DATA_DIR_ENV = "SCALELORA_DATA_DIR"
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -348,6 +348,36 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     return result
 
 
+# --- class weights --------------------------------------------------------------------------------
+
+
+def label_counts(ds: datasets.Dataset, num_labels: int) -> np.ndarray:
+    return np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=num_labels)
+
+
+def class_weights(
+    setting: str | dict[str, float], label_names: list[str], train: datasets.Dataset
+) -> list[float] | None:
+    """The per-class weights `train.class_weights` asks for, in label order (None for `none`).
+
+    `balanced` is N / (K * count_k) over the training split as filtered (keep_labels, subsets), so
+    every class carries the same total weight; a class absent from training gets the weight of a
+    class seen once. Raises ConfigError for a mapping that names labels the data does not have.
+    """
+    if setting == "none":
+        return None
+    if setting == "balanced":
+        counts = label_counts(train, len(label_names))
+        return [len(train) / (len(label_names) * max(int(c), 1)) for c in counts]
+    unknown = [name for name in setting if name not in label_names]
+    if unknown:
+        raise ConfigError(
+            f"train.class_weights names {unknown}, which are not labels of this data ({label_names}); "
+            "use the label names (after data.keep_labels)"
+        )
+    return [float(setting.get(name, 1.0)) for name in label_names]
+
+
 # --- tokenization and batching --------------------------------------------------------------------
 
 
@@ -402,19 +432,38 @@ def check_lengths(tokenized: dict[str, datasets.Dataset], limit: int | None, mod
             )
 
 
+def epoch_draw(rng: np.random.Generator, size: int, labels: np.ndarray | None) -> np.ndarray:
+    """The examples of one epoch, in random order: a permutation, or with `labels` a class-balanced
+    draw of `size` examples with replacement (each class equally likely, each example of a class too)."""
+    if labels is None:
+        return rng.permutation(size)
+    counts = np.bincount(labels)
+    p = 1.0 / counts[labels]
+    return rng.choice(size, size=size, replace=True, p=p / p.sum())
+
+
 class LengthGroupedSampler(Sampler[int]):
     """Indices in an order where each consecutive `batch_size` chunk has similar lengths.
 
-    Per epoch: a seeded permutation is cut into mega-batches of `batch_size * group_factor`, each
-    sorted by length and cut into batches, and the batches are shuffled. The order depends only
-    on (seed, epoch), so every rank computes the same one and Accelerate shards it by batch.
+    Per epoch: a seeded draw (`epoch_draw`: a permutation, or class-balanced with `labels`) is cut
+    into mega-batches of `batch_size * group_factor`, each sorted by length and cut into batches, and
+    the batches are shuffled. The order depends only on (seed, epoch), so every rank computes the same
+    one and Accelerate shards it by batch, and a resumed run sees the same batches.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_factor: int = 50) -> None:
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        group_factor: int = 50,
+        labels: list[int] | None = None,
+    ) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.group_factor = group_factor
+        self.labels = np.asarray(labels, dtype=np.int64) if labels is not None else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -425,7 +474,7 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self.lengths))
+        order = epoch_draw(rng, len(self.lengths), self.labels)
         mega = self.batch_size * self.group_factor
         batches = []
         for start in range(0, len(order), mega):
@@ -441,10 +490,11 @@ class LengthGroupedSampler(Sampler[int]):
 
 
 class SeededRandomSampler(Sampler[int]):
-    """A plain shuffle that depends only on (seed, epoch), for data.group_by_length=false."""
+    """A plain shuffle (or class-balanced draw) that depends only on (seed, epoch), for data.group_by_length=false."""
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, labels: list[int] | None = None) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
+        self.labels = np.asarray(labels, dtype=np.int64) if labels is not None else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -453,7 +503,7 @@ class SeededRandomSampler(Sampler[int]):
         return self.size
 
     def __iter__(self) -> Iterator[int]:
-        yield from np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
+        yield from epoch_draw(np.random.default_rng([self.seed, self.epoch]), self.size, self.labels).tolist()
 
 
 class PadCollator:
@@ -488,10 +538,11 @@ def train_dataloader(
     ds: datasets.Dataset, cfg: DataConfig, batch_size: int, seed: int, collate: PadCollator
 ) -> DataLoader:
     sampler: Sampler[int]
+    labels = list(ds["labels"]) if cfg.class_balanced else None
     if cfg.group_by_length:
-        sampler = LengthGroupedSampler(list(ds["length"]), batch_size, seed)
+        sampler = LengthGroupedSampler(list(ds["length"]), batch_size, seed, labels=labels)
     else:
-        sampler = SeededRandomSampler(len(ds), seed)
+        sampler = SeededRandomSampler(len(ds), seed, labels=labels)
     columns = [c for c in ds.column_names if c != "length"]
     return DataLoader(
         ds.with_format(columns=columns),

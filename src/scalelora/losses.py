@@ -1,8 +1,12 @@
 """Training losses as pure functions of logits.
 
-Every function returns a SUM over the valid examples of the batch (labels != IGNORE_INDEX); the
-trainer divides by the number of valid examples in the whole accumulated global batch, so
-micro-batching and sharding do not change the gradient.
+Every function returns SUMS over the valid examples of the batch (labels != IGNORE_INDEX); the
+trainer divides them by totals over the whole accumulated global batch (`combine_loss`), so
+micro-batching and sharding do not change the gradient:
+
+    (1 - alpha) * sum_i w_i * hard_i / sum_i w_i  +  alpha * sum_i kd_i / N  (+ hidden_weight * sum_i mse_i / N)
+
+where w_i is the class weight of example i's label (1 without class weights) and N the example count.
 """
 
 from __future__ import annotations
@@ -13,9 +17,64 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of per-example cross-entropy; examples labelled IGNORE_INDEX contribute nothing."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def hard_label_loss_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    focal_gamma: float | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i * loss_i, sum_i w_i) over the valid examples.
+
+    loss_i is cross-entropy against the (optionally smoothed) target q, or with `focal_gamma` set the
+    focal loss -sum_c q_c (1 - p_c)^gamma log p_c, which is cross-entropy at gamma = 0. w_i is
+    `class_weights[label_i]` (1 without weights); weights never apply to distillation terms.
+    """
+    valid = labels != IGNORE_INDEX
+    safe = labels.clamp(min=0)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    num_classes = log_probs.shape[-1]
+    target = F.one_hot(safe, num_classes).float()
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / num_classes
+    per_class = -target * log_probs
+    if focal_gamma is not None:
+        per_class = per_class * (1.0 - log_probs.exp()).pow(focal_gamma)
+    weights = class_weights[safe].float() if class_weights is not None else torch.ones_like(log_probs[:, 0])
+    weights = weights * valid
+    return (per_class.sum(dim=-1) * weights).sum(), weights.sum()
+
+
+def class_weight_sum(labels: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """sum_i w_i over the valid examples: the denominator of the weighted hard-label loss."""
+    valid = labels != IGNORE_INDEX
+    if class_weights is None:
+        return valid.sum().float()
+    return (class_weights[labels.clamp(min=0)].float() * valid).sum()
+
+
+def combine_loss(
+    hard_sum: torch.Tensor,
+    weight_total: torch.Tensor,
+    count_total: torch.Tensor,
+    kd_sum: torch.Tensor | None = None,
+    alpha: float = 0.0,
+    hidden_sum: torch.Tensor | None = None,
+    hidden_weight: float = 0.0,
+) -> torch.Tensor:
+    """The objective of one micro-batch's share of the global batch (see the module docstring).
+
+    `weight_total` and `count_total` are sum_i w_i and N over the whole global batch, so the shares of
+    every micro-batch on every rank add up to the objective of the global batch.
+    """
+    hard = hard_sum / weight_total.clamp(min=1e-12)
+    if kd_sum is None or alpha == 0.0:
+        loss = hard
+    else:
+        loss = (1.0 - alpha) * hard + alpha * kd_sum / count_total.clamp(min=1)
+    if hidden_sum is not None and hidden_weight:
+        loss = loss + hidden_weight * hidden_sum / count_total.clamp(min=1)
+    return loss
 
 
 def kd_kl_sum(
@@ -49,25 +108,6 @@ def hidden_mse_sum(
     if labels is not None:
         per_example = per_example * (labels != IGNORE_INDEX)
     return per_example.sum()
-
-
-def distillation_loss_sum(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    weight: float,
-    temperature: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(1 - alpha) * CE + alpha * T^2 * KL, summed over examples; also returns the detached parts.
-
-    With teacher_logits None (or alpha = 0) this is exactly the cross-entropy sum.
-    """
-    ce = cross_entropy_sum(student_logits, labels)
-    if teacher_logits is None or weight == 0.0:
-        return ce, {"ce": ce.detach()}
-    kd = kd_kl_sum(student_logits, teacher_logits, temperature, labels)
-    total = (1.0 - weight) * ce + weight * kd
-    return total, {"ce": ce.detach(), "kd": kd.detach()}
 
 
 def count_valid(labels: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ def build_summary(
         "precision": cfg.train.precision,
         "distributed_type": facts["distributed_type"],
         "deepspeed": facts["deepspeed"],
+        "class_weights": facts["class_weights"],
         "peak_memory_gb": facts["peak_memory_gb"],
         "seed": cfg.seed,
         "distill": to_dict(cfg)["distill"] if cfg.distill.enabled else None,

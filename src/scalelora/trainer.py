@@ -26,7 +26,14 @@ from scalelora.checkpoint import Checkpointer, resume_identity
 from scalelora.config import RunConfig, dump_yaml, to_dict
 from scalelora.errors import TrainingHalted, UserError
 from scalelora.evaluation import evaluate_split, load_extra_metrics
-from scalelora.losses import count_valid, distillation_loss_sum, hidden_mse_sum
+from scalelora.losses import (
+    class_weight_sum,
+    combine_loss,
+    count_valid,
+    hard_label_loss_sum,
+    hidden_mse_sum,
+    kd_kl_sum,
+)
 from scalelora.models import HEAD_MODULES, build_model, count_params, is_peft, load_tokenizer, max_positions
 from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
@@ -69,8 +76,8 @@ class TrainState:
 class StepStats:
     """What one optimizer step consumed and produced. Tensors stay on the device until read."""
 
-    loss_sum: torch.Tensor
-    count: torch.Tensor
+    loss: torch.Tensor
+    """This rank's share of the step's objective (the shares of all ranks add up to it)."""
     tokens: torch.Tensor
     samples: int
     grad_norm: Any
@@ -91,15 +98,15 @@ class MetricsWindow:
 
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
-        self.count = torch.zeros((), device=self.device)
+        self.steps = 0
         self.tokens = torch.zeros((), dtype=torch.long, device=self.device)
         self.samples = 0
         self.grad_norm: Any = None
         self.started = time.perf_counter()
 
     def add(self, stats: StepStats) -> None:
-        self.loss += stats.loss_sum
-        self.count += stats.count
+        self.loss += stats.loss
+        self.steps += 1
         self.tokens += stats.tokens
         self.samples += stats.samples
         self.grad_norm = stats.grad_norm
@@ -108,15 +115,15 @@ class MetricsWindow:
         return self.tokens_before + int(self.tokens)
 
     def read(self, accelerator: Any) -> dict[str, Any]:
-        """Mean loss over the window (all ranks), last grad norm, samples/s and tokens/s; then restart it."""
-        loss, count = self.loss, self.count
+        """Mean objective over the window's steps (all ranks), last grad norm, samples/s and tokens/s;
+        then restart it."""
+        loss = self.loss
         if accelerator.num_processes > 1:
             loss = accelerator.reduce(loss.clone(), reduction="sum")
-            count = accelerator.reduce(count.clone(), reduction="sum")
         seconds = max(time.perf_counter() - self.started, 1e-9)
         tokens = int(self.tokens)
         values = {
-            "loss": float(loss / count.clamp(min=1)),
+            "loss": float(loss) / max(self.steps, 1),
             "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
             "samples_per_second": self.samples / seconds,
             "tokens_per_second": tokens / seconds,
@@ -215,6 +222,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.truncation_side)
         self.splits, self.tokenized = self._load_data()
         self.label_names = self.splits.label_names
+        self.class_weights = self._class_weights()
 
         model = build_model(cfg.model, cfg.lora, self.label_names, device_map=self._device_map())
         data_lib.check_lengths(self.tokenized, max_positions(model, self.tokenizer), cfg.model.name)
@@ -281,6 +289,23 @@ class Trainer:
         if error is not None:
             raise error
         return splits, tokenized
+
+    def _class_weights(self) -> torch.Tensor | None:
+        """train.class_weights resolved against the loaded labels, on the device (None: unweighted)."""
+        cfg = self.cfg
+        weights = data_lib.class_weights(cfg.train.class_weights, self.label_names, self.splits.train)
+        if weights is None:
+            return None
+        if cfg.data.class_balanced and cfg.train.class_weights == "balanced":
+            self.echo(
+                "scalelora: warning: data.class_balanced=true already samples every class equally often; "
+                "train.class_weights=balanced on top counts the imbalance twice"
+            )
+        shown = ", ".join(f"{name}={w:.3g}" for name, w in zip(self.label_names, weights))
+        self.echo(
+            f"scalelora: class weights ({cfg.train.class_weights if isinstance(cfg.train.class_weights, str) else 'given'}): {shown}"
+        )
+        return torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
 
     def _device_map(self) -> Any:
         if not (self.cfg.model.load_in_8bit or self.cfg.model.load_in_4bit):
@@ -350,28 +375,32 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         started = time.perf_counter()
         self.model.train()
-        local_count = sum(count_valid(b["labels"]) for b in group)
-        global_count = (
-            acc.reduce(local_count.clone(), reduction="sum") if acc.num_processes > 1 else local_count
+        # the example count and the class-weight sum of the whole global batch, in one all-reduce
+        local = torch.stack(
+            [
+                sum(count_valid(b["labels"]) for b in group).float(),
+                sum(class_weight_sum(b["labels"], self.class_weights) for b in group),
+            ]
         )
-        # backward() divides by grad_accum and DDP averages over ranks; undo both so the gradient is
-        # the sum over the global batch divided by its example count
-        scale = acc.num_processes * cfg.train.grad_accum / global_count.clamp(min=1).float()
-        loss_sum = torch.zeros((), device=acc.device)
+        totals = acc.reduce(local.clone(), reduction="sum") if acc.num_processes > 1 else local
+        # backward() divides by grad_accum and DDP averages over ranks; undo both, so the gradient is
+        # that of the global batch's objective (losses.combine_loss)
+        scale = acc.num_processes * cfg.train.grad_accum
+        objective = torch.zeros((), device=acc.device)
         samples = 0
         tokens = torch.zeros((), dtype=torch.long, device=acc.device)
         grad_norm: Any = None
         for batch in group:
             labels, idx = batch.pop("labels"), batch.pop("idx")
             with acc.accumulate(self.model):
-                loss, parts = self.compute_loss(batch, labels, idx)
+                loss, parts = self.compute_loss(batch, labels, idx, (totals[1], totals[0]))
                 acc.backward(loss * scale)
-                loss_sum += parts["total"]
+                objective += parts["total"]
                 if acc.sync_gradients:
                     grad_norm = acc.clip_grad_norm_(
                         self.model.parameters(), cfg.train.max_grad_norm or float("inf")
                     )
-                    if self._finite_or_handle(loss_sum, grad_norm):
+                    if self._finite_or_handle(objective, grad_norm):
                         self.optimizer.step()
                         self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -382,8 +411,7 @@ class Trainer:
         self.state.train_samples += samples * acc.num_processes
         self.state.step_seconds += seconds
         return StepStats(
-            loss_sum=loss_sum.detach(),
-            count=local_count,
+            loss=objective.detach(),
             tokens=tokens * acc.num_processes,
             samples=samples * acc.num_processes,
             grad_norm=grad_norm,
@@ -391,20 +419,33 @@ class Trainer:
         )
 
     def compute_loss(
-        self, batch: dict[str, torch.Tensor], labels: torch.Tensor, idx: torch.Tensor
+        self,
+        batch: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        idx: torch.Tensor,
+        totals: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The summed loss of one micro-batch (CE, plus KD and hidden-state MSE when distilling) and its parts."""
-        distill = self.cfg.distill
+        """One micro-batch's share of the objective (`losses.combine_loss`) and its parts as sums.
+
+        `totals` is (sum of class weights, example count) over the whole global batch; by default
+        this micro-batch's own, which makes the returned loss that of the micro-batch alone.
+        """
+        cfg, distill = self.cfg, self.cfg.distill
         want_hidden = self.teacher is not None and distill.hidden_weight > 0
         teacher_out = self.teacher(self.model, batch, idx, want_hidden) if self.teacher is not None else None
         out = self.model(**batch, output_hidden_states=want_hidden)
-        loss, parts = distillation_loss_sum(
+        hard, weight = hard_label_loss_sum(
             out.logits,
             labels,
-            teacher_out.logits if teacher_out is not None else None,
-            distill.weight,
-            distill.temperature,
+            self.class_weights,
+            focal_gamma=cfg.train.focal_gamma if cfg.train.loss == "focal" else None,
+            label_smoothing=cfg.train.label_smoothing,
         )
+        parts = {"hard": hard.detach(), "weight": weight.detach()}
+        kd = hidden = None
+        if teacher_out is not None:
+            kd = kd_kl_sum(out.logits, teacher_out.logits, distill.temperature, labels)
+            parts["kd"] = kd.detach()
         if want_hidden:
             student_pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"])
             try:
@@ -413,8 +454,11 @@ class Trainer:
                 raise UserError(
                     f"distill.hidden_weight: {err}; set distill.hidden_weight=0 for this teacher"
                 ) from None
-            loss = loss + distill.hidden_weight * hidden
             parts["hidden"] = hidden.detach()
+        weight_total, count_total = totals if totals is not None else (weight, count_valid(labels).float())
+        loss = combine_loss(
+            hard, weight_total, count_total, kd, distill.weight, hidden, distill.hidden_weight
+        )
         parts["total"] = loss.detach()
         return loss, parts
 
@@ -620,6 +664,9 @@ class Trainer:
             "world_size": acc.num_processes,
             "distributed_type": str(acc.distributed_type),
             "deepspeed": deepspeed_summary(acc),
+            "class_weights": dict(zip(self.label_names, self.class_weights.tolist()))
+            if self.class_weights is not None
+            else None,
             "peak_memory_gb": {k: (v / 2**30 if v is not None else None) for k, v in memory.items()},
         }
 
