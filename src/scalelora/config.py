@@ -99,7 +99,8 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.1
     target_modules: list[str] | None = None
-    """Module names to adapt; None uses the preset for the architecture (see models.LORA_PRESETS)."""
+    """Module names to adapt; `all-linear` for every linear layer but the head; None uses the preset for
+    the architecture (see models.LORA_PRESETS)."""
     bias: Literal["none", "all", "lora_only"] = "none"
 
     def __post_init__(self) -> None:
@@ -347,6 +348,8 @@ def bnb_device_problem() -> str | None:
 # --- loading -------------------------------------------------------------------------------------
 
 RECIPES_PACKAGE = "scalelora.recipes"
+AUTO_RECIPE = "auto"
+"""The reserved recipe whose settings are chosen from the data (autoconfig.py); also used without --config."""
 
 
 def recipe_names() -> list[str]:
@@ -418,6 +421,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys that `key=value` overrides set (a mapping value counts as its own key)."""
+
+    def walk(tree: dict[str, Any], prefix: str) -> list[str]:
+        keys = []
+        for key, value in tree.items():
+            dotted = f"{prefix}{key}"
+            is_section = isinstance(value, dict) and dotted not in MAPPING_KEYS
+            keys += walk(value, f"{dotted}.") if is_section else [dotted]
+        return keys
+
+    return walk(parse_overrides(overrides), "")
+
+
+# Config keys whose value is itself a mapping (not a section of keys).
+MAPPING_KEYS = ("train.class_weights",)
+
+
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
@@ -438,6 +459,8 @@ def load_config(recipe: str, overrides: list[str] | None = None) -> RunConfig:
     raw.setdefault("recipe", name)
     config = build_dataclass(RunConfig, raw, prefix="")
     config.validate()
+    # what the user set on the command line: the data-driven default (recipe `auto`) never changes it
+    config.explicit_keys = set(override_keys(overrides or []))
     return config
 
 

@@ -263,7 +263,11 @@ def keep_4bit_training_layout(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
+def lora_targets(model: nn.Module, lora: LoraConfig) -> list[str] | str:
+    """The modules LoRA adapts: `lora.target_modules`, `all-linear` (PEFT's every linear layer but the
+    output head), or the architecture's preset."""
+    if lora.target_modules == ["all-linear"]:
+        return "all-linear"
     if lora.target_modules:
         return list(lora.target_modules)
     model_type = model.config.model_type
@@ -323,7 +327,7 @@ def apply_mode(
             {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         )
         raise ConfigError(
-            f"lora.target_modules={','.join(sorted(peft_config.target_modules))}: {one_line(err, 160)}; "
+            f"lora.target_modules={','.join(sorted(lora.target_modules or peft_config.target_modules))}: {one_line(err, 160)}; "
             f"this model's linear layers are named {', '.join(linear[:12])}"
         ) from None
     if not model_cfg.train_head:

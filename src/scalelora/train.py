@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scalelora.config import dump_yaml, load_config, recipe_descriptions
+from scalelora.config import AUTO_RECIPE, dump_yaml, load_config, recipe_descriptions
 from scalelora.errors import exit_on_user_error
 
 
@@ -16,7 +16,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Fine-tune a sequence classifier with LoRA (or fully) in a custom Accelerate loop.",
         epilog="Overrides are dotted config keys, e.g. lora.r=16 train.lr=3e-4 data.keep_labels=[Positive,Negative].",
     )
-    parser.add_argument("--config", help="a shipped recipe name (see --list) or a YAML file")
+    parser.add_argument(
+        "--config",
+        help="a shipped recipe name (see --list) or a YAML file; without it, data.path=FOLDER uses the "
+        "recipe `auto`, which chooses its settings from the data",
+    )
     parser.add_argument("--list", action="store_true", help="list the shipped recipes and exit")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -32,8 +36,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:28s} {description}")
         return 0
     if not args.config:
-        print("scalelora: error: --config RECIPE_OR_YAML is required (see --list)", file=sys.stderr)
-        return 2
+        if not any(item.split("=", 1)[0].strip() == "data.path" for item in args.overrides):
+            print(
+                "scalelora: error: --config RECIPE_OR_YAML is required (see --list), or data.path=FOLDER "
+                "for the default that chooses its settings from your data",
+                file=sys.stderr,
+            )
+            return 2
+        args.config = AUTO_RECIPE
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_yaml(cfg), end="")

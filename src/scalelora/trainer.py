@@ -17,13 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from scalelora import data as data_lib
 from scalelora import report
 from scalelora.checkpoint import Checkpointer, resume_identity
-from scalelora.config import RunConfig, dump_yaml, to_dict
+from scalelora.config import AUTO_RECIPE, RunConfig, dump_yaml, to_dict
 from scalelora.errors import TrainingHalted, UserError
 from scalelora.evaluation import evaluate_split, load_extra_metrics
 from scalelora.losses import (
@@ -279,6 +280,8 @@ class Trainer:
         with acc.main_process_first():  # hub downloads happen once; others then read the cache
             try:
                 splits = data_lib.load_splits(cfg.data, cfg.seed)
+                if cfg.recipe == AUTO_RECIPE:
+                    self._choose_from_data(splits)
                 tokenized = {
                     name: data_lib.tokenize_split(ds, self.tokenizer, cfg.data)
                     for name, ds in (("train", splits.train), ("eval", splits.eval), ("test", splits.test))
@@ -289,6 +292,29 @@ class Trainer:
         if error is not None:
             raise error
         return splits, tokenized
+
+    def _choose_from_data(self, splits: data_lib.Splits) -> None:
+        """The `auto` recipe: pick the data-dependent settings (autoconfig.py) before tokenizing, and log them."""
+        from dataclasses import replace
+
+        from scalelora import autoconfig
+
+        cfg = self.cfg
+        model_limit = getattr(self.tokenizer, "model_max_length", None)
+        limit = model_limit if isinstance(model_limit, int) and 0 < model_limit <= 100_000 else None
+        probe = data_lib.tokenize_split(
+            splits.train, self.tokenizer, replace(cfg.data, max_length=limit or 512)
+        )
+        explicit = getattr(cfg, "explicit_keys", set())
+        choices = autoconfig.choose(
+            len(splits.train),
+            data_lib.label_counts(splits.train, len(splits.label_names)),
+            np.asarray(probe["length"]),
+            limit,
+            user_rank=cfg.lora.r if "lora.r" in explicit else None,
+        )
+        for line in autoconfig.apply(cfg, choices, explicit):
+            self.echo(line)
 
     def _class_weights(self) -> torch.Tensor | None:
         """train.class_weights resolved against the loaded labels, on the device (None: unweighted)."""

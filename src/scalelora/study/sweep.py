@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from scalelora.config import load_config, parse_overrides
+from scalelora.config import load_config, override_keys
 from scalelora.errors import ConfigError, UserError, exit_on_user_error, one_line
 from scalelora.report import figure, table
 
@@ -160,7 +160,7 @@ def build_plan(
 
 
 def run_overrides(plan: SweepPlan, run: dict[str, Any], out: Path) -> list[str]:
-    fixed_keys = set(parse_flat_keys(plan.fixed))
+    fixed_keys = set(override_keys(plan.fixed))
     group = [] if "tracking.wandb.group" in fixed_keys else [f"tracking.wandb.group={plan.group}"]
     name = [] if "tracking.wandb.name" in fixed_keys else [f"tracking.wandb.name={plan.group}/{run['name']}"]
     return [
@@ -171,16 +171,6 @@ def run_overrides(plan: SweepPlan, run: dict[str, Any], out: Path) -> list[str]:
         f"output_dir={out / run['name']}",
         "resume=auto",  # a requeued or re-run sweep continues a half-finished run
     ]
-
-
-def parse_flat_keys(overrides: list[str]) -> list[str]:
-    def walk(tree: dict[str, Any], prefix: str) -> list[str]:
-        keys = []
-        for key, value in tree.items():
-            keys += walk(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-        return keys
-
-    return walk(parse_overrides(overrides), "")
 
 
 def write_plan(plan: SweepPlan, out: Path) -> None:

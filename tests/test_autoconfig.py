@@ -1,0 +1,121 @@
+"""The default for a user's own data (recipe `auto`, or no --config): what it chooses, that it says so, and
+that a key the user sets wins."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import run_cli, write_jsonl, write_toy_dataset
+from scalelora.autoconfig import choose, length_cap
+
+
+def intent_folder(folder, classes: int = 77, seed: int = 0):
+    """A skewed many-class set: class c has 2 + (c % 7) training rows (2..8), so the largest is 4x the smallest."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    for split, scale in (("train", 1), ("validation", 1)):
+        rows = []
+        for c in range(classes):
+            for _ in range(scale * (2 + c % 7) if split == "train" else 1):
+                words = [f"w{c}"] + [
+                    rng.choice(["please", "my", "card", "the", "now", "help"])
+                    for _ in range(rng.randint(2, 9))
+                ]
+                rows.append({"text": " ".join(words), "label": f"intent_{c:02d}"})
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    return folder
+
+
+def auto_run(model, data, out, *extra):
+    args = [f"model.name={model}", f"data.path={data}", f"output_dir={out}", "train.max_steps=1", *extra]
+    return run_cli("scalelora.train", args)
+
+
+def chosen(out) -> dict:
+    return yaml.safe_load((out / "config.yaml").read_text())
+
+
+def test_two_class_folder_gets_a_small_adapter_more_epochs_and_no_weights(tiny_bert, tmp_path):
+    data = write_toy_dataset(tmp_path / "two", sizes={"train": 96, "validation": 20})
+    out = tmp_path / "out"
+    done = auto_run(tiny_bert, data, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = chosen(out)
+    assert cfg["recipe"] == "auto"
+    assert (
+        cfg["lora"]["r"] == 8
+        and cfg["lora"]["alpha"] == 16
+        and cfg["lora"]["target_modules"] == ["all-linear"]
+    )
+    assert cfg["train"]["epochs"] == 10 and cfg["train"]["head_lr"] == 3e-3
+    assert cfg["train"]["class_weights"] == "none"
+    assert 32 <= cfg["data"]["max_length"] <= 40  # toy texts: at most ~16 words + 2 special tokens
+    log = done.stderr
+    assert "scalelora: auto: lora.r=8 (2 classes and 96 examples are served by a small adapter)" in log
+    assert "scalelora: auto: train.class_weights=none (the classes are balanced enough (1.0x at most))" in log
+    assert "scalelora: auto: train.epochs=10" in log and "scalelora: auto: data.max_length=" in log
+
+
+def test_many_skewed_classes_get_a_bigger_adapter_a_faster_head_and_balanced_weights(tiny_bert, tmp_path):
+    data = intent_folder(tmp_path / "intents")
+    out = tmp_path / "out"
+    done = auto_run(tiny_bert, data, out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = chosen(out)
+    assert cfg["lora"]["r"] == 16 and cfg["lora"]["alpha"] == 32
+    assert cfg["train"]["head_lr"] == 5e-3 and cfg["train"]["class_weights"] == "balanced"
+    assert "77 classes" in done.stderr and "4.0x the smallest" in done.stderr
+    assert "scalelora: class weights (balanced):" in done.stderr
+
+
+def test_a_key_the_user_sets_is_kept_and_alpha_follows_it(tiny_bert, tmp_path):
+    data = write_toy_dataset(tmp_path / "two", sizes={"train": 96, "validation": 20})
+    out = tmp_path / "out"
+    done = run_cli(
+        "scalelora.train",
+        [
+            "--config",
+            "auto",
+            f"model.name={tiny_bert}",
+            f"data.path={data}",
+            f"output_dir={out}",
+            "train.max_steps=1",
+            "lora.r=4",
+            "train.epochs=2",
+        ],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = chosen(out)
+    assert cfg["lora"]["r"] == 4 and cfg["lora"]["alpha"] == 8 and cfg["train"]["epochs"] == 2
+    assert "scalelora: auto: lora.r kept as you set it" in done.stderr
+
+
+def test_without_config_and_without_data_path_the_usage_line_and_exit_2():
+    done = run_cli("scalelora.train", ["train.lr=1e-3"])
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "scalelora: error: --config RECIPE_OR_YAML is required (see --list), or data.path=FOLDER for the "
+        "default that chooses its settings from your data"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("quantile_of", "limit", "expected"), [(57, None, 64), (10, None, 32), (300, None, 256), (300, 128, 128)]
+)
+def test_max_length_is_the_99th_percentile_rounded_up_to_8_within_bounds(quantile_of, limit, expected):
+    lengths = np.full(200, quantile_of)
+    assert length_cap(lengths, limit)[0] == expected
+
+
+def test_epochs_follow_the_training_size():
+    counts = np.array([50, 50])
+    lengths = np.full(10, 20)
+    epochs = {
+        n: next(c.value for c in choose(n, counts, lengths, None) if c.key == "train.epochs")
+        for n in (500, 16_000, 67_000)
+    }
+    assert epochs == {500: 10, 16_000: 4, 67_000: 1}
