@@ -43,11 +43,13 @@ format:
 	$(PYTHON) -m ruff format src tests benchmarks
 	$(PYTHON) -m ruff check --fix src tests benchmarks
 
-# The teacher -> LoRA student study on the five local datasets (about an hour on 2 CPU cores);
-# writes results/RESULTS.md and results/results.json. Finished runs under runs/results are reused.
+# The teacher -> LoRA student study on the shipped datasets' full splits (hours on 2 CPU cores, minutes on a
+# GPU); merges into results/results.json and rewrites results/RESULTS.md after each dataset. A dataset
+# already in results.json with the same settings is reused; finished runs under runs/results too.
+# `make results DATASETS=emotion,rotten_tomatoes` (short names, results_<name> recipes or data folders).
 results:
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false \
-		$(PYTHON) -m scalelora.study.results $(RESULTS_ARGS)
+		$(PYTHON) -m scalelora.study.results $(if $(DATASETS),--datasets $(DATASETS)) $(RESULTS_ARGS)
 
 # Side-by-side throughput against HF Trainer + PEFT: `make bench SCENARIO=cpu-minilm-kd` (see --list).
 SCENARIO ?= cpu-minilm-rt

@@ -17,6 +17,7 @@ ROWS = [
     "head_only",
     "linear_probe",
     "lora_base_kd",
+    "auto_default",
     "tfidf_lr",
     "tfidf_lr_subset",
 ]
@@ -29,6 +30,12 @@ KEYS = {
     "validation",
     "test",
     "train_seconds",
+    "date",
+    "machine",
+    "command",
+    "num_train_examples",
+    "single_class_predictions",
+    "predictions",
 }
 
 
@@ -66,6 +73,22 @@ def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys):
     assert by["head_only"]["trainable_params"] == 32 * 2 + 2  # the classifier of a 32-wide model
     assert by["linear_probe"]["trainable_params"] == 32 + 1  # binary LR: one weight row and a bias
     assert by["tfidf_lr"]["num_train_examples"] == 8530 and by["tfidf_lr_subset"]["num_train_examples"] == 48
+    # every row can be compared example by example: predictions in example-id order, as long as the test split
+    gold = Pipeline("rotten_tomatoes", out, tiny(tiny_bert)).gold()
+    assert len(gold) == 24
+    for row in rows:
+        assert len(row["predictions"]) == 24 and set(row["predictions"]) <= {"neg", "pos"}
+        assert row["single_class_predictions"] == (len(set(row["predictions"])) == 1)
+    # tfidf on the whole train split scores its own predictions: the stored ones must reproduce the metric
+    tfidf_acc = sum(p == g for p, g in zip(by["tfidf_lr"]["predictions"], gold)) / 24
+    assert tfidf_acc == pytest.approx(by["tfidf_lr"]["test"]["accuracy"])
+    teacher_acc = sum(p == g for p, g in zip(by["teacher_full"]["predictions"], gold)) / 24
+    assert teacher_acc == pytest.approx(by["teacher_full"]["test"]["accuracy"])
+    # the default row takes only the data settings from the recipe, and reproduces with its command
+    auto = by["auto_default"]
+    assert auto["command"].startswith("python -m scalelora.train --config auto data.path=rotten_tomatoes ")
+    assert auto["config"]["recipe"] == "auto" and auto["config"]["lora"]["target_modules"] == ["all-linear"]
+    assert teacher["command"].startswith("python -m scalelora.train --config rotten_tomatoes model.mode=full")
 
     # the students sit on the saved teacher; KD reads the cache of that teacher for the same data
     teacher_dir = out / "teacher_full" / "model"
@@ -81,12 +104,13 @@ def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys):
         assert distill["teacher"] == "cache" and distill["cache_dir"] == str(out / "teacher_logits")
     table = (out / "results.md").read_text()
     assert table.count("\n| (") == 6 and "| TF-IDF word+char + LR (whole train split) |" in table
+    assert "| default, no tuning (`data.path=...` only)" in table
 
     # a rerun with the same settings reuses every finished run; a changed one recomputes only that
     capsys.readouterr()
     again = Pipeline("rotten_tomatoes", out, [*tiny(tiny_bert), "head_only:train.lr=1e-2"]).run()
     err = capsys.readouterr().err
-    assert err.count("reusing the finished run") == 7 and "head_only: training" in err
+    assert err.count("reusing the finished run") == 8 and "head_only: training" in err
     assert [r["test"] for r in again if r["run"] != "head_only"] == [
         r["test"] for r in rows if r["run"] != "head_only"
     ]

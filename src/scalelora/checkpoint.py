@@ -378,6 +378,7 @@ ARTIFACTS = (
     # a fresh start must not continue the W&B run of the outputs it replaces
     "wandb_run_id.txt",
     "wandb_last_step.txt",
+    "predictions",
 )
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

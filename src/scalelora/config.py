@@ -191,6 +191,9 @@ class EvalConfig:
     """Finish with the best weights (saved as adapter/) rather than the last ones."""
     sample_predictions: int = 8
     """Validation texts shown with gold label and prediction before and after training."""
+    save_predictions: bool = False
+    """Also write `predictions/<split>.jsonl` (example id, gold and predicted label, probabilities) for
+    the final evaluation of each split, for error analysis and paired comparisons of runs."""
     extra_metrics: list[str] = field(default_factory=list)
     """More metrics from the `evaluate` library, reported for every split: hub names (e.g.
     `matthews_correlation`; needs internet) or local folders / .py files holding a module."""
@@ -271,6 +274,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    pipeline: dict[str, list[str]] = field(default_factory=dict)
+    """Per-run overrides for `python -m scalelora.pipeline` (run name -> [key=value, ...]), so a
+    recipe carries a whole study; `python -m scalelora.train` reads the rest of the recipe only."""
 
     def validate(self) -> None:
         """Raise one ConfigError listing every cross-section conflict."""
@@ -436,7 +442,7 @@ def override_keys(overrides: list[str]) -> list[str]:
 
 
 # Config keys whose value is itself a mapping (not a section of keys).
-MAPPING_KEYS = ("train.class_weights",)
+MAPPING_KEYS = ("train.class_weights", "pipeline")
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

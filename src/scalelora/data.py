@@ -322,8 +322,11 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
             table = table.select([i for i in range(len(table)) if i not in empty_set])
             dropped[split] = len(empty)
         if keep:
-            table = table.filter(lambda row: row["label"] in keep_ids)
-            table = table.map(lambda row: {"label": keep_ids[row["label"]]})
+            # vectorised: a row-by-row filter + map costs seconds per split on sets of 10k rows
+            old_ids = np.asarray(table["label"], dtype=np.int64)
+            rows = np.flatnonzero(np.isin(old_ids, list(keep_ids)))
+            new_ids = np.vectorize(keep_ids.get, otypes=[np.int64])(old_ids[rows]) if len(rows) else []
+            table = table.select(rows).remove_columns("label").add_column("label", list(map(int, new_ids)))
         if len(table) == 0:
             raise DataError(
                 f"split '{split}' is empty after filtering (data.keep_labels={keep}, data.drop_empty)"

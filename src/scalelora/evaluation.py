@@ -7,6 +7,7 @@ folders/scripts, which are Python code, hence `eval.trust_remote_code`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -84,13 +85,41 @@ def evaluate_split(
     loader: Any,
     label_names: list[str],
     extra_metrics: dict[str, Any] | None = None,
+    predictions_path: Path | None = None,
 ) -> dict[str, Any]:
+    """Metrics of `model` on a prepared loader, gathered from every rank; with `predictions_path` the
+    main process also writes one JSON line per example there (see `write_predictions`)."""
     probs, labels, idx = gather_predictions(accelerator, model, loader)
     predictions = probs.argmax(axis=1)
     metrics = classification_metrics(predictions, labels, label_names, probs)
     metrics["unique_examples"] = int(len(np.unique(idx)))
     add_extra_metrics(metrics, extra_metrics or {}, predictions, labels)
+    if predictions_path is not None and accelerator.is_main_process:
+        write_predictions(predictions_path, probs, labels, idx, label_names)
     return metrics
+
+
+def write_predictions(
+    path: Path, probs: np.ndarray, labels: np.ndarray, idx: np.ndarray, label_names: list[str]
+) -> None:
+    """`{"idx", "label", "predicted", "probs"}` per example, in example-id order (ids are row numbers
+    of the split file), written atomically."""
+    from scalelora.checkpoint import atomic_write_text
+
+    lines = []
+    for row in np.argsort(idx, kind="stable"):
+        lines.append(
+            json.dumps(
+                {
+                    "idx": int(idx[row]),
+                    "label": label_names[int(labels[row])],
+                    "predicted": label_names[int(probs[row].argmax())],
+                    "probs": [round(float(p), 5) for p in probs[row]],
+                },
+                ensure_ascii=False,
+            )
+        )
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def metric_name(name: str) -> str:

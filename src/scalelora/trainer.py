@@ -539,9 +539,15 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, split: str = "eval") -> dict[str, Any]:
+    def evaluate(self, split: str = "eval", save_as: str | None = None) -> dict[str, Any]:
+        """Metrics on a split; with `save_as` and eval.save_predictions, also predictions/<save_as>.jsonl."""
+        path = (
+            self.cfg.run_dir / "predictions" / f"{save_as}.jsonl"
+            if save_as and self.cfg.eval.save_predictions
+            else None
+        )
         return evaluate_split(
-            self.accelerator, self.model, self.eval_loaders[split], self.label_names, self.extra_metrics
+            self.accelerator, self.model, self.eval_loaders[split], self.label_names, self.extra_metrics, path
         )
 
     def evaluate_and_track_best(self) -> bool:
@@ -646,13 +652,16 @@ class Trainer:
         else:
             self.save_model()
         last = self.last_eval
-        if last is not None and last[0] == state.global_step and state.best_step in (None, state.global_step):
+        reuse = (
+            last is not None and last[0] == state.global_step and state.best_step in (None, state.global_step)
+        )
+        if reuse and not cfg.eval.save_predictions:
             # the weights are the ones just evaluated at this step: reuse, do not run validation twice
             final_eval = {"validation": last[1]}
         else:
-            final_eval = {"validation": self.evaluate("eval")}
+            final_eval = {"validation": self.evaluate("eval", save_as="validation")}
         if "test" in self.eval_loaders:
-            final_eval["test"] = self.evaluate("test")
+            final_eval["test"] = self.evaluate("test", save_as="test")
         summary = report.build_summary(
             cfg,
             dict(state.__dict__),

@@ -35,8 +35,9 @@ def fit_logreg(
     evals: dict[str, tuple[Any, np.ndarray]],
     label_names: list[str],
     grid: tuple[float, ...] = C_GRID,
-) -> tuple[dict[str, Any], float]:
-    """Fit LR for each C, keep the best on `evals['validation']`; returns (metrics per split, C)."""
+) -> tuple[dict[str, Any], float, dict[str, np.ndarray]]:
+    """Fit LR for each C, keep the best on `evals['validation']`; returns (metrics per split, C,
+    predicted label ids per split)."""
     from sklearn.linear_model import LogisticRegression
 
     best: tuple[float, Any, float] | None = None
@@ -49,10 +50,20 @@ def fit_logreg(
             best = (f1, clf, c)
     assert best is not None
     _, clf, c = best
+    predictions = {split: clf.predict(x) for split, (x, _) in evals.items()}
     metrics = {
-        split: classification_metrics(clf.predict(x), y, label_names) for split, (x, y) in evals.items()
+        split: classification_metrics(predictions[split], y, label_names) for split, (_, y) in evals.items()
     }
-    return metrics, c
+    return metrics, c, predictions
+
+
+def predictions_on_test(predictions: dict[str, np.ndarray], splits: Splits) -> list[str] | None:
+    """Predicted label names on the test split in example-id order, as the trainer writes them (None
+    without a test split)."""
+    if "test" not in predictions or splits.test is None:
+        return None
+    order = np.argsort(np.asarray(splits.test["idx"]), kind="stable")
+    return [splits.label_names[int(predictions["test"][i])] for i in order]
 
 
 def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
@@ -80,8 +91,9 @@ def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
     evals = {"validation": (features(splits.eval), np.asarray(splits.eval["label"]))}
     if splits.test is not None:
         evals["test"] = (features(splits.test), np.asarray(splits.test["label"]))
-    metrics, c = fit_logreg(train_x, np.asarray(train["label"]), evals, splits.label_names)
+    metrics, c, predicted = fit_logreg(train_x, np.asarray(train["label"]), evals, splits.label_names)
     return {
+        "predictions": predictions_on_test(predicted, splits),
         "trainable_params": lr_params(int(train_x.shape[1]), len(splits.label_names)),
         "total_params": None,
         "eval": {split: _short(m) for split, m in metrics.items()},
@@ -135,11 +147,12 @@ def linear_probe(splits: Splits, model_name: str, max_length: int) -> dict[str, 
     evals = {"validation": ((feats(splits.eval) - mean) / std, np.asarray(splits.eval["label"]))}
     if splits.test is not None:
         evals["test"] = ((feats(splits.test) - mean) / std, np.asarray(splits.test["label"]))
-    metrics, c = fit_logreg(
+    metrics, c, predicted = fit_logreg(
         (train_x - mean) / std, np.asarray(splits.train["label"]), evals, splits.label_names
     )
     head = lr_params(int(encoder.config.hidden_size), len(splits.label_names))
     return {
+        "predictions": predictions_on_test(predicted, splits),
         "trainable_params": int(head),
         "total_params": int(total + head),
         "eval": {split: _short(m) for split, m in metrics.items()},

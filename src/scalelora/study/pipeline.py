@@ -1,4 +1,5 @@
-"""`python -m scalelora.pipeline` (code: `scalelora.study.pipeline`) --config RECIPE [--out DIR] [--runs a,b] [key=value | RUN:key=value ...]`.
+"""`python -m scalelora.pipeline` (code: `scalelora.study.pipeline`) `--config RECIPE [--out DIR] [--runs a,b]
+[key=value | RUN:key=value ...]`.
 
 For one dataset, runs the teacher -> student study and its baselines, then writes `results.json`
 and `results.md` in `--out` (one row per run):
@@ -9,28 +10,45 @@ and `results.md` in `--out` (one row per run):
 4. `head_only`           frozen pretrained encoder, trainable classification head
 5. `linear_probe`        logistic regression on frozen mean-pooled pretrained features
 6. `lora_base_kd`        LoRA on the pretrained (not teacher) base with KD from the teacher
-7. `tfidf_lr`            word + char TF-IDF and logistic regression on the whole training split
+7. `auto_default`        the default for unseen data (recipe `auto`) given only the recipe's data.path
+                         and data.keep_labels: no per-dataset setting at all
+8. `tfidf_lr`            word + char TF-IDF and logistic regression on the whole training split
    (`tfidf_lr_subset`: the same on the transformers' `data.max_train_samples` subset, when set)
 
-Overrides: `key=value` applies to every trained run, `RUN:key=value` to one run (after the
-defaults in STAGE_DEFAULTS). Teacher logits for runs 3 and 6 are computed once into
-`teacher_logits/` (a cache as `python -m scalelora.teacher_logits` builds it). A finished run
-whose settings are unchanged is reused (`--fresh` recomputes everything).
+Per-run settings, later ones winning: STAGE_DEFAULTS below, the recipe's `pipeline: {RUN: [key=value,
+...]}` section, `key=value` on the command line (every trained run), `RUN:key=value` (one run). Teacher
+logits for runs 3 and 6 are computed once into `teacher_logits/` (a cache as `python -m
+scalelora.teacher_logits` builds it). A finished run whose settings are unchanged is reused (`--fresh`
+recomputes everything). Every row records the date, the machine, the exact command that reproduces it,
+the resolved config, and the test predictions (for paired comparisons).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from scalelora.config import load_config, parse_overrides, to_dict
+import yaml
+
+from scalelora.config import AUTO_RECIPE, load_config, parse_overrides, to_dict
 from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
 from scalelora.report import fmt, table
 
-TRAINED_RUNS = ("teacher_full", "lora_on_teacher", "lora_on_teacher_kd", "head_only", "lora_base_kd")
+TRAINED_RUNS = (
+    "teacher_full",
+    "lora_on_teacher",
+    "lora_on_teacher_kd",
+    "head_only",
+    "lora_base_kd",
+    "auto_default",
+)
 RUNS = (
     "teacher_full",
     "lora_on_teacher",
@@ -38,6 +56,7 @@ RUNS = (
     "head_only",
     "linear_probe",
     "lora_base_kd",
+    "auto_default",
     "tfidf_lr",
 )
 DESCRIPTIONS = {
@@ -47,10 +66,11 @@ DESCRIPTIONS = {
     "head_only": "(4) head only, pretrained encoder",
     "linear_probe": "(5) linear probe (LR on mean-pooled features)",
     "lora_base_kd": "(6) LoRA on pretrained base + KD from teacher",
+    "auto_default": "default, no tuning (`data.path=...` only)",
     "tfidf_lr": "TF-IDF word+char + LR (whole train split)",
     "tfidf_lr_subset": "TF-IDF word+char + LR (same train subset)",
 }
-# Per-run settings on top of the recipe; `key=value` overrides on the command line win over these.
+# Per-run settings on top of the recipe; the recipe's `pipeline:` section and the command line win.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "teacher_full": {"model.mode": "full", "train.lr": 1e-4, "train.epochs": 2},
     "lora_on_teacher": {"model.mode": "lora", "train.lr": 5e-4, "train.epochs": 1},
@@ -62,9 +82,12 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "head_only": {"model.mode": "head_only", "train.lr": 5e-3, "train.epochs": 2},
     "lora_base_kd": {"model.mode": "lora", "train.lr": 1e-3, "train.epochs": 2, "distill.enabled": True},
+    "auto_default": {},
 }
 KD_RUNS = ("lora_on_teacher_kd", "lora_base_kd")
 ON_TEACHER = ("lora_on_teacher", "lora_on_teacher_kd")
+# What the default run takes from the recipe: where the data is and which labels to keep, nothing else.
+AUTO_DATA_KEYS = ("data.path", "data.root", "data.keep_labels")
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -89,7 +112,36 @@ def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def _value(v: Any) -> str:
+    if isinstance(v, list):
+        return "[" + ",".join(str(x) for x in v) + "]"
     return "true" if v is True else "false" if v is False else str(v)
+
+
+def machine_line() -> str:
+    """CPU model (or GPU), cores and memory, e.g. `AMD EPYC 7B13, 2 cores, 23.5 GiB`."""
+    cpu = platform.processor() or platform.machine()
+    memory = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import torch
+
+    device = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, {memory} GiB{device}"
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 class Pipeline:
@@ -107,6 +159,11 @@ class Pipeline:
         self.runs = runs
         self.fresh = fresh
         self.base_cfg = load_config(recipe, self.common)
+        bad = [run for run in self.base_cfg.pipeline if run not in TRAINED_RUNS]
+        if bad:
+            raise ConfigError(
+                f"--config {recipe}: its pipeline section names {bad}; trained runs are {', '.join(TRAINED_RUNS)}"
+            )
         self.teacher_dir = out / "teacher_full" / "model"
         self.cache_dir = out / "teacher_logits"
         self.rows: list[dict[str, Any]] = []
@@ -116,9 +173,23 @@ class Pipeline:
 
     # --- overrides per run ----------------------------------------------------------------------
 
-    def run_overrides(self, run: str) -> list[str]:
-        settings = dict(STAGE_DEFAULTS[run])
-        fixed: dict[str, Any] = {"output_dir": self.out / run, "overwrite": True}
+    def run_config(self, run: str) -> tuple[str, list[str]]:
+        """(recipe, overrides) that reproduce `run` with `python -m scalelora.train --config ...`."""
+        fixed: dict[str, Any] = {
+            "output_dir": self.out / run,
+            "overwrite": True,
+            "eval.save_predictions": True,
+        }
+        if run == "auto_default":
+            cfg = to_dict(self.base_cfg)
+            data = [
+                f"{k}={_value(cfg['data'][k.split('.')[1]])}"
+                for k in AUTO_DATA_KEYS
+                if cfg["data"][k.split(".")[1]] is not None
+            ]
+            return AUTO_RECIPE, data + self.common + self.per_run.get(run, []) + [
+                f"{k}={_value(v)}" for k, v in fixed.items()
+            ]
         if run in ON_TEACHER:
             fixed["model.name"] = (
                 self.teacher_dir
@@ -126,8 +197,9 @@ class Pipeline:
         if run in KD_RUNS:
             fixed["distill.teacher"] = "cache"
             fixed["distill.cache_dir"] = self.cache_dir
-        return (
-            [f"{k}={_value(v)}" for k, v in settings.items()]
+        return self.recipe, (
+            [f"{k}={_value(v)}" for k, v in STAGE_DEFAULTS[run].items()]
+            + list(self.base_cfg.pipeline.get(run, []))
             + self.common
             + self.per_run.get(run, [])
             + [f"{k}={_value(v)}" for k, v in fixed.items()]
@@ -135,7 +207,7 @@ class Pipeline:
 
     # --- reuse of finished runs -----------------------------------------------------------------
 
-    def _stamp(self, run: str, settings: Any) -> dict[str, Any]:
+    def _stamp(self, settings: Any) -> dict[str, Any]:
         return {"recipe": self.recipe, "settings": settings}
 
     def _reusable(self, run: str, stamp: dict[str, Any]) -> dict[str, Any] | None:
@@ -146,18 +218,18 @@ class Pipeline:
         return saved["row"] if saved.get("stamp") == stamp else None
 
     def _save_row(self, run: str, stamp: dict[str, Any], row: dict[str, Any]) -> None:
-        folder = self.out / run
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "pipeline_row.json").write_text(json.dumps({"stamp": stamp, "row": row}, indent=2) + "\n")
+        from scalelora.checkpoint import atomic_write_json
+
+        atomic_write_json(self.out / run / "pipeline_row.json", {"stamp": stamp, "row": row})
 
     # --- the runs -------------------------------------------------------------------------------
 
     def train(self, run: str) -> dict[str, Any]:
         from scalelora.trainer import run_training
 
-        overrides = self.run_overrides(run)
-        cfg = load_config(self.recipe, overrides)
-        stamp = self._stamp(run, to_dict(cfg))
+        recipe, overrides = self.run_config(run)
+        cfg = load_config(recipe, overrides)
+        stamp = self._stamp(to_dict(cfg))
         if (run in ON_TEACHER or run in KD_RUNS) and (self.teacher_dir / "model.safetensors").is_file():
             stamp["teacher_mtime"] = (self.teacher_dir / "model.safetensors").stat().st_mtime
         if run in KD_RUNS:
@@ -166,8 +238,12 @@ class Pipeline:
         if reused is not None:
             self.log(f"{run}: reusing the finished run in {self.out / run}")
             return reused
-        self.log(f"{run}: training ({' '.join(overrides)})")
+        command = shlex.join(["python", "-m", "scalelora.train", "--config", recipe, *overrides])
+        self.log(f"{run}: training ({command})")
+        started, load_before = time.time(), load_average()
         summary = run_training(cfg)  # resets Accelerate's process-wide state: stages may differ in precision
+        # the config as the run used it (the auto recipe fills in values chosen from the data)
+        used = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
         row = {
             "trainable_params": summary["trainable_params"],
             "total_params": summary["total_params"],
@@ -176,15 +252,22 @@ class Pipeline:
                 for split, m in summary["eval"].items()
             },
             "train_seconds": summary["train_seconds"],
+            "wall_seconds": time.time() - started,
             "num_train_examples": summary["num_train_examples"],
+            "max_length": used["data"]["max_length"],
+            "command": command,
+            "config": used,
+            "load_average": [load_before, load_average()],
+            "predictions": read_predictions(cfg.run_dir / "predictions" / "test.jsonl"),
             "details": {
                 "model": cfg.model.name,
                 "mode": cfg.model.mode,
-                "epochs": cfg.train.epochs,
-                "lr": cfg.train.lr,
+                "epochs": used["train"]["epochs"],
+                "lr": used["train"]["lr"],
                 "steps": summary["global_step"],
                 "best_step": summary["best"]["step"],
                 "distill": summary.get("distill"),
+                "class_weights": summary.get("class_weights"),
             },
         }
         self._save_row(run, stamp, row)
@@ -206,12 +289,13 @@ class Pipeline:
         from scalelora.study import baselines
 
         cfg = self.base_cfg
-        stamp = self._stamp(run, to_dict(cfg)["data"] | {"model": cfg.model.name})
+        stamp = self._stamp(to_dict(cfg)["data"] | {"model": cfg.model.name, "baseline_version": 2})
         reused = self._reusable(run, stamp)
         if reused is not None:
             self.log(f"{run}: reusing the finished run in {self.out / run}")
             return reused
         self.log(f"{run}: fitting")
+        started, load_before = time.time(), load_average()
         splits = data_lib.load_splits(cfg.data, cfg.seed)
         if run == "linear_probe":
             row = baselines.linear_probe(splits, cfg.model.name, cfg.data.max_length)
@@ -222,6 +306,14 @@ class Pipeline:
 
             whole = data_lib.load_splits(replace(cfg.data, max_train_samples=None), cfg.seed)
             row = baselines.tfidf_logreg(splits, train_rows=whole.train)
+        row.update(
+            wall_seconds=time.time() - started,
+            load_average=[load_before, load_average()],
+            max_length=cfg.data.max_length if run == "linear_probe" else None,
+            command=shlex.join(
+                ["python", "-m", "scalelora.pipeline", "--config", self.recipe, "--runs", run, *self.common]
+            ),
+        )
         self._save_row(run, stamp, row)
         return row
 
@@ -246,8 +338,19 @@ class Pipeline:
         self.write()
         return self.rows
 
+    def gold(self) -> list[str]:
+        """The test split's labels in example-id order, the order of every run's `predictions`."""
+        from scalelora import data as data_lib
+
+        splits = data_lib.load_splits(self.base_cfg.data, self.base_cfg.seed)
+        if splits.test is None:
+            return []
+        pairs = sorted(zip(splits.test["idx"], splits.test["label"]))
+        return [splits.label_names[label] for _, label in pairs]
+
     def make_row(self, run: str, row: dict[str, Any]) -> dict[str, Any]:
         trainable, total = row["trainable_params"], row["total_params"]
+        predictions = row.get("predictions")
         return {
             "dataset": self.recipe,
             "data": self.base_cfg.data.path,
@@ -258,15 +361,31 @@ class Pipeline:
             "trainable_pct": round(100.0 * trainable / total, 4) if total else None,
             "validation": row["eval"].get("validation"),
             "test": row["eval"].get("test"),
+            "single_class_predictions": len(set(predictions)) == 1 if predictions else None,
             "train_seconds": round(row["train_seconds"], 1),
+            "wall_seconds": round(row.get("wall_seconds", row["train_seconds"]), 1),
             "num_train_examples": row["num_train_examples"],
+            "max_length": row.get("max_length"),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine_line(),
+            "load_average": row.get("load_average"),
+            "command": row.get("command"),
+            "config": row.get("config"),
             "details": row.get("details", {}),
+            "predictions": predictions,
         }
 
     def write(self) -> None:
         (self.out / "results.json").write_text(json.dumps(self.rows, indent=2) + "\n")
         (self.out / "results.md").write_text(markdown_table(self.rows, title=f"### {self.recipe}\n\n"))
         self.log(f"results -> {self.out / 'results.md'}")
+
+
+def read_predictions(path: Path) -> list[str] | None:
+    """The predicted label of every example of a run's predictions file, in example-id order."""
+    if not path.is_file():
+        return None
+    return [json.loads(line)["predicted"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
@@ -284,9 +403,10 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
     body = []
     for r in rows:
         val, test = r.get("validation") or {}, r.get("test") or {}
+        flag = " ⚠ one class only" if r.get("single_class_predictions") else ""
         body.append(
             [
-                r["description"],
+                r["description"] + flag,
                 r["trainable_params"],
                 r["total_params"],
                 fmt(r["trainable_pct"], 2),

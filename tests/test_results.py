@@ -1,0 +1,145 @@
+"""`make results` (`python -m scalelora.study.results`) on a tiny model and slices of the real data: the
+DATASETS= selection (short, recipe and folder names), merging into results.json by (dataset, run), reuse of a
+finished dataset, paired bootstrap intervals, the rendered files, and the targets' single-class rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scalelora.errors import UserError
+from scalelora.study import results
+
+TINY_RUNS = "teacher_full,lora_on_teacher"
+
+
+def tiny(model) -> list[str]:
+    return [
+        f"model.name={model}",
+        "data.max_train_samples=48",
+        "data.max_eval_samples=40",
+        "data.max_length=32",
+        "train.batch_size=16",
+        "train.eval_batch_size=32",
+        "eval.sample_predictions=0",
+        "teacher_full:train.lr=5e-3",
+        "teacher_full:train.epochs=1",
+        "lora_on_teacher:train.epochs=1",
+    ]
+
+
+def study(tmp_path, model, datasets: str, *extra: str) -> int:
+    return results.main(
+        [
+            "--datasets",
+            datasets,
+            "--runs",
+            TINY_RUNS,
+            "--out-root",
+            str(tmp_path / "runs"),
+            "--results-dir",
+            str(tmp_path / "results"),
+            *tiny(model),
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_datasets_merge_into_results_and_a_finished_dataset_is_reused(tiny_bert, tmp_path, capsys):
+    assert study(tmp_path, tiny_bert, "codemix_tamil") == 0
+    out = tmp_path / "results"
+    data = json.loads((out / "results.json").read_text())
+    tamil = [r for r in data["results"] if r["dataset"] == "codemix_tamil"]
+    assert [r["run"] for r in tamil] == ["teacher_full", "lora_on_teacher"]
+    for row in tamil:
+        assert row["recipe"] == "results_codemix_tamil" and row["date"] and row["machine"]
+        assert row["num_train_examples"] == 48 and "predictions" not in row
+        low, high = row["macro_f1_ci"]
+        assert low <= row["test"]["macro_f1"] <= high
+    assert "vs_teacher_ci" in tamil[1] and "vs_teacher_ci" not in tamil[0]
+    assert tamil[0]["max_length"] == 32 and tamil[0]["config"]["train"]["class_weights"] == "balanced"
+    assert tamil[0]["command"].startswith(
+        "python -m scalelora.train --config results_codemix_tamil model.mode=full"
+    )
+    saved = json.loads((out / "predictions" / "codemix_tamil.json").read_text())
+    assert len(saved["gold"]) == 40 and set(saved["runs"]) == {r["run"] for r in tamil}
+    assert (out / "test_macro_f1.png").stat().st_size > 10_000 and (
+        out / "confusion_codemix_tamil.png"
+    ).is_file()
+    page = (out / "RESULTS.md").read_text()
+    assert "## codemix_tamil (`--config results_codemix_tamil`" in page and "## Targets" in page
+
+    # another dataset, named by its data folder: the first one's rows stay
+    assert study(tmp_path, tiny_bert, "rotten_tomatoes") == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {r["dataset"] for r in data["results"]} == {"codemix_tamil", "rotten_tomatoes"}
+    assert [r for r in data["results"] if r["dataset"] == "codemix_tamil"] == tamil
+
+    # the first again, by folder name and by recipe name: reused, nothing trains
+    capsys.readouterr()
+    assert study(tmp_path, tiny_bert, "tamilmix_fire2020,results_rotten_tomatoes") == 0
+    err = capsys.readouterr().err
+    assert err.count("reused") == 2 and "training" not in err
+    assert json.loads((out / "results.json").read_text())["results"] == data["results"]
+
+    # other settings for one run: that dataset reruns, the pipeline retraining only what changed
+    assert study(tmp_path, tiny_bert, "codemix_tamil", "lora_on_teacher:train.lr=1e-3") == 0
+    err = capsys.readouterr().err
+    assert "teacher_full: reusing" in err and "lora_on_teacher: training" in err
+
+
+def test_dataset_names_resolve_and_unknown_ones_are_refused():
+    assert results.resolve_datasets(["emotion", "results_sst2", "sentimix_hinglish"]) == [
+        "emotion",
+        "sst2",
+        "codemix_hindi",
+    ]
+    with pytest.raises(UserError, match="not a study dataset; use emotion"):
+        results.resolve_datasets(["imdb"])
+
+
+def test_a_single_class_row_misses_its_target_whatever_its_score():
+    def row(run, f1, single=False):
+        return {
+            "dataset": "codemix_tamil",
+            "run": run,
+            "test": {"macro_f1": f1},
+            "single_class_predictions": single,
+            "trainable_pct": 0.3,
+        }
+
+    checks = results.check_targets(
+        [row("teacher_full", 0.80, single=True), row("tfidf_lr", 0.67), row("lora_on_teacher", 0.80)]
+    )
+    teacher = next(c for c in checks if c["target"].startswith("teacher"))
+    assert not teacher["met"] and teacher["note"] == "predicts a single class"
+    student = next(c for c in checks if c["target"].startswith("lora_on_teacher"))
+    assert student["met"] and student["bar"] == pytest.approx(0.795)
+
+
+def test_vectorised_macro_f1_equals_scikit_learn():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 4, size=(20, 50))
+    pred = np.where(rng.random((20, 50)) < 0.6, gold, rng.integers(0, 4, size=(20, 50)))
+    pred[0] = 0  # one row predicts a single class: the others score 0, as zero_division=0 says
+    expected = [
+        f1_score(g, p, labels=[0, 1, 2, 3], average="macro", zero_division=0) for g, p in zip(gold, pred)
+    ]
+    assert results.macro_f1_rows(gold, pred, 4) == pytest.approx(expected)
+
+
+def test_paired_bootstrap_intervals_contain_the_point_and_see_a_clear_gap():
+    gold = ["a", "b"] * 100
+    better = list(gold)
+    worse = ["a"] * 200
+    intervals = results.bootstrap(
+        gold, {"teacher_full": better, "student": worse}, "teacher_full", samples=200
+    )
+    assert intervals["teacher_full"]["macro_f1_ci"] == [1.0, 1.0]
+    low, high = intervals["student"]["vs_teacher_ci"]
+    assert high < -0.5  # the student is far worse on every resample
