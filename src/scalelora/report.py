@@ -212,6 +212,19 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+# The metric columns of the study tools' tables (pipeline rows, sweep runs), in this order.
+RUN_COLUMNS = [
+    "trainable",
+    "total",
+    "trainable %",
+    "val acc",
+    "val macro-F1",
+    "test acc",
+    "test macro-F1",
+    "train s",
+]
+
+
 def table(header: list[str], rows: list[list[Any]], align: str = "---:") -> list[str]:
     """A markdown table (the project's only table helper): strings as they are, numbers through `fmt`;
     the first column left-aligned, the others by `align`."""

@@ -39,7 +39,7 @@ import yaml
 
 from scalelora.config import AUTO_RECIPE, load_config, parse_overrides, to_dict
 from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
-from scalelora.report import fmt, table
+from scalelora.report import RUN_COLUMNS, fmt, table
 
 TRAINED_RUNS = (
     "teacher_full",
@@ -389,17 +389,7 @@ def read_predictions(path: Path) -> list[str] | None:
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
-    header = [
-        "run",
-        "trainable",
-        "total",
-        "trainable %",
-        "val acc",
-        "val macro-F1",
-        "test acc",
-        "test macro-F1",
-        "train s",
-    ]
+    header = ["run", *RUN_COLUMNS]
     body = []
     for r in rows:
         val, test = r.get("validation") or {}, r.get("test") or {}

@@ -231,18 +231,9 @@ def plot_results(rows: list[dict[str, Any]], results_dir: Path) -> dict[str, str
     made: dict[str, str] = {}
     datasets = [d for d in DATASETS if any(r["dataset"] == d and r.get("test") for r in rows)]
     if datasets:
-        runs = [
-            run
-            for run in (
-                "teacher_full",
-                "lora_on_teacher",
-                "lora_on_teacher_kd",
-                "head_only",
-                "linear_probe",
-                "lora_base_kd",
-                "auto_default",
-            )
-        ]
+        from scalelora.study.pipeline import RUNS
+
+        runs = [run for run in RUNS if run != BASELINE]  # the baseline is the dashed line
         path = results_dir / "test_macro_f1.png"
         with figure(path, figsize=(11, 4.4)) as (fig, (ax,)):
             width = 0.8 / len(runs)

@@ -33,7 +33,7 @@ import yaml
 
 from scalelora.config import load_config, override_keys
 from scalelora.errors import ConfigError, UserError, exit_on_user_error, one_line
-from scalelora.report import figure, table
+from scalelora.report import RUN_COLUMNS, figure, table
 
 PLAN_FILE = "sweep_plan.json"
 SBATCH_FILE = "sweep_array.sbatch"
@@ -381,17 +381,7 @@ def cell(value: Any, column: str) -> str:
 def markdown_table(plan: SweepPlan, rows: list[dict[str, Any]], metric: str) -> str:
     names = short_keys(list(plan.axes))
     columns = [*plan.axes, *METRIC_COLUMNS]
-    header = [
-        *(names[k] for k in plan.axes),
-        "trainable",
-        "total",
-        "trainable %",
-        "val acc",
-        "val macro-F1",
-        "test acc",
-        "test macro-F1",
-        "train s",
-    ]
+    header = [*(names[k] for k in plan.axes), *RUN_COLUMNS]
     done = [r for r in rows if r[metric] is not None]
     best = max(done, key=lambda r: r[metric]) if done else None
     body = []
