@@ -276,6 +276,28 @@ def write_teacher_cache(spec: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
+def write_self_teacher(spec: dict[str, Any], folder: Path) -> Path:
+    """The base model with a saved, seeded random classification head, for the KD-from-`self` side.
+
+    `distill.teacher=self` refuses a base whose head is newly initialised (it would distil noise);
+    a saved head passes that check. Its values do not change what a KD step costs: this side
+    measures cost, not accuracy (like the random logits of `write_teacher_cache`).
+    """
+    import torch
+
+    from scalelora import data as data_lib
+    from scalelora.config import load_config
+    from scalelora.models import load_classifier, load_tokenizer
+
+    cfg = load_config("quickstart", scalelora_overrides(spec, folder / "unused"))
+    labels = data_lib.load_splits(cfg.data, cfg.seed).label_names
+    torch.manual_seed(0)
+    model, _ = load_classifier(cfg.model, labels)
+    model.save_pretrained(folder)
+    load_tokenizer(cfg.model).save_pretrained(folder)
+    return folder
+
+
 # --- the two sides (each runs in its own child process) -----------------------------------------
 
 
@@ -353,6 +375,8 @@ def scalelora_overrides(spec: dict[str, Any], out: Path) -> list[str]:
         values["distill.teacher"] = "cache" if spec["side"] == KD_CACHE else "self"
         if spec["side"] == KD_CACHE:
             values["distill.cache_dir"] = spec["cache_dir"]
+        else:
+            values["model.name"] = spec["self_teacher_path"]  # the base with a saved head
     return [f"{k}={v}" for k, v in values.items()] + list(spec.get("overrides", []))
 
 
@@ -814,6 +838,10 @@ def main(argv: list[str] | None = None) -> int:
         if KD_CACHE in scenario.sides:
             spec["cache_dir"] = str(
                 write_teacher_cache({**spec, "side": SCALELORA}, workdir / "teacher-cache")
+            )
+        if KD_SELF in scenario.sides:
+            spec["self_teacher_path"] = str(
+                write_self_teacher({**spec, "side": SCALELORA}, workdir / "self-teacher")
             )
         runs = []
         for repeat in range(args.repeats):

@@ -308,6 +308,11 @@ def resume_incomplete(model: Path, data: Path, tmp: Path) -> list[str]:
     return tiny(model, data, tmp / "out", resume=partial)
 
 
+def self_kd_untrained_head(model: Path, data: Path, tmp: Path) -> list[str]:
+    # the tiny base is a bare encoder: its classification head is newly initialised
+    return tiny(model, data, tmp / "out", **{"distill.enabled": "true", "distill.teacher": "self"})
+
+
 BAD_INPUTS = [
     Case("unknown_key", "unknown config key `lora.rank=8`", unknown_key, ("lora.rank", "lora.r")),
     Case("wrong_type", "wrong type `train.batch_size=eight`", wrong_type, ("train.batch_size", "integer")),
@@ -460,6 +465,12 @@ BAD_INPUTS = [
         "`resume=PATH` to a half-written checkpoint",
         resume_incomplete,
         ("step-3", "incomplete", "resume=auto"),
+    ),
+    Case(
+        "self_kd_untrained_head",
+        "`distill.teacher=self` on a base whose classification head is newly initialised",
+        self_kd_untrained_head,
+        ("distill.teacher=self", "newly initialised", "model.mode=full", "cache"),
     ),
 ]
 

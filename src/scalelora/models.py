@@ -340,7 +340,20 @@ def apply_mode(
 def build_model(
     model_cfg: ModelConfig, lora: LoraConfig, label_names: list[str], device_map: Any = None
 ) -> nn.Module:
+    """Load the classifier and make it trainable as `model_cfg.mode` says (`load_classifier` + `finish_model`)."""
     model, new_modules = load_classifier(model_cfg, label_names, device_map)
+    return finish_model(model, new_modules, model_cfg, lora)
+
+
+def untrained_head(model: nn.Module, new_modules: list[str]) -> list[str]:
+    """The classification-head modules that `load_classifier` initialised at random (not in the checkpoint)."""
+    return [name for name in head_modules(model, new_modules) if name in new_modules]
+
+
+def finish_model(
+    model: nn.Module, new_modules: list[str], model_cfg: ModelConfig, lora: LoraConfig
+) -> nn.Module:
+    """Gradient checkpointing, the training mode (LoRA, full, head only) and float32 trainable weights."""
     if model_cfg.gradient_checkpointing and not (model_cfg.load_in_8bit or model_cfg.load_in_4bit):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_mode(model, model_cfg, lora, new_modules)

@@ -46,6 +46,18 @@ def run_frozen(model: torch.nn.Module, batch: dict[str, torch.Tensor], want_hidd
 class SelfTeacher:
     """The frozen base (e.g. a full fine-tuned teacher) under the student's adapters: no second copy."""
 
+    @staticmethod
+    def check_base(model_name: str, untrained_head: list[str]) -> None:
+        """Raise ConfigError when the base's classification head was initialised at random: with the
+        adapters disabled the teacher would be that random head, and KD would distil noise."""
+        if untrained_head:
+            raise ConfigError(
+                f"distill.teacher=self distils from model.name={model_name} with the adapters disabled, but its "
+                f"classification head ({', '.join(untrained_head)}) is newly initialised, so its logits are random: "
+                "train a teacher first (model.mode=full) and use its model/ folder as model.name, or set "
+                "distill.teacher to a trained classifier's path or to cache"
+            )
+
     def __call__(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
     ) -> TeacherOutput:

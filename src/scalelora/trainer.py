@@ -35,7 +35,16 @@ from scalelora.losses import (
     hidden_mse_sum,
     kd_kl_sum,
 )
-from scalelora.models import HEAD_MODULES, build_model, count_params, is_peft, load_tokenizer, max_positions
+from scalelora.models import (
+    HEAD_MODULES,
+    count_params,
+    finish_model,
+    is_peft,
+    load_classifier,
+    load_tokenizer,
+    max_positions,
+    untrained_head,
+)
 from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
     StopSignal,
@@ -45,7 +54,7 @@ from scalelora.runtime import (
     peak_memory_bytes,
     reset_accelerate_state,
 )
-from scalelora.teacher import build_teacher, mean_pool
+from scalelora.teacher import SelfTeacher, build_teacher, mean_pool
 from scalelora.tracking import build_tracker, param_counts
 
 
@@ -225,7 +234,10 @@ class Trainer:
         self.label_names = self.splits.label_names
         self.class_weights = self._class_weights()
 
-        model = build_model(cfg.model, cfg.lora, self.label_names, device_map=self._device_map())
+        model, new_modules = load_classifier(cfg.model, self.label_names, device_map=self._device_map())
+        if cfg.distill.enabled and cfg.distill.teacher == "self":
+            SelfTeacher.check_base(cfg.model.name, untrained_head(model, new_modules))
+        model = finish_model(model, new_modules, cfg.model, cfg.lora)
         data_lib.check_lengths(self.tokenized, max_positions(model, self.tokenizer), cfg.model.name)
         self.params = count_params(model)
         self.echo(
