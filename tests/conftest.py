@@ -109,6 +109,38 @@ def save_tiny_model(folder: Path, kind: str, **config_overrides: object) -> Path
     return folder
 
 
+def save_tiny_classifier(
+    folder: Path,
+    tokenizer_dir: Path,
+    hidden: int = 32,
+    labels: tuple[str, ...] = ("neg", "pos"),
+    tokenizer=None,
+) -> Path:
+    """A random 2-layer BERT sequence classifier with a saved head for `labels`: a stand-in teacher."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(20.0)  # confident, distinct logits so KD values are not ~0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; in-process runs with other settings need them reset."""

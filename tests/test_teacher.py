@@ -10,44 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, read_summary, run_cli, tiny_overrides
+from conftest import accelerate_launch, read_summary, run_cli, save_tiny_classifier, tiny_overrides
 from scalelora.config import load_config
 from scalelora.errors import ConfigError, UserError
 from scalelora.teacher import CachedTeacher, ModelTeacher, SelfTeacher
 from scalelora.teacher_logits import build_cache
 from scalelora.train import main
 from scalelora.trainer import Trainer
-
-
-def save_tiny_classifier(
-    folder: Path,
-    tokenizer_dir: Path,
-    hidden: int = 32,
-    labels: tuple[str, ...] = ("neg", "pos"),
-    tokenizer=None,
-) -> Path:
-    """A random 2-layer BERT sequence classifier with a saved head for `labels`: a stand-in teacher."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tokenizer = tokenizer or AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
-    model = BertForSequenceClassification(config)
-    with torch.no_grad():
-        model.classifier.weight.mul_(20.0)  # confident, distinct logits so KD values are not ~0
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

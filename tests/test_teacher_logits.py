@@ -10,14 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, read_summary, run_cli, tiny_overrides
+from conftest import accelerate_launch, read_summary, run_cli, save_tiny_classifier, tiny_overrides
 from scalelora import teacher_logits
 from scalelora.config import load_config
 from scalelora.data import load_splits
 from scalelora.errors import DataError
 from scalelora.teacher import CachedTeacher
 from scalelora.train import main as train_main
-from test_distill import save_tiny_classifier
 
 
 @pytest.fixture(scope="module")
