@@ -132,6 +132,58 @@ def test_predict_refuses_a_pickle_only_adapter_without_allow_pickle(finished, tm
     assert not marker.exists()
 
 
+def pickle_only_copy(model: Path, target: Path) -> Path:
+    """`model` with its weights as a (harmless) pickle `pytorch_model.bin` and no safetensors file."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(model, target)
+    torch.save(load_file(str(target / "model.safetensors")), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    return target
+
+
+def test_a_pickle_only_base_model_loads_only_with_model_allow_pickle(tiny_bert, toy_data, tmp_path, capsys):
+    base = pickle_only_copy(tiny_bert, tmp_path / "pickle-base")
+    args = [
+        "--config",
+        "quickstart",
+        *tiny_overrides(base, toy_data, tmp_path / "out", **{"train.max_steps": 1}),
+    ]
+    capsys.readouterr()
+    assert train.main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "pickle" in line and "model.allow_pickle=true" in line, line
+    assert train.main([*args, "model.allow_pickle=true", "overwrite=true"]) == 0
+
+
+def test_predict_checks_the_weights_file_it_loads_not_any_safetensors_file(finished, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished / "adapter", adapter)
+    marker = tmp_path / "pwned"
+    (adapter / "adapter_model.safetensors").rename(
+        adapter / "notes.safetensors"
+    )  # a stray file proves nothing
+    write_evil_pickle(adapter / "adapter_model.bin", marker)
+    capsys.readouterr()
+    assert predict.main(["--adapter", str(adapter), "--text", "a fine film"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "adapter_model.safetensors" in line and "--allow-pickle" in line, line
+    assert not marker.exists()
+
+
+def test_predict_refuses_an_adapter_whose_base_is_pickle_only(finished, tiny_bert, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished / "adapter", adapter)
+    base = pickle_only_copy(tiny_bert, tmp_path / "pickle-base")
+    meta = json.loads((adapter / "scalelora.json").read_text())
+    (adapter / "scalelora.json").write_text(json.dumps({**meta, "model_name": str(base)}))
+    capsys.readouterr()
+    assert predict.main(["--adapter", str(adapter), "--text", "a fine film"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(base) in line and "--allow-pickle" in line, line
+    assert predict.main(["--adapter", str(adapter), "--text", "a fine film", "--allow-pickle"]) == 0
+
+
 # --- trust_remote_code ------------------------------------------------------------------------------------
 
 

@@ -81,6 +81,9 @@ class ModelConfig:
     revision: str | None = None
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
+    allow_pickle: bool = False
+    """Load model weights stored as pickle (`pytorch_model.bin`), which can run code when loaded: the
+    base of `model.name` (also as the base an adapter names) and `distill.teacher`. Off: safetensors only."""
     train_head: bool = True
     """In lora mode, also train (and save) the classification head."""
     gradient_checkpointing: bool = False

@@ -29,6 +29,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, corrupt or from another run."""
 
 
+class UnsafeWeightsError(UserError):
+    """Weights that exist only as pickle (which can run code when loaded), refused without the user's opt-in."""
+
+
 class TrainingHalted(UserError):
     """Training stopped on purpose (e.g. non-finite loss with train.on_nonfinite=stop) after saving state."""
 

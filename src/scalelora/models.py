@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from scalelora.config import LoraConfig, ModelConfig
-from scalelora.errors import ConfigError, UserError, one_line
+from scalelora.errors import ConfigError, UnsafeWeightsError, UserError, one_line
 
 # bitsandbytes (imported by peft) warns about optional CPU kernels on every start; it is noise here
 warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
@@ -197,7 +197,8 @@ def load_classifier(
     """Load AutoModelForSequenceClassification for these labels.
 
     Returns (model, names of top-level modules that were newly initialised, e.g. the head).
-    Raises UserError when the model cannot be found or its head has other labels.
+    Raises UserError when the model cannot be found or its head has other labels, and
+    UnsafeWeightsError when its weights are pickle only and `cfg.allow_pickle` is off.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -223,6 +224,8 @@ def load_classifier(
         "trust_remote_code": cfg.trust_remote_code,
         "dtype": torch_dtype(cfg.dtype),
         "output_loading_info": True,
+        # pickle weights can run code when loaded: safetensors only unless model.allow_pickle
+        "use_safetensors": None if cfg.allow_pickle else True,
     }
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -236,6 +239,14 @@ def load_classifier(
             kwargs["device_map"] = device_map or "cpu"
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if not cfg.allow_pickle and "safetensors" in str(err):
+            raise UnsafeWeightsError(
+                f"model.name={cfg.name} has no safetensors weights (only pickle, e.g. pytorch_model.bin), which "
+                "can run code when loaded: convert it to safetensors, or set model.allow_pickle=true if you "
+                "trust its source"
+            ) from None
+        raise UserError(f"model.name={cfg.name}: cannot load its weights ({one_line(err, 200)})") from None
     except ValueError as err:
         raise UserError(
             f"model.name={cfg.name}: cannot build a sequence classifier ({one_line(err, 120)}); "

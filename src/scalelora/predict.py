@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from scalelora.errors import DataError, UserError, exit_on_user_error
+from scalelora.errors import DataError, UnsafeWeightsError, UserError, exit_on_user_error
 
 
 def find_model_dir(path: Path) -> Path:
@@ -28,18 +28,39 @@ def find_model_dir(path: Path) -> Path:
     )
 
 
+# the weights file that PeftModel / transformers load with use_safetensors=True
+SAFE_WEIGHTS = {
+    "adapter": ("adapter_model.safetensors",),
+    "model": ("model.safetensors", "model.safetensors.index.json"),
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
+
+
 def refuse_pickle(folder: Path, allow_pickle: bool) -> None:
-    if allow_pickle or any(folder.glob("*.safetensors")):
+    """Raise UnsafeWeightsError unless the weights file that will be loaded from `folder` is safetensors.
+
+    Looks for the very file PEFT (`adapter_model.safetensors`) or transformers (`model.safetensors`,
+    or its sharded index) loads, not for any `.safetensors` file: a stray one proves nothing.
+    """
+    if allow_pickle:
         return
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise UserError(
-            f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded; "
-            "convert them to safetensors, or pass --allow-pickle if you trust their source"
-        )
+    kind = "adapter" if (folder / "adapter_config.json").is_file() else "model"
+    if any((folder / name).is_file() for name in SAFE_WEIGHTS[kind]):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f"its weights are pickle ({', '.join(pickles)})" if pickles else "no weights file at all"
+    raise UnsafeWeightsError(
+        f"{folder} has no {SAFE_WEIGHTS[kind][0]} ({found}); pickle weights can run code when loaded: "
+        "convert them to safetensors, or pass --allow-pickle if you trust their source"
+    )
 
 
 def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn.Module, Any, list[str], int]:
-    """Return (model in eval mode, tokenizer, label names, max_length) for a saved adapter or model."""
+    """Return (model in eval mode, tokenizer, label names, max_length) for a saved adapter or model.
+
+    Raises UnsafeWeightsError when the adapter, the model or the adapter's base has only pickle
+    weights and `allow_pickle` is off; UserError for a folder that is neither.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from scalelora.config import ModelConfig
@@ -58,7 +79,16 @@ def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn
             raise UserError(
                 f"{folder} has no scalelora.json; load it with PeftModel on top of {base_name} yourself"
             )
-        base, _ = load_classifier(ModelConfig(name=meta["model_name"]), meta["labels"])
+        try:
+            base, _ = load_classifier(
+                ModelConfig(name=meta["model_name"], allow_pickle=allow_pickle), meta["labels"]
+            )
+        except UnsafeWeightsError:
+            raise UnsafeWeightsError(
+                f"the base model {meta['model_name']} that {folder} names has no safetensors weights (only "
+                "pickle), which can run code when loaded: convert it to safetensors, or pass --allow-pickle "
+                "if you trust its source"
+            ) from None
         model = PeftModel.from_pretrained(base, str(folder), use_safetensors=not allow_pickle or None)
         labels = meta["labels"]
     else:

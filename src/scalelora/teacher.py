@@ -78,7 +78,10 @@ class ModelTeacher:
         from scalelora.models import load_classifier, load_tokenizer
 
         teacher_cfg = ModelConfig(
-            name=cfg.distill.teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+            name=cfg.distill.teacher,
+            dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            allow_pickle=cfg.model.allow_pickle,
         )
         tokenizer = load_tokenizer(teacher_cfg)
         if tokenizer.get_vocab() != student_tokenizer.get_vocab():

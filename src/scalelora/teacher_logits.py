@@ -138,7 +138,10 @@ def build_cache(
     loaded = data_lib.load_splits(cfg.data, cfg.seed)
     datasets_by_split = {"train": loaded.train, "eval": loaded.eval, "test": loaded.test}
     teacher_cfg = ModelConfig(
-        name=teacher, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code
+        name=teacher,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
     )
     model, new_modules = load_classifier(teacher_cfg, loaded.label_names)
     if new_modules:

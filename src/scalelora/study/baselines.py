@@ -127,7 +127,9 @@ def pooled_features(
     return out
 
 
-def linear_probe(splits: Splits, model_name: str, max_length: int) -> dict[str, Any]:
+def linear_probe(
+    splits: Splits, model_name: str, max_length: int, allow_pickle: bool = False
+) -> dict[str, Any]:
     """Logistic regression on frozen mean-pooled features of `model_name` (the pretrained encoder)."""
     from transformers import AutoModel
 
@@ -136,7 +138,9 @@ def linear_probe(splits: Splits, model_name: str, max_length: int) -> dict[str, 
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(ModelConfig(name=model_name))
-    encoder = AutoModel.from_pretrained(resolve_model_path(model_name))
+    encoder = AutoModel.from_pretrained(
+        resolve_model_path(model_name), use_safetensors=None if allow_pickle else True
+    )
     total = sum(p.numel() for p in encoder.parameters())
 
     def feats(rows: Any) -> np.ndarray:

@@ -298,7 +298,7 @@ class Pipeline:
         started, load_before = time.time(), load_average()
         splits = data_lib.load_splits(cfg.data, cfg.seed)
         if run == "linear_probe":
-            row = baselines.linear_probe(splits, cfg.model.name, cfg.data.max_length)
+            row = baselines.linear_probe(splits, cfg.model.name, cfg.data.max_length, cfg.model.allow_pickle)
         elif run == "tfidf_lr_subset":
             row = baselines.tfidf_logreg(splits)
         else:
