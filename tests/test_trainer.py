@@ -555,3 +555,52 @@ def test_text_pairs_and_left_truncation_reach_the_tokenizer(tiny_bert, tmp_path)
     assert (
         tokenizer.decode(first["input_ids"], skip_special_tokens=True) == "five six seven"
     )  # the start of the longer text was cut
+
+
+def test_fused_adamw_is_decided_on_parameters_prepare_has_placed(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """`fused` depends on the parameters' device, which `prepare` decides: before it, every parameter is
+    on the CPU and a CUDA run would never get fused AdamW."""
+    from accelerate import Accelerator
+
+    from scalelora import trainer as trainer_module
+
+    real_prepare_model = Accelerator.prepare_model
+    placed: set[int] = set()
+
+    def prepare_model(self, model, *args, **kwargs):
+        prepared = real_prepare_model(self, model, *args, **kwargs)
+        placed.update(id(p) for p in prepared.parameters())
+        return prepared
+
+    seen: list[bool] = []
+    real_decision = trainer_module.use_fused_adamw
+
+    def decision(params):
+        params = list(params)
+        seen.append(all(id(p) in placed for p in params))
+        return real_decision(params)
+
+    monkeypatch.setattr(Accelerator, "prepare_model", prepare_model)
+    monkeypatch.setattr(trainer_module, "use_fused_adamw", decision)
+    cfg = load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path / "out"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        defaults = trainer.optimizer.optimizer.defaults
+    finally:
+        trainer.close()
+    assert seen == [True], "fused AdamW was decided before prepare placed the parameters"
+    assert not defaults["fused"]  # CPU
+
+
+@pytest.mark.gpu
+def test_fused_adamw_on_cuda(tiny_bert, toy_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path / "out"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        assert trainer.optimizer.optimizer.defaults["fused"] is True
+    finally:
+        trainer.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,10 +167,16 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     ]
     if not param_groups:
         raise UserError("nothing to train: every parameter is frozen (check model.mode and model.train_head)")
-    fused = torch.cuda.is_available() and all(
-        p.is_cuda or not p.is_floating_point() for g in param_groups for p in g["params"]
-    )
+    fused = use_fused_adamw(p for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=cfg.train.lr, fused=fused or None)
+
+
+def use_fused_adamw(params: Iterable[torch.nn.Parameter]) -> bool:
+    """Fused AdamW (one kernel for all tensors) when every floating-point parameter is on CUDA.
+
+    Ask only once `prepare` has placed the model: before that every parameter is on the CPU.
+    """
+    return torch.cuda.is_available() and all(p.is_cuda or not p.is_floating_point() for p in params)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
@@ -258,9 +264,16 @@ class Trainer:
             for name in ("eval", "test")
             if name in self.tokenized
         }
-        optimizer = build_optimizer(model, cfg)
+        if is_deepspeed(acc):
+            # DeepSpeed builds its engine from the model and the optimizer together
+            optimizer = build_optimizer(model, cfg)
+            self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
+        else:
+            # the model first: prepare moves it to its device, and fused AdamW depends on that device
+            self.model = acc.prepare(model)
+            optimizer = build_optimizer(acc.unwrap_model(self.model), cfg)
+            self.optimizer, self.train_loader = acc.prepare(optimizer, train_loader)
         # the schedule length needs the per-rank number of batches, known once the loader is sharded
-        self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
         self.eval_loaders = {name: acc.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / cfg.train.grad_accum))
