@@ -23,7 +23,6 @@ from fault_inject import _child as fault_child
 from scalelora import checkpoint as ckpt
 
 KILL_SEED = 20261125
-N_KILLS = 10
 
 
 def kill_args(model: Path, data: Path, out: Path, **extra: object) -> list[str]:
@@ -87,18 +86,29 @@ def reference(tiny_bert: Path, toy_data: Path, tmp_path_factory) -> tuple[Path, 
     return out, json.loads(counts.read_text())
 
 
-def test_kill_9_at_seeded_points_then_resume_gives_the_uninterrupted_adapter(
+def kill_plan(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Every injection point, each at a seeded random call among the calls an uninterrupted run makes."""
+    rng = random.Random(KILL_SEED)
+    return [(point, rng.randint(1, counts[point])) for point in sorted(POINTS)]
+
+
+def test_every_documented_kill_point_is_reached_and_planned(reference):
+    _, counts = reference
+    unreached = sorted(point for point in POINTS if not counts.get(point))
+    assert not unreached, (
+        f"an uninterrupted run never reaches {unreached}: the kill test could not exercise them"
+    )
+    assert {point for point, _ in kill_plan(counts)} == set(POINTS)
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    assert f"at each of the {len(POINTS)} injection points" in doc
+
+
+def test_kill_9_at_every_point_then_resume_gives_the_uninterrupted_adapter(
     reference, tiny_bert: Path, toy_data: Path, tmp_path: Path
 ):
     ref_out, counts = reference
     expected = adapter_tensors(ref_out)
-    rng = random.Random(KILL_SEED)
-    reachable = sorted(point for point in POINTS if counts.get(point))
-    # a step, an evaluation and a checkpoint write always, then other points drawn by the seed; each
-    # at a seeded random call among all the calls an uninterrupted run makes
-    must = ["forward", "evaluate", "manifest"]
-    points = must + rng.sample([p for p in reachable if p not in must], N_KILLS - len(must))
-    plan = [(point, rng.randint(1, counts[point])) for point in points]
+    plan = kill_plan(counts)
     for i, (point, n) in enumerate(plan):
         out = tmp_path / f"kill-{i}-{point}-{n}"
         log = str(out.parent / f"{out.name}.log")
