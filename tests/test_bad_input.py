@@ -520,6 +520,25 @@ def test_resume_from_another_config_is_refused(finished_run: Path, tiny_bert, to
     assert snapshot(out) == before, "a refused resume changed the run it refused"
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"train.batch_size": 16}, {"train.grad_accum": 2}, {"seed": 7}, {"data.max_train_samples": 50}],
+    ids=["batch_size", "grad_accum", "seed", "data_subset"],
+)
+def test_resume_with_another_batch_size_seed_or_data_subset_is_refused(
+    change: dict, finished_run: Path, tiny_bert, toy_data, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    overrides = {"train.max_steps": 2, "eval.every": 2, "resume": "auto", **change}
+    code, err = run_train(
+        ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **overrides)], capsys
+    )
+    assert_one_line_error(code, err, "another config", next(iter(change)), "number of processes")
+    assert snapshot(out) == before
+
+
 def test_existing_run_without_resume_is_refused(finished_run: Path, tiny_bert, toy_data, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)

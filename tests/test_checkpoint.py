@@ -4,6 +4,7 @@ resume identity, metrics trimming, atomic files and manifests."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,93 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path):
     keeper, _ = checkpointer(tmp_path)
     with pytest.raises(CheckpointError, match="lora.r: checkpoint 8, now 16"):
         keeper.resume(folder, ckpt.resume_identity(config, ["a", "b"]))
+
+
+def config_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys += config_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
+def test_every_config_key_is_either_part_of_the_resume_identity_or_free_to_change():
+    from scalelora.config import RunConfig, to_dict
+
+    def free(key: str) -> bool:
+        return any(key == f or (f.endswith(".") and key.startswith(f)) for f in ckpt.RESUME_FREE_KEYS)
+
+    for key in config_keys(to_dict(RunConfig())):
+        assert (key in ckpt.RESUME_IDENTITY_KEYS) != free(key), (
+            f"{key}: decide whether a resume may change it (RESUME_FREE_KEYS) or not (RESUME_IDENTITY_KEYS)"
+        )
+
+
+def identity_checkpoint(tmp_path: Path, identity: dict) -> Path:
+    folder = tmp_path / "checkpoints" / "step-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"identity": identity})
+    return folder
+
+
+BASE_CONFIG = {
+    "seed": 42,
+    "model": {"name": "m", "mode": "lora"},
+    "lora": {"r": 8, "target_modules": None},
+    "data": {"path": "d", "keep_labels": None, "max_train_samples": None},
+    "train": {"batch_size": 8, "grad_accum": 1, "loss": "ce"},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"world_size": 2}, "world_size: checkpoint 1, now 2"),
+        ({"data.train_fingerprint": "f2"}, "data.train_fingerprint: checkpoint 'f1', now 'f2'"),
+        ({"train.batch_size": 16}, "train.batch_size: checkpoint 8, now 16"),
+        ({"train.grad_accum": 2}, "train.grad_accum: checkpoint 1, now 2"),
+        ({"seed": 7}, "seed: checkpoint 42, now 7"),
+        ({"data.max_train_samples": 50}, "data.max_train_samples: checkpoint None, now 50"),
+        ({"train.loss": "focal"}, "train.loss: checkpoint 'ce', now 'focal'"),  # a key another branch adds
+    ],
+    ids=["world_size", "fingerprint", "batch_size", "grad_accum", "seed", "subset", "loss"],
+)
+def test_a_resume_with_another_batch_size_world_size_seed_or_data_is_refused_naming_it(
+    tmp_path, change, expected
+):
+    import copy
+
+    def identity(overrides: dict) -> dict:
+        config = copy.deepcopy(BASE_CONFIG)
+        for key, value in overrides.items():
+            if key in ("world_size", "data.train_fingerprint"):
+                continue
+            section, _, name = key.rpartition(".")
+            (config[section] if section else config)[name] = value
+        return ckpt.resume_identity(
+            config,
+            ["a", "b"],
+            world_size=overrides.get("world_size", 1),
+            train_fingerprint=overrides.get("data.train_fingerprint", "f1"),
+        )
+
+    folder = identity_checkpoint(tmp_path, identity({}))
+    keeper, _ = checkpointer(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        keeper.resume(folder, identity(change))
+
+
+def test_keys_a_checkpoint_does_not_record_are_reported_not_compared(tmp_path, monkeypatch):
+    old = ckpt.resume_identity({k: v for k, v in BASE_CONFIG.items() if k != "train"}, ["a", "b"])
+    folder = identity_checkpoint(tmp_path, old)  # written before train.* and the world size were recorded
+    keeper, lines = checkpointer(tmp_path)
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})
+    current = ckpt.resume_identity(BASE_CONFIG, ["a", "b"], world_size=1)
+    assert keeper.resume(folder, current)["global_step"] == 2
+    assert any(
+        "does not record train.batch_size, train.grad_accum, train.loss, world_size" in line for line in lines
+    ), lines
+    # a key this config lacks (another branch's, not merged here) is not recorded, so never compared
+    assert "train.class_weights" not in current and "train.loss" in current
 
 
 def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):

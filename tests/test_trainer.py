@@ -194,6 +194,7 @@ RESUME_RUN = {
 
 
 def test_resumed_run_ends_with_the_same_adapter(tiny_bert, toy_data, tmp_path):
+    """Also with other evaluation, checkpoint and log intervals: keys a resume may change (RESUME_FREE_KEYS)."""
     full = tmp_path / "full"
     result = run_cli(
         "scalelora.train",
@@ -207,7 +208,12 @@ def test_resumed_run_ends_with_the_same_adapter(tiny_bert, toy_data, tmp_path):
         [
             "--config",
             "quickstart",
-            *tiny_overrides(tiny_bert, toy_data, resumed, **RESUME_RUN),
+            *tiny_overrides(
+                tiny_bert,
+                toy_data,
+                resumed,
+                **{**RESUME_RUN, "eval.every": 3, "checkpoint.every": 3, "train.log_every": 3},
+            ),
             "resume=auto",
         ],
     )

@@ -356,14 +356,105 @@ def pid_alive(pid: int) -> bool:
 
 # --- the run folder, as one object the loop asks ----------------------------------------------------
 
-# Keys of the config whose change makes an old checkpoint meaningless for this run.
+# Config keys a checkpoint must share with the run that resumes it. A resumed run must end as an
+# uninterrupted run would; a change to any of these makes that impossible, so it is refused, naming
+# the key:
+# - what is trained and from what: model, LoRA, labels, the training data and its subset;
+# - the data order and the stream position: seed, batch size, accumulation (and the world size and
+#   the training split's fingerprint, which are not config keys: see resume_identity);
+# - the loss, including keys other branches add (class weights, loss, focal gamma, label smoothing,
+#   class-balanced sampling, problem type, label separator): absent from a config, they are skipped;
+# - the optimizer and the schedule: their state is restored from the checkpoint, so a changed lr,
+#   weight decay, scheduler, warmup, epochs or max_steps would be silently ignored or would bend the
+#   learning-rate curve into one no uninterrupted run follows; precision and clipping change each step;
+# - eval.metric and eval.load_best_at_end: the best value and the saved best adapter depend on them.
 RESUME_IDENTITY_KEYS = (
+    "seed",
     "model.name",
     "model.mode",
+    "model.dtype",
+    "model.revision",
+    "model.train_head",
+    "model.load_in_8bit",
+    "model.load_in_4bit",
+    "model.bnb_4bit_quant_type",
+    "model.bnb_4bit_use_double_quant",
+    "model.bnb_4bit_compute_dtype",
+    "model.attn_implementation",
     "lora.r",
+    "lora.alpha",
+    "lora.dropout",
     "lora.target_modules",
+    "lora.bias",
     "data.path",
+    "data.hub_config",
+    "data.train_split",
+    "data.text_column",
+    "data.text_pair_column",
+    "data.label_column",
+    "data.labels",
     "data.keep_labels",
+    "data.max_train_samples",
+    "data.max_length",
+    "data.truncation_side",
+    "data.drop_empty",
+    "data.group_by_length",
+    "data.class_balanced",
+    "data.problem_type",
+    "data.label_separator",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.epochs",
+    "train.max_steps",
+    "train.lr",
+    "train.head_lr",
+    "train.weight_decay",
+    "train.scheduler",
+    "train.warmup_ratio",
+    "train.warmup_steps",
+    "train.max_grad_norm",
+    "train.precision",
+    "train.class_weights",
+    "train.loss",
+    "train.focal_gamma",
+    "train.label_smoothing",
+    "eval.metric",
+    "eval.load_best_at_end",
+    "distill.enabled",
+    "distill.weight",
+    "distill.temperature",
+    "distill.teacher",
+    "distill.hidden_weight",
+)
+# Keys a resume may change: the resumed run trains exactly as before (where it writes, how often it
+# evaluates, logs and checkpoints, how it loads, what it reports). `section.` covers a whole section.
+RESUME_FREE_KEYS = (
+    "recipe",
+    "description",
+    "output_dir",
+    "resume",
+    "overwrite",
+    "data.root",
+    "data.eval_split",
+    "data.test_split",
+    "data.max_eval_samples",
+    "data.num_workers",
+    "model.trust_remote_code",
+    "model.allow_pickle",
+    "model.gradient_checkpointing",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.on_nonfinite",
+    "train.max_nonfinite",
+    "train.compile",
+    "eval.every",
+    "eval.early_stopping_patience",
+    "eval.sample_predictions",
+    "eval.extra_metrics",
+    "eval.trust_remote_code",
+    "distill.cache_dir",
+    "checkpoint.",
+    "tracking.",
 )
 # What a finished or interrupted run leaves in output_dir; a fresh start removes all of it.
 ARTIFACTS = (
@@ -384,17 +475,51 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-def dotted_get(tree: dict[str, Any], key: str) -> Any:
+_RAISE = object()
+ABSENT = object()
+
+
+def dotted_get(tree: dict[str, Any], key: str, default: Any = _RAISE) -> Any:
+    """`tree["a"]["b"]` for key "a.b"; `default` when a part is missing (KeyError when none is given)."""
     for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            if default is _RAISE:
+                raise KeyError(key)
+            return default
         tree = tree[part]
     return tree
 
 
-def resume_identity(config: dict[str, Any], label_names: list[str]) -> dict[str, Any]:
-    """What a checkpoint must share with this run to be resumed by it (see RESUME_IDENTITY_KEYS)."""
-    identity = {key: dotted_get(config, key) for key in RESUME_IDENTITY_KEYS}
+def resume_identity(
+    config: dict[str, Any],
+    label_names: list[str],
+    world_size: int | None = None,
+    train_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed by it (see RESUME_IDENTITY_KEYS).
+
+    Keys absent from `config` (added by a later version) are left out, so they are never compared
+    against a checkpoint that could not record them. Values are as JSON stores them.
+    """
+    identity = {
+        key: value for key in RESUME_IDENTITY_KEYS if (value := dotted_get(config, key, ABSENT)) is not ABSENT
+    }
     identity["labels"] = list(label_names)
-    return identity
+    if world_size is not None:
+        identity["world_size"] = world_size  # the stream is sharded by rank, and the loss normalized over all
+    if train_fingerprint is not None:
+        identity["data.train_fingerprint"] = train_fingerprint  # the training examples themselves
+    return json.loads(json.dumps(identity))
+
+
+def compare_identity(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(what changed, as "key: checkpoint X, now Y"; keys the checkpoint does not record)."""
+    changed = [
+        f"{key}: checkpoint {saved[key]!r}, now {value!r}"
+        for key, value in current.items()
+        if key in saved and saved[key] != value
+    ]
+    return changed, [key for key in current if key not in saved]
 
 
 class Checkpointer:
@@ -506,19 +631,21 @@ class Checkpointer:
     def resume(self, path: Path, identity: dict[str, Any]) -> dict[str, Any]:
         """Collective. Load checkpoint `path` into the prepared objects and return its trainer state.
 
-        Raises CheckpointError when it is from another config (compared before loading weights:
-        another config's tensors would fail with a shape error) or cannot be loaded.
+        Raises CheckpointError when it is from another config, data, seed or world size (see
+        RESUME_IDENTITY_KEYS; compared before loading weights: another config's tensors would fail
+        with a shape error) or cannot be loaded.
         """
-        saved_identity = read_trainer_state(path).get("identity", {})
-        changed = [
-            f"{k}: checkpoint {saved_identity.get(k)!r}, now {v!r}"
-            for k, v in identity.items()
-            if saved_identity.get(k) != v
-        ]
+        changed, unknown = compare_identity(read_trainer_state(path).get("identity", {}), identity)
         if changed:
             raise CheckpointError(
-                f"checkpoint {path} is from another config ({'; '.join(changed)}); "
-                "use its original config, or start over with overwrite=true or another output_dir"
+                f"checkpoint {path} is from another config ({'; '.join(changed)}); use its original config "
+                "(the same data, seed and number of processes), or start over with overwrite=true or another output_dir"
+            )
+        if unknown:
+            # written by an older scalelora: what it did not record cannot be checked, only reported
+            self.echo(
+                f"scalelora: warning: checkpoint {path} does not record {', '.join(unknown)}; "
+                "resuming on the assumption that they did not change"
             )
         state = load_checkpoint(self.accelerator, path)
         step = int(state.get("global_step", 0))

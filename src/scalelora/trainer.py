@@ -290,7 +290,9 @@ class Trainer:
         self.teacher = build_teacher(
             cfg, self.label_names, self.tokenizer, self.splits.fingerprints["train"], acc.device
         )
-        self.state.identity = resume_identity(to_dict(cfg), self.label_names)
+        self.state.identity = resume_identity(
+            to_dict(cfg), self.label_names, acc.num_processes, self.splits.fingerprints["train"]
+        )
         if resume_from is not None:
             self.state = TrainState(**self.checkpointer.resume(resume_from, self.state.identity))
         self.tracker = build_tracker(cfg, acc.is_main_process, to_dict(cfg))
