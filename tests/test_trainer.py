@@ -308,15 +308,50 @@ def test_balanced_weights_with_balanced_sampling_warn(tiny_bert, toy_data, tmp_p
     )
 
 
+EPOCH_2_RUN = {**RESUME_RUN, "data.max_train_samples": 32, "train.max_steps": 11, "checkpoint.every": 5}
+
+
+def like_accelerate_1_0_to_1_14(monkeypatch) -> None:
+    """Make `skip_first_batches` build its loader the way Accelerate 1.0-1.14 do: with iteration 0, so
+    iterating it resets the sampler to epoch 0 (checked in the sources of 1.0.0 and 1.12.0)."""
+    from accelerate import Accelerator
+
+    real = Accelerator.skip_first_batches
+
+    def skip_first_batches(self, dataloader, num_batches=0):
+        loader = real(self, dataloader, num_batches)
+        loader.iteration = 0
+        return loader
+
+    monkeypatch.setattr(Accelerator, "skip_first_batches", skip_first_batches)
+
+
+def test_a_resume_in_epoch_2_continues_that_epochs_order(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """32 examples in batches of 8: 4 steps per epoch, so step 10 is epoch 2, batch 2. The position must
+    not rest on `skip_first_batches` keeping the epoch (Accelerate 1.0-1.14 reset it to 0)."""
+    full = tmp_path / "full"
+    assert main(["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, full, **EPOCH_2_RUN)]) == 0
+    for name, patch in (("installed", None), ("skip-resets-epoch", like_accelerate_1_0_to_1_14)):
+        resumed = tmp_path / name
+        interrupted_copy(full, resumed, keep_step=10)
+        with monkeypatch.context() as patched:
+            if patch is not None:
+                patch(patched)
+            args = [*tiny_overrides(tiny_bert, toy_data, resumed, **EPOCH_2_RUN), "resume=auto"]
+            assert main(["--config", "quickstart", *args]) == 0
+        assert_same_adapter(full, resumed)
+
+
 @pytest.mark.slow
 def test_two_processes_train_evaluate_without_duplicates_and_resume(tiny_bert, toy_data, tmp_path):
     single = tmp_path / "single"
+    # 96 examples, 2 ranks x 8: 6 steps per epoch, so the resume from step 14 is in epoch 2, batch 2
     overrides = {
         **RESUME_RUN,
         "train.batch_size": 8,
-        "train.max_steps": 12,
-        "eval.every": 6,
-        "checkpoint.every": 4,
+        "train.max_steps": 16,
+        "eval.every": 8,
+        "checkpoint.every": 7,
         "train.lr": 2e-2,
         "model.mode": "full",
     }
@@ -348,7 +383,7 @@ def test_two_processes_train_evaluate_without_duplicates_and_resume(tiny_bert, t
     assert abs(summary["eval"]["validation"]["accuracy"] - one["eval"]["validation"]["accuracy"]) <= 0.15
 
     resumed = tmp_path / "two-resumed"
-    interrupted_copy(two, resumed, keep_step=8)
+    interrupted_copy(two, resumed, keep_step=14)
     result = run_cli(
         "scalelora.train",
         ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, resumed, **overrides), "resume=auto"],

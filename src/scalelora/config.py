@@ -349,7 +349,7 @@ def bnb_device_problem() -> str | None:
         return (
             f"model.load_in_8bit/load_in_4bit: the installed bitsandbytes {bitsandbytes.__version__} has no "
             f"{device} backend (it supports {', '.join(sorted(supported))}): set both to false, or "
-            "pip install 'bitsandbytes>=0.45' (which runs on CPU too)"
+            "pip install 'bitsandbytes>=0.50' (which runs on CPU too)"
         )
     return None
 

@@ -257,6 +257,7 @@ class Trainer:
         train_loader = data_lib.train_dataloader(
             self.tokenized["train"], cfg.data, cfg.train.batch_size, cfg.seed, collate
         )
+        self.train_sampler = train_loader.sampler  # its epoch decides the data order (see micro_batches)
         eval_loaders = {
             name: data_lib.eval_dataloader(
                 self.tokenized[name], cfg.train.eval_batch_size, collate, cfg.data.num_workers
@@ -368,16 +369,30 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The endless seeded stream, starting where `global_step` left it."""
+        """The endless seeded stream, starting where `global_step` left it.
+
+        The epoch is set here, on the loader actually iterated and on the sampler, rather than left to
+        `skip_first_batches`: Accelerate 1.0-1.14 build its skipping loader with iteration 0, whose
+        `__iter__` then resets the sampler to epoch 0 (a resume inside epoch >= 1 replayed epoch 0's
+        order). Skipped batches are dropped as index lists (Accelerate's SkipBatchSampler), never
+        loaded or collated. The sampler's epoch is checked once its pass has started.
+        """
         epoch, offset = divmod(self.state.global_step * self.cfg.train.grad_accum, self.batches_per_epoch)
         while True:
-            self.train_loader.set_epoch(epoch)
             loader = (
                 self.accelerator.skip_first_batches(self.train_loader, offset)
                 if offset
                 else self.train_loader
             )
-            yield from loader
+            loader.set_epoch(epoch)  # the loader's iteration count, which its __iter__ hands the sampler
+            self.train_sampler.set_epoch(epoch)  # where a sharded batch sampler hides the sampler from it
+            for position, batch in enumerate(loader):
+                if position == 0 and self.train_sampler.epoch != epoch:
+                    raise RuntimeError(
+                        f"the training sampler runs epoch {self.train_sampler.epoch}, not {epoch}: the data order "
+                        "would not be the uninterrupted run's (a change in Accelerate's data loader?)"
+                    )
+                yield batch
             epoch, offset = epoch + 1, 0
 
     def train(self) -> dict[str, Any]:
