@@ -3,7 +3,8 @@
 A fault is `POINT:N[:ACTION][@RANK]`: at the N-th call of the function behind POINT, do ACTION
 (`kill`: SIGKILL this process, as `kill -9` would; `term`/`int`: send it SIGTERM/SIGINT and
 carry on; `sleep`: hang for 2 minutes; `enospc`: raise "No space left on device"; `nan`: make
-that forward's loss NaN), on every
+that forward's loss NaN, and its gradients with it; `nanloss`: make the loss value NaN while its
+gradients stay finite, as a NaN in a term that does not depend on the weights would), on every
 rank or only on RANK. The patches are installed in the process that runs the trainer, which is
 either a child forked by `run_forked` (fast: it reuses the test process's imports) or a process that
 `accelerate launch tests/fault_inject.py --fault SPEC -- TRAIN_ARGS` starts on each rank.
@@ -80,7 +81,7 @@ def act(action: str, point: str) -> None:
         import time
 
         time.sleep(120)  # hold the run (and its lock) until the test kills it
-    elif action != "nan":
+    elif action not in ("nan", "nanloss"):
         raise ValueError(f"unknown fault action {action}")
 
 
@@ -114,6 +115,12 @@ def install(faults: list[str], count_all: bool = False) -> Counter[str]:
                         if action == "nan":
                             loss, parts = result
                             result = (loss * float("nan"), {k: v * float("nan") for k, v in parts.items()})
+                        elif action == "nanloss":
+                            import torch
+
+                            loss, parts = result  # + a constant: the gradients are the finite ones of loss
+                            nan = torch.tensor(float("nan"))
+                            result = (loss + nan, {k: v + nan for k, v in parts.items()})
                         else:
                             act(action, point)
                 return result

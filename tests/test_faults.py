@@ -334,3 +334,16 @@ def test_kill_9_of_one_rank_in_a_two_process_run(tiny_bert, toy_data, tmp_path):
     assert_same_tensors(
         adapter_tensors(out), adapter_tensors(reference_out), "2-process resume after kill -9"
     )
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tiny_bert, toy_data, tmp_path):
+    """Rank 1's loss turns NaN while its gradients stay finite (so the all-reduced gradient norm is finite):
+    each rank deciding on its own loss would step on rank 0 only, and the ranks' weights would part."""
+    out, log = tmp_path / "out", tmp_path / "log"
+    args = kill_args(tiny_bert, toy_data, out, **{"checkpoint.keep_last": 10, "train.max_steps": 4})
+    assert launch_2proc(args, ["forward:3:nanloss@1"], log) == 0, log.read_text()[-3000:]
+    assert "non-finite loss or gradient at step 3; step skipped" in log.read_text()
+    assert json.loads((out / "summary.json").read_text())["nonfinite_skipped"] == 1
+    step2, step3 = (load_file(str(out / "checkpoints" / f"step-{n}" / "model.safetensors")) for n in (2, 3))
+    assert_same_tensors(step2, step3, "the skipped step 3 changed the weights")

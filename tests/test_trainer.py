@@ -645,3 +645,103 @@ def test_fused_adamw_on_cuda(tiny_bert, toy_data, tmp_path):
         assert trainer.optimizer.optimizer.defaults["fused"] is True
     finally:
         trainer.close()
+
+
+# --- skipped steps with an fp16 loss scaler ------------------------------------------------------------
+
+
+class LinearClassifier(torch.nn.Module):
+    """The smallest model `Trainer.compute_loss` accepts: float features in, `.logits` out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 2)
+        self.inf_grad = False  # set: the backward pass overflows (finite loss, infinite gradients)
+        self.linear.weight.register_hook(lambda grad: grad * float("inf") if self.inf_grad else grad)
+
+    def forward(self, input_ids: torch.Tensor, output_hidden_states: bool = False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.linear(input_ids))
+
+
+def fp16_trainer_on_cpu(tmp_path: Path) -> Trainer:
+    """A Trainer on Accelerate's fp16 code paths (scaled backward, unscale_ in clip_grad_norm_, the scaler's
+    step and update in the optimizer's step) with a real GradScaler on the CPU: only fp16 autocast, which
+    needs CUDA, is left out. The real fp16 path is the gpu-marked test below."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    cfg = load_config(
+        "quickstart",
+        [f"output_dir={tmp_path}", "train.precision=fp16", "train.warmup_steps=0", "train.max_steps=10"],
+    )
+    # as runtime.build_accelerator builds it (which refuses fp16 without CUDA)
+    acc = Accelerator(
+        cpu=True,
+        mixed_precision="fp16",
+        step_scheduler_with_optimizer=False,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+    )
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model = LinearClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.native_amp = True  # after prepare: there it would wrap the forward in (CUDA) autocast
+    trainer = Trainer(cfg)
+    trainer.accelerator, trainer.model, trainer.optimizer, trainer.teacher = acc, model, optimizer, None
+    trainer.class_weights = None
+    from scalelora.trainer import build_scheduler
+
+    trainer.scheduler = acc.prepare_scheduler(build_scheduler(optimizer, cfg, total_steps=10))
+    return trainer
+
+
+def micro_batch(nan: bool = False) -> dict[str, torch.Tensor]:
+    features = torch.randn(8, 4)
+    if nan:
+        features[0, 0] = float("nan")
+    return {"input_ids": features, "labels": torch.tensor([0, 1] * 4), "idx": torch.arange(8)}
+
+
+def test_fp16_step_after_a_skipped_nonfinite_step_unscales_once(tmp_path):
+    trainer = fp16_trainer_on_cpu(tmp_path)
+    weight = trainer.model.linear.weight
+    trainer.train_step([micro_batch(nan=True)])  # NaN loss: skipped, counted
+    assert trainer.state.nonfinite_skipped == 1
+    before = weight.detach().clone()
+    trainer.train_step([micro_batch()])  # used to fail: "unscale_() has already been called"
+    assert not torch.equal(weight.detach(), before), "the finite step after a skipped one did not step"
+    assert trainer.state.nonfinite_skipped == 1 and trainer.state.nonfinite_in_row == 0
+
+
+def test_the_schedule_does_not_step_when_the_scaler_or_a_nonfinite_skip_skips_the_step(tmp_path):
+    trainer = fp16_trainer_on_cpu(tmp_path)
+    inner = trainer.scheduler.scheduler
+    trainer.train_step([micro_batch()])
+    assert inner.last_epoch == 1
+    trainer.model.inf_grad = True  # an fp16 overflow: the scaler skips the step, and so must the schedule
+    weight = trainer.model.linear.weight.detach().clone()
+    trainer.train_step([micro_batch()])
+    assert torch.equal(trainer.model.linear.weight.detach(), weight) and trainer.optimizer.step_was_skipped
+    assert inner.last_epoch == 1 and trainer.state.nonfinite_skipped == 0  # the scaler's, not an error
+    trainer.model.inf_grad = False
+    trainer.train_step([micro_batch(nan=True)])  # a skipped non-finite step
+    assert inner.last_epoch == 1 and trainer.state.nonfinite_skipped == 1
+    trainer.train_step([micro_batch()])
+    assert inner.last_epoch == 2
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_skips_a_nan_step_and_trains_on(tiny_bert, toy_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from fault_inject import run_forked
+
+    out, log = tmp_path / "out", tmp_path / "log"
+    args = tiny_overrides(tiny_bert, toy_data, out, **{"train.precision": "fp16", "train.max_steps": 6})
+    assert run_forked(["--config", "quickstart", *args], faults=["forward:3:nan"], log=str(log)) == 0, (
+        log.read_text()[-3000:]
+    )
+    assert read_summary(out)["nonfinite_skipped"] == 1

@@ -179,6 +179,14 @@ def use_fused_adamw(params: Iterable[torch.nn.Parameter]) -> bool:
     return torch.cuda.is_available() and all(p.is_cuda or not p.is_floating_point() for p in params)
 
 
+def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every rank (one all-reduce when there are several)."""
+    bad = (~torch.isfinite(value)).any().float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return not bool(bad.item())
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
     from transformers import (
         get_constant_schedule_with_warmup,
@@ -468,9 +476,7 @@ class Trainer:
                     grad_norm = acc.clip_grad_norm_(
                         self.model.parameters(), cfg.train.max_grad_norm or float("inf")
                     )
-                    if self._finite_or_handle(objective, grad_norm):
-                        self.optimizer.step()
-                        self.scheduler.step()
+                    self.finish_step(objective, grad_norm)
                     self.optimizer.zero_grad(set_to_none=True)
             samples += int(labels.shape[0])
             if "attention_mask" in batch:
@@ -530,15 +536,35 @@ class Trainer:
         parts["total"] = loss.detach()
         return loss, parts
 
-    def _finite_or_handle(self, loss_sum: torch.Tensor, grad_norm: Any) -> bool:
-        """True when the step may go ahead. Grad norms are all-reduced, so every rank decides alike."""
+    def finish_step(self, objective: torch.Tensor, grad_norm: Any) -> None:
+        """Step the optimizer and the schedule, or skip a non-finite step (and stop after too many).
+
+        Every rank takes the same decision: the loss flag is all-reduced (each rank sees only its own
+        loss) and the gradient norm already is. An fp16 overflow (finite loss, infinite gradients) is
+        the loss scaler's to skip, not an error. The schedule steps only when the optimizer really
+        stepped: not when the scaler skipped it, nor on a skipped non-finite step. Raises
+        TrainingHalted after saving the last good state (train.on_nonfinite=stop, or
+        train.max_nonfinite non-finite steps in a row).
+        """
+        cfg, acc = self.cfg, self.accelerator
+        loss_finite = all_finite(acc, objective)
+        grads_finite = grad_norm is None or math.isfinite(float(grad_norm))
+        if loss_finite and (grads_finite or cfg.train.precision == "fp16"):
+            self.optimizer.step()
+            if not self.optimizer.step_was_skipped:
+                self.scheduler.step()
+            self.state.nonfinite_in_row = 0
+            return
+        if acc.scaler is not None:
+            # clip_grad_norm_ unscaled this step's gradients; without update() the scaler still holds
+            # that, and the next step's unscale_ would fail ("already been called")
+            acc.scaler.update()
+        self.skip_nonfinite()
+
+    def skip_nonfinite(self) -> None:
+        """Count a skipped non-finite step; save the last good state and raise TrainingHalted when the
+        config says to stop."""
         cfg, state = self.cfg, self.state
-        finite = bool(torch.isfinite(loss_sum)) and (
-            grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        )
-        if finite or (cfg.train.precision == "fp16" and bool(torch.isfinite(loss_sum))):
-            state.nonfinite_in_row = 0  # an fp16 overflow is the grad scaler's to skip, not an error
-            return True
         state.nonfinite_in_row += 1
         state.nonfinite_skipped += 1
         self.echo(
@@ -551,7 +577,6 @@ class Trainer:
                 f"non-finite loss or gradient at step {state.global_step + 1} ({state.nonfinite_in_row} in a row); "
                 f"the last good state is saved in {path}; lower train.lr, use train.precision=bf16, or check the data"
             )
-        return False
 
     def log_train(self, window: dict[str, Any]) -> None:
         """One train record: metrics.jsonl, W&B, and a log line (or the progress bar's postfix)."""
