@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -231,3 +232,69 @@ def test_4bit_base_trains_under_zero3(tiny_bert, toy_data, tmp_path, ds_env):
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_summary(out)["deepspeed"]["zero_stage"] == 3
     assert check_adapter_weights(out / "adapter", r=8) > 0
+
+
+# --- non-finite steps under ZeRO-2 -------------------------------------------------------------------------
+
+NAN_RUN = {**RUN, "checkpoint.every": 1, "checkpoint.keep_last": 10}
+# rank 1's loss turns NaN at step 3 while its gradients stay finite: DeepSpeed's own overflow check
+# would not see it, and the engine steps inside backward, before the trainer can decide anything
+NAN_FAULT = "forward:3:nanloss@1"
+
+
+def trainable_module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The LoRA and head weights of a DeepSpeed checkpoint this test module just wrote (a torch pickle:
+    DeepSpeed has no other format; it is read here, in a test, from a run of the test itself)."""
+    states = torch.load(next(checkpoint.rglob("*model_states.pt")), map_location="cpu", weights_only=False)
+    return {k: v for k, v in states["module"].items() if "lora_" in k or "modules_to_save" in k}
+
+
+@pytest.fixture(scope="module")
+def nan_runs(tiny_bert, toy_data, tmp_path_factory, ds_env):
+    """ZeRO-2, 2 processes, NAN_FAULT: once with on_nonfinite=skip, once with stop."""
+    root = tmp_path_factory.mktemp("deepspeed-nan")
+    config = sharded_variant("zero2", root)
+    out = {}
+    for policy in ("skip", "stop"):
+        run = root / policy
+        args = tiny_overrides(tiny_bert, toy_data, run, **{**NAN_RUN, "train.on_nonfinite": policy})
+        command = [*launcher(config), str(ROOT / "tests" / "fault_inject.py"), "--fault", NAN_FAULT, "--"]
+        done = subprocess.run(
+            [*command, "--config", "quickstart", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **ds_env},
+            cwd=ROOT,
+            timeout=600,
+        )
+        out[policy] = {"dir": run, "code": done.returncode, "log": done.stderr}
+    return out
+
+
+def test_nonfinite_skip_under_zero2_discards_the_step_on_every_rank(nan_runs):
+    run = nan_runs["skip"]
+    assert run["code"] == 0, run["log"][-3000:]
+    assert "non-finite loss or gradient at step 3; step skipped" in run["log"]
+    assert read_summary(run["dir"])["nonfinite_skipped"] == 1
+    step2, step3 = (trainable_module_weights(run["dir"] / "checkpoints" / f"step-{n}") for n in (2, 3))
+    assert step2.keys() == step3.keys() and step2
+    for key in step2:
+        assert torch.equal(step2[key], step3[key]), f"the skipped step 3 changed {key}"
+
+
+def test_nonfinite_stop_under_zero2_saves_the_last_good_state(nan_runs):
+    run = nan_runs["stop"]
+    # torchrun reports the workers' exit code 3 with a traceback of its own; the workers print none
+    assert run["code"] != 0 and "]: Traceback" not in run["log"], run["log"][-3000:]
+    errors = [line for line in run["log"].splitlines() if line.startswith("scalelora: error:")]
+    assert errors and all("non-finite loss or gradient at step 3" in line for line in errors), run["log"][
+        -2000:
+    ]
+    assert "exit code 3" in run["log"]
+    newest = sorted((run["dir"] / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    assert json.loads((newest / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (run["dir"] / "summary.json").exists()
+    last_good = trainable_module_weights(nan_runs["skip"]["dir"] / "checkpoints" / "step-2")
+    saved = trainable_module_weights(newest)
+    for key in last_good:
+        assert torch.equal(saved[key], last_good[key]), f"the saved state is not the last good one: {key}"

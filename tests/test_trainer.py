@@ -745,3 +745,42 @@ def test_fp16_on_cuda_skips_a_nan_step_and_trains_on(tiny_bert, toy_data, tmp_pa
         log.read_text()[-3000:]
     )
     assert read_summary(out)["nonfinite_skipped"] == 1
+
+
+def test_a_nonfinite_step_deepspeed_applied_anyway_halts_without_saving(tmp_path):
+    """DeepSpeed steps inside backward. Should its overflow check let a non-finite step through, the
+    weights are no longer the last good ones: stop (exit 3) and save nothing."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from scalelora.errors import TrainingHalted
+
+    saved: list[int] = []
+    trainer = Trainer(load_config("quickstart", [f"output_dir={tmp_path}"]))
+    trainer.accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, num_processes=1, scaler=None, is_main_process=True
+    )
+    trainer.optimizer = SimpleNamespace(step=lambda: None, step_was_skipped=False)
+    trainer.checkpointer = SimpleNamespace(save=lambda step, state: saved.append(step))
+    with pytest.raises(TrainingHalted, match="DeepSpeed applied that step.*nothing was saved"):
+        trainer.finish_step(torch.tensor(float("nan")), float("inf"))
+    assert saved == []
+    # the usual case: DeepSpeed's overflow check discarded it, so the skip just counts it
+    trainer.optimizer.step_was_skipped = True
+    trainer.finish_step(torch.tensor(float("nan")), float("inf"))
+    assert trainer.state.nonfinite_skipped == 1 and saved == []
+
+
+def test_a_nonfinite_loss_reaches_every_gradient_and_a_finite_one_is_untouched():
+    from scalelora.trainer import nonfinite_reaches_gradients
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    finite = (weight * 3).sum()
+    out = nonfinite_reaches_gradients(finite)
+    out.backward()
+    assert float(out) == float(finite) and torch.equal(weight.grad, torch.tensor([3.0, 3.0]))
+    weight.grad = None
+    nan_value = (weight * 3).sum() + torch.tensor(float("nan"))  # a NaN term with finite gradients
+    nonfinite_reaches_gradients(nan_value).backward()
+    assert torch.isnan(weight.grad).all()

@@ -179,6 +179,17 @@ def use_fused_adamw(params: Iterable[torch.nn.Parameter]) -> bool:
     return torch.cuda.is_available() and all(p.is_cuda or not p.is_floating_point() for p in params)
 
 
+def nonfinite_reaches_gradients(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged (times exactly 1) when finite; when not, a NaN whose gradients are all NaN.
+
+    DeepSpeed steps inside `backward` and has one way to discard a step: its overflow check on the
+    gradients. A loss can be NaN with finite gradients (a NaN term that does not depend on the
+    weights); this makes sure the check sees it. No host sync: the factor is computed on the device.
+    """
+    factor = torch.ones_like(loss).masked_fill(~torch.isfinite(loss.detach()), float("nan"))
+    return loss * factor
+
+
 def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
     """Whether `value` is finite on every rank (one all-reduce when there are several)."""
     bad = (~torch.isfinite(value)).any().float().reshape(1)
@@ -449,6 +460,7 @@ class Trainer:
     def train_step(self, group: list[dict[str, torch.Tensor]]) -> StepStats:
         """One optimizer step over `grad_accum` micro-batches, the loss normalized by the global example count."""
         cfg, acc = self.cfg, self.accelerator
+        deepspeed = is_deepspeed(acc)
         started = time.perf_counter()
         self.model.train()
         # the example count and the class-weight sum of the whole global batch, in one all-reduce
@@ -470,6 +482,8 @@ class Trainer:
             labels, idx = batch.pop("labels"), batch.pop("idx")
             with acc.accumulate(self.model):
                 loss, parts = self.compute_loss(batch, labels, idx, (totals[1], totals[0]))
+                if deepspeed:
+                    loss = nonfinite_reaches_gradients(loss)
                 acc.backward(loss * scale)
                 objective += parts["total"]
                 if acc.sync_gradients:
@@ -542,9 +556,15 @@ class Trainer:
         Every rank takes the same decision: the loss flag is all-reduced (each rank sees only its own
         loss) and the gradient norm already is. An fp16 overflow (finite loss, infinite gradients) is
         the loss scaler's to skip, not an error. The schedule steps only when the optimizer really
-        stepped: not when the scaler skipped it, nor on a skipped non-finite step. Raises
-        TrainingHalted after saving the last good state (train.on_nonfinite=stop, or
-        train.max_nonfinite non-finite steps in a row).
+        stepped: not when the scaler or DeepSpeed skipped it, nor on a skipped non-finite step.
+
+        Under DeepSpeed the engine has already stepped inside `backward`, or discarded the step when
+        its overflow check found a non-finite gradient, which a non-finite loss always makes
+        (`nonfinite_reaches_gradients`); the skip here then only counts it.
+
+        Raises TrainingHalted after saving the last good state (train.on_nonfinite=stop, or
+        train.max_nonfinite non-finite steps in a row), or without saving when DeepSpeed applied a
+        non-finite step.
         """
         cfg, acc = self.cfg, self.accelerator
         loss_finite = all_finite(acc, objective)
@@ -555,6 +575,15 @@ class Trainer:
                 self.scheduler.step()
             self.state.nonfinite_in_row = 0
             return
+        if is_deepspeed(acc) and not self.optimizer.step_was_skipped:
+            # the engine steps inside backward; nonfinite_reaches_gradients makes its overflow check
+            # discard such a step, so this means that check is off: the update cannot be taken back
+            raise TrainingHalted(
+                f"non-finite loss or gradient at step {self.state.global_step + 1}, and DeepSpeed applied that "
+                "step (its overflow check did not discard it; bf16.check_grad_overflow=false?): the weights are "
+                "no longer the last good ones, so nothing was saved; resume from the newest checkpoint with "
+                "resume=auto, and lower train.lr or check the data"
+            )
         if acc.scaler is not None:
             # clip_grad_norm_ unscaled this step's gradients; without update() the scaler still holds
             # that, and the next step's unscale_ would fail ("already been called")
