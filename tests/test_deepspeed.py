@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, read_summary, run_cli, tiny_overrides
+from conftest import ROOT, free_port, read_summary, run_cli, save_tiny_classifier, tiny_overrides
 from scalelora.checkpoint import check_adapter_weights
 from scalelora.errors import CheckpointError
 
@@ -298,3 +298,43 @@ def test_nonfinite_stop_under_zero2_saves_the_last_good_state(nan_runs):
     saved = trainable_module_weights(newest)
     for key in last_good:
         assert torch.equal(saved[key], last_good[key]), f"the saved state is not the last good one: {key}"
+
+
+# --- the shipped ZeRO-3 configs, evaluating mid-training and distilling from `self` --------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, tiny_bert) -> Path:
+    """A base with a saved head: distill.teacher=self refuses a newly initialised one."""
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-classifier"), tiny_bert)
+
+
+@pytest.mark.parametrize("name", ["zero3", "zero3_offload"])
+def test_shipped_zero3_configs_evaluate_mid_training_and_distill_from_self(
+    name, tiny_classifier, toy_data, tmp_path, ds_env
+):
+    """Forwards under torch.inference_mode while ZeRO-3 gathers parameters left inference tensors resident,
+    and the next training step failed ("Setting requires_grad=True on inference tensor outside
+    InferenceMode"). The shipped configs, not a test variant."""
+    out = tmp_path / name
+    settings = {
+        "train.max_steps": 4,
+        "eval.every": 2,
+        "distill.enabled": "true",
+        "distill.teacher": "self",
+        "lora.dropout": 0.0,
+    }
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *tiny_overrides(tiny_classifier, toy_data, out, **settings)],
+        env=ds_env,
+        launcher=launcher(ROOT / "accel_configs" / CONFIGS[name][0]),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(out)
+    assert summary["global_step"] == 4 and summary["deepspeed"]["zero_stage"] == 3
+    assert summary["distill"]["enabled"] and summary["distill"]["teacher"] == "self"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [2, 4]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["split"] == "train")
+    assert check_adapter_weights(out / "adapter", r=8) > 0

@@ -57,7 +57,9 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: under ZeRO-3 a forward gathers parameters, and gathered under
+# inference_mode they stay inference tensors that the next training step cannot use
+@torch.no_grad()
 def gather_predictions(
     accelerator: Any, model: torch.nn.Module, loader: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

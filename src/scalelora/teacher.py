@@ -35,7 +35,10 @@ def run_frozen(model: torch.nn.Module, batch: dict[str, torch.Tensor], want_hidd
     was_training = model.training
     model.eval()  # no dropout: the teacher's logits must not depend on the step
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the self-teacher is the student's own (ZeRO-3 sharded) model,
+        # whose parameters gathered under inference_mode would stay inference tensors, and PEFT's
+        # disable_adapter() then fails setting requires_grad on them
+        with torch.no_grad():
             out = model(**batch, output_hidden_states=want_hidden)
     finally:
         model.train(was_training)

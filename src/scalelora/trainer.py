@@ -689,7 +689,7 @@ class Trainer:
             return True
         return False
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: see evaluation.gather_predictions (ZeRO-3)
     def sample_predictions(self) -> list[dict[str, Any]]:
         """Predictions for a fixed, seeded handful of validation texts (every rank runs the same forward)."""
         n = min(self.cfg.eval.sample_predictions, len(self.splits.eval))
