@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# checkpoint manifests are signed with a key from the user's config directory: the suite (and every
+# process it starts) uses one of its own, never the real ~/.config
+os.environ.setdefault(
+    "SCALELORA_KEY_FILE", str(Path(tempfile.mkdtemp(prefix="scalelora-test-key-")) / "checkpoint.key")
+)
 
 POSITIVE = ["great", "wonderful", "superb", "lovely", "brilliant", "moving", "charming", "delightful"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "weak", "tedious", "bland", "messy"]

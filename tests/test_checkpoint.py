@@ -12,7 +12,8 @@ import pytest
 
 from conftest import tiny_overrides
 from scalelora import checkpoint as ckpt
-from scalelora.errors import CheckpointError, UserError
+from scalelora import signing
+from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError
 from scalelora.train import main
 
 
@@ -20,6 +21,7 @@ class OneProcess:
     """The part of an Accelerator the run-folder policy talks to, for one process."""
 
     is_main_process = True
+    is_local_main_process = True
     num_processes = 1
 
     def wait_for_everyone(self) -> None:
@@ -254,3 +256,101 @@ def test_resume_auto_never_replaces_a_finished_run_without_checkpoints(tiny_bert
     assert main([*args, "resume=auto"]) == 2
     assert "holds a finished run but no complete checkpoint" in capsys.readouterr().err
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "summary.json").exists()
+
+
+# --- signed manifests ---------------------------------------------------------------------------------
+
+
+def forge_manifest(folder: Path, monkeypatch, attacker_key: Path) -> None:
+    """Rewrite `folder`'s manifest to match its files, as someone without this user's key can."""
+    with monkeypatch.context() as patched:
+        patched.setenv(signing.KEY_ENV, str(attacker_key))
+        ckpt.write_manifest(folder)
+
+
+def test_a_manifest_is_signed_and_one_without_this_users_signature_is_refused(tmp_path, monkeypatch):
+    folder = tmp_path / "step-2"
+    folder.mkdir()
+    (folder / "optimizer.bin").write_bytes(b"state")
+    ckpt.write_manifest(folder)
+    ckpt.verify_manifest(folder)
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    assert set(manifest["signature"]) == {"hmac_sha256", "key_id"}
+
+    forge_manifest(folder, monkeypatch, tmp_path / "attacker.key")
+    with pytest.raises(
+        UntrustedCheckpointError, match=r"signed with another key.*checkpoint.trust_unsigned=true"
+    ):
+        ckpt.verify_manifest(folder)
+    ckpt.verify_manifest(folder, trust_unsigned=True)  # the files still match: integrity holds
+
+    unsigned = {k: v for k, v in json.loads((folder / ckpt.MANIFEST).read_text()).items() if k != "signature"}
+    ckpt.atomic_write_json(folder / ckpt.MANIFEST, unsigned)  # as written before manifests were signed
+    with pytest.raises(UntrustedCheckpointError, match=r"is not signed.*checkpoint.trust_unsigned=true"):
+        ckpt.verify_manifest(folder)
+
+    ckpt.write_manifest(folder)
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    manifest["files"]["optimizer.bin"]["sha256"] = "0" * 64  # edited after signing, by hand
+    ckpt.atomic_write_json(folder / ckpt.MANIFEST, manifest)
+    with pytest.raises(UntrustedCheckpointError, match="altered after it was signed"):
+        ckpt.verify_manifest(folder)
+
+
+def test_resume_auto_refuses_an_unsigned_newest_checkpoint_instead_of_falling_back(tmp_path, monkeypatch):
+    """An unsigned checkpoint is not damaged: skipping it (and maybe starting fresh, which clears the
+    run) would hide it. The claim fails with one error naming the opt-in, and changes nothing."""
+    for step in (2, 4):
+        folder = tmp_path / "checkpoints" / f"step-{step}"
+        folder.mkdir(parents=True)
+        ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": step})
+        ckpt.write_manifest(folder)
+    forge_manifest(tmp_path / "checkpoints" / "step-4", monkeypatch, tmp_path / "attacker.key")
+    keeper, _ = checkpointer(tmp_path, resume="auto")
+    with pytest.raises(UntrustedCheckpointError, match="step-4 is signed with another key"):
+        keeper.claim()
+    assert (tmp_path / "checkpoints" / "step-4").is_dir() and not (tmp_path / ".lock").exists()
+    trusting = ckpt.Checkpointer(
+        OneProcess(), tmp_path, "auto", False, None, 2, echo=print, trust_unsigned=True
+    )
+    assert trusting.claim() == tmp_path / "checkpoints" / "step-4"
+    trusting.release()
+
+
+def test_another_node_verifies_the_checkpoint_it_loads(tmp_path, monkeypatch):
+    """The main process verified the checkpoint it chose; the first process of every other node checks
+    it too (each rank loads its own files), and with its own copy of the key."""
+
+    class OtherNode(OneProcess):
+        is_main_process = False
+
+    folder = tmp_path / "checkpoints" / "step-2"
+    folder.mkdir(parents=True)
+    ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": 2})
+    ckpt.write_manifest(folder)
+    keeper = ckpt.Checkpointer(OtherNode(), tmp_path, None, False, None, 2, echo=print)
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})
+    assert keeper.resume(folder, {})["global_step"] == 2
+    monkeypatch.setenv(signing.KEY_ENV, str(tmp_path / "this-node-has-no-key"))
+    with pytest.raises(
+        UntrustedCheckpointError, match="no checkpoint key at .*set SCALELORA_KEY_FILE on every node"
+    ):
+        keeper.resume(folder, {})
+
+
+def test_the_key_lives_in_the_users_config_directory_with_mode_600(tmp_path, monkeypatch):
+    monkeypatch.delenv(signing.KEY_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert signing.key_path() == tmp_path / "xdg" / "scalelora" / "checkpoint.key"
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = signing.key_path()
+    assert path == tmp_path / "home" / ".config" / "scalelora" / "checkpoint.key"
+    key = signing.load_key(create=True)
+    assert len(key) == 32 and (path.stat().st_mode & 0o777) == 0o600
+    assert signing.load_key(create=True) == key  # created once, then reused
+    path.chmod(0o640)
+    with pytest.raises(CheckpointError, match="can be read or written by other users.*chmod 600"):
+        signing.load_key(create=False)
+    monkeypatch.setenv(signing.KEY_ENV, str(tmp_path / "shared" / "key"))
+    assert signing.key_path() == tmp_path / "shared" / "key"

@@ -338,3 +338,49 @@ def test_shipped_zero3_configs_evaluate_mid_training_and_distill_from_self(
     assert [r["step"] for r in records if r["split"] == "validation"] == [2, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["split"] == "train")
     assert check_adapter_weights(out / "adapter", r=8) > 0
+
+
+# --- a planted pickle in a ZeRO-2 checkpoint -------------------------------------------------------------------
+
+
+class RunsCode:
+    """Unpickling it creates `marker`: proof that loading ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_a_pickle_planted_in_a_zero2_checkpoint_never_runs(nan_runs, tiny_bert, toy_data, tmp_path, ds_env):
+    """DeepSpeed loads its checkpoint files with torch.load(weights_only=False). An attacker who can write
+    into output_dir plants a pickle and rewrites the manifest to match, but cannot sign it with this user's
+    key: resume=auto is refused before anything is loaded."""
+    import pickle
+
+    from scalelora import checkpoint as ckpt
+    from scalelora import signing
+
+    out = tmp_path / "out"
+    shutil.copytree(nan_runs["skip"]["dir"], out)
+    newest = ckpt.checkpoint_dirs(out / "checkpoints")[-1]
+    marker = tmp_path / "pwned"
+    with next(newest.rglob("*model_states.pt")).open("wb") as handle:
+        pickle.dump({"module": RunsCode(marker)}, handle)
+    env = {**ds_env, signing.KEY_ENV: str(tmp_path / "attacker.key")}
+    forge = (
+        "from pathlib import Path; from scalelora import checkpoint; checkpoint.write_manifest(Path({!r}))"
+    )
+    subprocess.run([sys.executable, "-c", forge.format(str(newest))], check=True, env={**os.environ, **env})
+    args = tiny_overrides(tiny_bert, toy_data, out, **{**NAN_RUN, "train.on_nonfinite": "skip"})
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *args, "resume=auto"],
+        env=ds_env,
+        launcher=launcher(sharded_variant("zero2", tmp_path)),
+    )
+    assert not marker.exists(), "resuming ran code from a pickle planted in the checkpoint"
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "scalelora: error:" in line]
+    assert errors and all("checkpoint.trust_unsigned=true" in line for line in errors), result.stderr[-3000:]

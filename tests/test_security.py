@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_overrides, write_jsonl, write_toy_dataset
 from fault_inject import run_forked
 from scalelora import checkpoint as ckpt
-from scalelora import predict, train
+from scalelora import predict, signing, train
 from scalelora.config import ModelConfig
 
 FAKE_SECRETS = {
@@ -100,6 +100,29 @@ def test_a_checkpoint_with_a_code_running_pickle_is_refused_without_running_it(
     line = one_error_line(capsys.readouterr().err)
     assert str(newest) in line
     assert not marker.exists(), "loading the checkpoint ran code from a pickle"
+
+
+def test_a_checkpoint_this_user_did_not_sign_is_refused_unless_trusted(
+    finished, tiny_bert, toy_data, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    newest = ckpt.checkpoint_dirs(out / "checkpoints")[-1]
+    with monkeypatch.context() as attacker:  # files and manifest rewritten by someone without the key
+        attacker.setenv(signing.KEY_ENV, str(tmp_path / "attacker.key"))
+        ckpt.write_manifest(newest)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = tiny_overrides(
+        tiny_bert, toy_data, out, **{"train.max_steps": 2, "eval.every": 2, "resume": "auto"}
+    )
+    capsys.readouterr()
+    assert train.main(["--config", "quickstart", *args]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(newest) in line and "checkpoint.trust_unsigned=true" in line, line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, (
+        "a refused resume changed the run"
+    )
+    assert train.main(["--config", "quickstart", *args, "checkpoint.trust_unsigned=true"]) == 0
 
 
 def test_a_pickle_only_checkpoint_is_refused(finished, tiny_bert, toy_data, tmp_path, capsys):

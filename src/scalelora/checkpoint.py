@@ -2,8 +2,9 @@
 
 Everything is written so a crash never leaves a half-written file or folder as the latest. A resumable checkpoint is `checkpoints/step-N/`: Accelerate's `save_state` (trainable weights in
 safetensors, optimizer, scheduler, RNG), `trainer_state.json`, and `manifest.json` (size and
-sha256 of every file) written last. Everything is first written to `.tmp-step-N/` and renamed,
-so a folder named `step-N` with a matching manifest is complete by construction.
+sha256 of every file, signed with this user's key: see `signing.py`) written last. Everything is
+first written to `.tmp-step-N/` and renamed, so a folder named `step-N` with a matching manifest is
+complete by construction, and one whose signature verifies was written by this user.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from scalelora.errors import CheckpointError, UserError, one_line
+from scalelora import signing
+from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
 from scalelora.runtime import is_deepspeed, zero_stage
 
 MANIFEST = "manifest.json"
@@ -100,23 +102,71 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_payload(manifest: dict[str, Any]) -> bytes:
+    """The bytes a manifest's signature covers: everything in it but the signature, canonically."""
+    body = {key: value for key, value in manifest.items() if key != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
 def write_manifest(folder: Path) -> None:
+    """Write `folder/manifest.json`: size and sha256 of every file, signed with this user's key."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    atomic_write_json(folder / MANIFEST, {"files": files, "written_at": time.time()})
+    manifest: dict[str, Any] = {"files": files, "written_at": time.time()}
+    key = signing.load_key(create=True)
+    manifest["signature"] = {
+        "hmac_sha256": signing.sign(manifest_payload(manifest), key),
+        "key_id": signing.key_id(key),
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
 
 
-def verify_manifest(folder: Path) -> None:
-    """Raise CheckpointError naming the first missing, truncated or altered file."""
+TRUST_UNSIGNED_FIX = "resume it only if you trust where it came from, with checkpoint.trust_unsigned=true"
+
+
+def check_signature(folder: Path, manifest: dict[str, Any]) -> None:
+    """Raise UntrustedCheckpointError unless the manifest carries this user's key's HMAC."""
+    signature = manifest.get("signature")
+    if not isinstance(signature, dict) or not isinstance(signature.get("hmac_sha256"), str):
+        raise UntrustedCheckpointError(
+            f"checkpoint {folder} is not signed (written by another user or machine, by a scalelora before "
+            "signed checkpoints, or altered), and resuming loads files that can run code (DeepSpeed's pickles); "
+            f"{TRUST_UNSIGNED_FIX}"
+        )
+    try:
+        key = signing.load_key(create=False)
+    except CheckpointError as err:
+        raise UntrustedCheckpointError(f"checkpoint {folder}: {err}") from None
+    if not signing.signature_matches(manifest_payload(manifest), signature["hmac_sha256"], key):
+        problem = (
+            "has a manifest altered after it was signed"
+            if signature.get("key_id") == signing.key_id(key)
+            else f"is signed with another key than this user's ({signing.key_path()})"
+        )
+        raise UntrustedCheckpointError(
+            f"checkpoint {folder} {problem}: it may not have been written by you, and resuming loads files that "
+            f"can run code (DeepSpeed's pickles); {TRUST_UNSIGNED_FIX}"
+        )
+
+
+def verify_manifest(folder: Path, trust_unsigned: bool = False) -> None:
+    """Check the manifest's signature (unless `trust_unsigned`), then every file against it.
+
+    Raises UntrustedCheckpointError when the signature is missing or is not this user's, and
+    CheckpointError naming the first missing, truncated or altered file.
+    """
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{folder} has no {MANIFEST}: it is incomplete (a save was interrupted)")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"{manifest_path} is corrupt") from None
+    if not trust_unsigned:
+        check_signature(folder, manifest)
     for name, expected in files.items():
         path = folder / name
         if not path.is_file():
@@ -140,11 +190,17 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_valid_checkpoint(root: Path, log: Any = print) -> Path | None:
-    """The newest checkpoint whose manifest verifies; a corrupt one is reported and skipped."""
+def latest_valid_checkpoint(root: Path, log: Any = print, trust_unsigned: bool = False) -> Path | None:
+    """The newest checkpoint whose manifest verifies; a corrupt one is reported and skipped.
+
+    Raises UntrustedCheckpointError for an unsigned or foreign one: it is not damaged, and falling
+    back past it (or starting fresh, which clears the run) would hide it.
+    """
     for path in reversed(checkpoint_dirs(root)):
         try:
-            verify_manifest(path)
+            verify_manifest(path, trust_unsigned)
+        except UntrustedCheckpointError:
+            raise
         except CheckpointError as err:
             log(
                 f"scalelora: warning: skipping checkpoint {path.name}: {err}; falling back to the previous one"
@@ -206,14 +262,14 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
-    """Verify and load a checkpoint into the prepared objects; return its trainer state.
+    """Load a checkpoint `Checkpointer.resume` has verified into the prepared objects; return its trainer state.
 
-    Raises CheckpointError for a corrupt checkpoint, or one whose weights exist only as pickle.
+    Raises CheckpointError for one that does not load, or whose weights exist only as pickle.
     """
-    verify_manifest(path)
     uses_deepspeed = is_deepspeed(accelerator)
-    # DeepSpeed has no safetensors checkpoint format: its engine writes torch pickles (pytorch_model/*.pt),
-    # so under DeepSpeed a checkpoint is accepted when its manifest (checked above) matches
+    # DeepSpeed has no safetensors checkpoint format: its engine writes torch pickles (pytorch_model/*.pt)
+    # and loads them with weights_only=False, so under DeepSpeed a checkpoint is loaded only when its
+    # manifest is signed with this user's key (or the user said checkpoint.trust_unsigned=true)
     if not uses_deepspeed and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise CheckpointError(
             f"{path} holds its weights only as pickle (.bin), which can run code when loaded; "
@@ -297,6 +353,12 @@ def save_model_dir(
             check_adapter_weights(tmp, lora_r)
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def error_class(name: str) -> type[UserError]:
+    """The UserError subclass named `name` (errors cross process boundaries by name)."""
+    known = {cls.__name__: cls for cls in (UserError, CheckpointError, UntrustedCheckpointError)}
+    return known.get(name, UserError)
 
 
 # --- one run per output_dir ------------------------------------------------------------------------
@@ -539,8 +601,10 @@ class Checkpointer:
         every: int | None,
         keep_last: int,
         echo: Callable[[str], None] = print,
+        trust_unsigned: bool = False,
     ) -> None:
         self.accelerator = accelerator
+        self.trust_unsigned = trust_unsigned
         self.run_dir = run_dir
         self.root = run_dir / "checkpoints"
         self.resume_setting = resume
@@ -568,8 +632,7 @@ class Checkpointer:
 
             broadcast_object_list(answer, from_process=0)
         if answer[0][0] == "error":
-            error_type = CheckpointError if answer[0][2] == "CheckpointError" else UserError
-            raise error_type(answer[0][1])
+            raise error_class(answer[0][2])(answer[0][1])
         found = answer[0][1]
         acc.wait_for_everyone()
         if found is None and self.resume_setting == "auto":
@@ -586,14 +649,16 @@ class Checkpointer:
                         f"resume={self.resume_setting}: no such checkpoint folder (use resume=auto to pick the newest)"
                     )
                 try:
-                    verify_manifest(path)
+                    verify_manifest(path, self.trust_unsigned)
+                except UntrustedCheckpointError:
+                    raise
                 except CheckpointError as err:
                     raise CheckpointError(
                         f"{err}; resume from an earlier checkpoint, or use resume=auto (it skips damaged ones)"
                     ) from None
                 return str(path)
             if self.resume_setting == "auto":
-                found = latest_valid_checkpoint(self.root, log=self.echo)
+                found = latest_valid_checkpoint(self.root, log=self.echo, trust_unsigned=self.trust_unsigned)
                 if found is None:
                     if (self.run_dir / SUMMARY_FILE).exists() and not self.overwrite:
                         # never trade a finished run for a fresh start just because its checkpoints are gone
@@ -635,6 +700,7 @@ class Checkpointer:
         RESUME_IDENTITY_KEYS; compared before loading weights: another config's tensors would fail
         with a shape error) or cannot be loaded.
         """
+        self._verify_on_every_node(path)
         changed, unknown = compare_identity(read_trainer_state(path).get("identity", {}), identity)
         if changed:
             raise CheckpointError(
@@ -653,6 +719,24 @@ class Checkpointer:
         self._trim_metrics(step)
         self.echo(f"scalelora: resumed from {path} at step {step}")
         return state
+
+    def _verify_on_every_node(self, path: Path) -> None:
+        """Collective. One process per node verifies the checkpoint (signature and files) as that node
+        sees it, since each rank loads its own files; the main process did when it chose it. Every rank
+        raises the first error any of them found, so none is left waiting in a collective."""
+        acc = self.accelerator
+        error: tuple[str, str] | None = None
+        if acc.is_local_main_process and not acc.is_main_process:
+            try:
+                verify_manifest(path, self.trust_unsigned)
+            except CheckpointError as err:
+                error = (type(err).__name__, str(err))
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            error = next((found for found in gather_object([error]) if found), None)
+        if error is not None:
+            raise error_class(error[0])(error[1])
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metric lines logged after the checkpoint, so a resumed run never repeats or goes back in steps."""

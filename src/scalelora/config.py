@@ -214,6 +214,10 @@ class CheckpointConfig:
     every: int | None = None
     """Save resumable state every N optimizer steps; None: only at the end (and on preemption)."""
     keep_last: int = 2
+    trust_unsigned: bool = False
+    """Resume from a checkpoint whose manifest is not signed with this user's key (written by another
+    user or machine, or before scalelora signed checkpoints). Under DeepSpeed resuming loads pickles,
+    which can run code: only for checkpoints you trust."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.every", self.every)

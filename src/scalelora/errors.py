@@ -29,6 +29,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, corrupt or from another run."""
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint whose manifest is not signed with this user's key: refused, never skipped as damaged."""
+
+
 class UnsafeWeightsError(UserError):
     """Weights that exist only as pickle (which can run code when loaded), refused without the user's opt-in."""
 

@@ -249,6 +249,7 @@ class Trainer:
             cfg.checkpoint.every,
             cfg.checkpoint.keep_last,
             echo=self.echo,
+            trust_unsigned=cfg.checkpoint.trust_unsigned,
         )
         resume_from = self.checkpointer.claim()
         self.echo(
