@@ -514,6 +514,7 @@ RESUME_FREE_KEYS = (
     "eval.sample_predictions",
     "eval.extra_metrics",
     "eval.trust_remote_code",
+    "eval.save_predictions",
     "distill.cache_dir",
     "checkpoint.",
     "tracking.",
