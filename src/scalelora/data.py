@@ -32,9 +32,13 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 datasets.disable_progress_bars()
 
 
+SINGLE_LABEL, MULTI_LABEL = "single_label", "multi_label"
+
+
 @dataclass
 class Splits:
-    """Raw (untokenized) splits with integer `label` ids and a stable `idx` per row."""
+    """Raw (untokenized) splits with a stable `idx` per row and `label`: an integer id (single-label)
+    or a multi-hot list of 0.0/1.0 in label order (multi-label)."""
 
     label_names: list[str]
     train: datasets.Dataset
@@ -43,6 +47,7 @@ class Splits:
     source: str
     fingerprints: dict[str, str] = field(default_factory=dict)
     dropped_empty: dict[str, int] = field(default_factory=dict)
+    problem_type: str = SINGLE_LABEL
 
 
 # --- finding the data ----------------------------------------------------------------------------
@@ -260,6 +265,70 @@ def encode_labels(values: list[Any], names: list[str], split: str, column: str) 
     return ids
 
 
+def split_label_strings(values: list[Any], separator: str | None) -> list[Any]:
+    """`data.label_separator`: a string label `a|b` becomes the list [a, b] (blank parts dropped)."""
+    if not separator:
+        return values
+    return [
+        [part.strip() for part in v.split(separator) if part.strip()] if isinstance(v, str) else v
+        for v in values
+    ]
+
+
+def detect_problem_type(values: list[Any], setting: str, split: str, separator: str | None) -> str:
+    """`single_label` or `multi_label` for a split's labels (after `split_label_strings`).
+
+    `auto` means multi-label when any label is a list. Raises DataError naming the first row that
+    breaks the pattern: lists mixed with plain labels, or lists where single-label was asked for.
+    """
+    is_list = [isinstance(v, (list, tuple)) for v in values]
+    if any(is_list) and not all(is_list):
+        first_kind = is_list[0]
+        row = is_list.index(not first_kind)
+        kinds = ("a list", "a plain label") if first_kind else ("a plain label", "a list")
+        raise DataError(
+            f"split '{split}' row {row}: label {values[row]!r} is {kinds[1]} while row 0 holds {kinds[0]}; "
+            "give every row a list of label names for multi-label data (or one name for single-label)"
+        )
+    if any(is_list):
+        if setting == SINGLE_LABEL:
+            raise DataError(
+                f"split '{split}' row 0: label {values[0]!r} is a list but data.problem_type=single_label; "
+                "set data.problem_type=multi_label (or auto)"
+            )
+        return MULTI_LABEL
+    return MULTI_LABEL if setting == MULTI_LABEL or separator else SINGLE_LABEL
+
+
+def encode_label_sets(
+    values: list[Any], names: list[str], split: str, column: str, allow_empty: bool
+) -> list[list[float]]:
+    """Map label lists (names or integer ids; a plain label is a one-label set) to multi-hot rows in
+    `names` order. Raises DataError naming the row of the first unknown label or empty list."""
+    index = {name: i for i, name in enumerate(names)}
+    rows = []
+    for row, value in enumerate(values):
+        members = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not members and not allow_empty:
+            raise DataError(
+                f"split '{split}' row {row}: empty label list in column '{column}'; give each row at least one "
+                "label, remove the row, or set data.allow_empty_labels=true if 'no label' is meant"
+            )
+        hot = [0.0] * len(names)
+        for member in members:
+            if isinstance(member, str) and member in index:
+                hot[index[member]] = 1.0
+            elif is_integer_label(member) and 0 <= int(member) < len(names):
+                hot[int(member)] = 1.0
+            else:
+                raise DataError(
+                    f"split '{split}' row {row}: label {member!r} in the list {list(members)!r} is not in the "
+                    f"label map {names}; add it to labels.json / data.labels or filter it out with data.keep_labels"
+                )
+        rows.append(hot)
+    return rows
+
+
 def fingerprint(ds: datasets.Dataset, columns: list[str]) -> str:
     digest = hashlib.sha256()
     for column in columns:
@@ -276,7 +345,6 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     texts (unless `drop_empty`), and splits that are empty after filtering.
     """
     raw, file_names, source = load_raw_splits(cfg)
-    train_raw = raw[cfg.train_split]
     for split, ds in raw.items():
         for column in [cfg.text_column, cfg.label_column] + (
             [cfg.text_pair_column] if cfg.text_pair_column else []
@@ -286,9 +354,32 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                     f"split '{split}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
                     f"set data.{'label' if column == cfg.label_column else 'text'}_column"
                 )
-    names = (
-        list(cfg.labels) if cfg.labels else file_names or infer_label_names(list(train_raw[cfg.label_column]))
+    raw_labels = {
+        split: split_label_strings(list(ds[cfg.label_column]), cfg.label_separator)
+        for split, ds in raw.items()
+    }
+    problem = detect_problem_type(
+        raw_labels[cfg.train_split], cfg.problem_type, cfg.train_split, cfg.label_separator
     )
+    train_lists = any(isinstance(v, (list, tuple)) for v in raw_labels[cfg.train_split])
+    for split, values in raw_labels.items():
+        detect_problem_type(values, problem, split, cfg.label_separator)  # mixed rows within the split
+        if values and isinstance(values[0], (list, tuple)) != train_lists:
+            kind = "a list" if train_lists else "a plain label"
+            raise DataError(
+                f"split '{split}' row 0: label {values[0]!r} is not {kind} as in the training split; "
+                "give every split the same kind of label"
+            )
+    multi = problem == MULTI_LABEL
+    if multi and cfg.class_balanced:
+        raise ConfigError(
+            "data.class_balanced=true has no sound rule for multi-label data (a row carries several labels, so "
+            "no draw makes every label equally likely); use train.class_weights=balanced (per-label pos_weight)"
+        )
+    train_values = raw_labels[cfg.train_split]
+    if multi:
+        train_values = [m for v in train_values for m in (v if isinstance(v, (list, tuple)) else [v])]
+    names = list(cfg.labels) if cfg.labels else file_names or infer_label_names(list(train_values))
     if len(set(names)) != len(names):
         raise DataError(f"the label map {names} repeats a name")
     keep = cfg.keep_labels
@@ -301,7 +392,11 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     encoded: dict[str, datasets.Dataset] = {}
     dropped: dict[str, int] = {}
     for split, ds in raw.items():
-        ids = encode_labels(list(ds[cfg.label_column]), names, split, cfg.label_column)
+        ids: list[Any] = (
+            encode_label_sets(raw_labels[split], names, split, cfg.label_column, cfg.allow_empty_labels)
+            if multi
+            else encode_labels(raw_labels[split], names, split, cfg.label_column)
+        )
         texts = list(ds[cfg.text_column])
         columns = {
             "text": [t if isinstance(t, str) else "" for t in texts],
@@ -321,7 +416,13 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
             empty_set = set(empty)
             table = table.select([i for i in range(len(table)) if i not in empty_set])
             dropped[split] = len(empty)
-        if keep:
+        if keep and multi:
+            # each row keeps only the kept labels (vectorised, as below); a row left with none is dropped
+            # unless empty sets are allowed
+            hot = np.asarray(table["label"], dtype=np.float32)[:, [names.index(label) for label in keep]]
+            rows = np.arange(len(hot)) if cfg.allow_empty_labels else np.flatnonzero(hot.any(axis=1))
+            table = table.select(rows).remove_columns("label").add_column("label", hot[rows].tolist())
+        elif keep:
             # vectorised: a row-by-row filter + map costs seconds per split on sets of 10k rows
             old_ids = np.asarray(table["label"], dtype=np.int64)
             rows = np.flatnonzero(np.isin(old_ids, list(keep_ids)))
@@ -344,7 +445,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
             evaluation = evaluation.shuffle(seed=seed).select(range(cfg.max_eval_samples))
         if test is not None and cfg.max_eval_samples < len(test):
             test = test.shuffle(seed=seed).select(range(cfg.max_eval_samples))
-    result = Splits(label_names, train, evaluation, test, source, dropped_empty=dropped)
+    result = Splits(label_names, train, evaluation, test, source, dropped_empty=dropped, problem_type=problem)
     for name, ds in (("train", train), ("eval", evaluation), ("test", test)):
         if ds is not None:
             result.fingerprints[name] = fingerprint(ds, ["idx", "text", "label"])
@@ -354,7 +455,14 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 # --- class weights --------------------------------------------------------------------------------
 
 
+def is_multi_label(ds: datasets.Dataset) -> bool:
+    return len(ds) > 0 and isinstance(ds[0]["label"], list)
+
+
 def label_counts(ds: datasets.Dataset, num_labels: int) -> np.ndarray:
+    """Rows per label (multi-label: rows carrying the label)."""
+    if is_multi_label(ds):
+        return np.asarray(ds["label"], dtype=np.float64).sum(axis=0).astype(np.int64)
     return np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=num_labels)
 
 
@@ -365,12 +473,15 @@ def class_weights(
 
     `balanced` is N / (K * count_k) over the training split as filtered (keep_labels, subsets), so
     every class carries the same total weight; a class absent from training gets the weight of a
-    class seen once. Raises ConfigError for a mapping that names labels the data does not have.
+    class seen once. Multi-label: per-label BCE `pos_weight`, `balanced` being (N - count_k) / count_k
+    (negatives / positives). Raises ConfigError for a mapping that names labels the data does not have.
     """
     if setting == "none":
         return None
     if setting == "balanced":
         counts = label_counts(train, len(label_names))
+        if is_multi_label(train):
+            return [(len(train) - int(c)) / max(int(c), 1) for c in counts]
         return [len(train) / (len(label_names) * max(int(c), 1)) for c in counts]
     unknown = [name for name in setting if name not in label_names]
     if unknown:
@@ -532,7 +643,11 @@ class PadCollator:
             flat = itertools.chain.from_iterable(r[key] for r in rows)
             padded[real] = np.fromiter(flat, dtype=np.int64, count=int(lengths.sum()))
             batch[key] = torch.from_numpy(padded)
-        batch["labels"] = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+        labels = [r["labels"] for r in rows]
+        # multi-label rows are multi-hot float vectors (BCE targets), single-label rows class ids
+        batch["labels"] = torch.tensor(
+            labels, dtype=torch.float32 if isinstance(labels[0], list) else torch.long
+        )
         batch["idx"] = torch.tensor([r["idx"] for r in rows], dtype=torch.long)
         return batch
 
