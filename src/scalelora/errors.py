@@ -37,6 +37,10 @@ class UnsafeWeightsError(UserError):
     """Weights that exist only as pickle (which can run code when loaded), refused without the user's opt-in."""
 
 
+class CalibrationError(UserError):
+    """A calibration.json (temperature, thresholds, biases) that does not fit the model beside it."""
+
+
 class TrainingHalted(UserError):
     """Training stopped on purpose (e.g. non-finite loss with train.on_nonfinite=stop) after saving state."""
 
