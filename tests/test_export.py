@@ -42,10 +42,27 @@ def test_merged_model_loads_alone_and_matches_the_adapter(trained_adapter, tmp_p
     labels = json.loads((trained_adapter / "labels.json").read_text())
     assert [merged.config.id2label[i] for i in range(len(labels))] == labels
 
+    assert merged.config.problem_type == "single_label_classification"
+
     adapter_model, adapter_tokenizer, _, _ = load_for_inference(trained_adapter)
     expected = logits(adapter_model, adapter_tokenizer, TEXTS)
     got = logits(merged, tokenizer, TEXTS)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the run calibrated the adapter (eval.calibrate defaults to true): the export divides the head's
+    # output layer by the fitted temperature, so the plain model's softmax is the calibrated one
+    temperature = json.loads((trained_adapter / "calibration.json").read_text())["temperature"]
+    assert temperature != pytest.approx(1.0, abs=1e-3)
+    assert "folded into the head" in done.stdout
+    torch.testing.assert_close(got, expected / temperature, atol=1e-5, rtol=0)
+    saved = json.loads((out / "calibration.json").read_text())
+    assert saved["temperature_in_weights"] is True and saved["temperature"] == temperature
+
+    # predict prints the same probabilities from the adapter and from the export (applied once, not twice)
+    from_adapter = run_cli("scalelora.predict", ["--adapter", str(trained_adapter), *sum((["--text", t] for t in TEXTS), [])])
+    from_export = run_cli("scalelora.predict", ["--adapter", str(out), *sum((["--text", t] for t in TEXTS), [])])
+    assert from_adapter.returncode == 0 and from_export.returncode == 0, from_export.stderr[-2000:]
+    for a, b in zip(from_adapter.stdout.splitlines(), from_export.stdout.splitlines()):
+        a, b = json.loads(a), json.loads(b)
+        assert a["label"] == b["label"] and a["probs"] == pytest.approx(b["probs"], abs=2e-6)
     # the adapter really changed the model: a merge of an untrained (B = 0) LoRA would prove nothing
     with adapter_model.disable_adapter():
         assert not torch.allclose(logits(adapter_model, adapter_tokenizer, TEXTS), expected, atol=1e-4)

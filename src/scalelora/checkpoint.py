@@ -529,6 +529,7 @@ ARTIFACTS = (
     "config.yaml",
     "report.md",
     "curves.png",
+    "reliability.png",
     # a fresh start must not continue the W&B run of the outputs it replaces
     "wandb_run_id.txt",
     "wandb_last_step.txt",

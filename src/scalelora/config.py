@@ -36,6 +36,15 @@ class DataConfig:
     text_pair_column: str | None = None
     """Second text of a sentence pair (NLI-style tasks); None for single texts."""
     label_column: str = "label"
+    problem_type: Literal["auto", "single_label", "multi_label"] = "auto"
+    """`single_label`: one class per row (softmax); `multi_label`: a set of labels per row (one sigmoid per
+    label); `auto`: multi-label when the training labels are lists (or `label_separator` is set)."""
+    label_separator: str | None = None
+    """Multi-label data whose label column is a string (CSV): split it into label names at this
+    separator, e.g. `|` for `joy|love`. Implies multi-label."""
+    allow_empty_labels: bool = False
+    """Multi-label: accept rows whose label list is empty (no label applies). Off by default: an empty
+    list is more often a data error."""
     train_split: str = "train"
     eval_split: str = "validation"
     """Split evaluated every `eval.every` steps and used to pick the best checkpoint."""
@@ -66,6 +75,14 @@ class DataConfig:
         _check_non_negative("data.num_workers", self.num_workers)
         if self.keep_labels is not None and len(self.keep_labels) < 2:
             raise ConfigError("data.keep_labels must name at least 2 labels")
+        if self.label_separator == "":
+            raise ConfigError("data.label_separator is empty: give the character between labels, e.g. '|'")
+        if self.problem_type == "single_label" and (self.label_separator or self.allow_empty_labels):
+            key = "data.label_separator" if self.label_separator else "data.allow_empty_labels"
+            raise ConfigError(
+                f"{key} is for multi-label data, but data.problem_type=single_label: "
+                "set data.problem_type=multi_label (or auto), or drop it"
+            )
 
 
 @dataclass
@@ -141,15 +158,19 @@ class TrainConfig:
     """torch.compile the model (shapes bounded by padding to multiples of 8)."""
     loss: Literal["ce", "focal"] = "ce"
     """Hard-label loss: cross-entropy, or focal loss `-(1 - p)^gamma log p` (Lin et al. 2017), which
-    down-weights examples the model already gets right."""
+    down-weights examples the model already gets right. Multi-label: `ce` is binary cross-entropy per
+    label, `focal` the sigmoid focal loss, both summed over labels."""
     focal_gamma: float = 2.0
     """The focal loss's gamma (0 gives cross-entropy)."""
     label_smoothing: float = 0.0
-    """Share of each target spread evenly over all classes (Szegedy et al. 2016); 0 disables."""
+    """Share of each target spread evenly over all classes (Szegedy et al. 2016); 0 disables.
+    Multi-label: each label's 0/1 target becomes y (1 - eps) + eps / 2."""
     class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
     """Per-class weights of the hard-label loss: `none`; `balanced` (N / (K * count of the class), on the
     training split after filtering); or a mapping `{label: weight}`, e.g. `{neg: 1, pos: 3}`. The
-    loss is sum(w_i * loss_i) / sum(w_i) over the global batch; distillation terms are not weighted."""
+    loss is sum(w_i * loss_i) / sum(w_i) over the global batch; distillation terms are not weighted.
+    Multi-label: per-label `pos_weight` of the BCE (the weight of a label's positive term): `balanced`
+    gives negatives / positives of the label, a mapping sets it by hand; the loss is divided by N."""
 
     def __post_init__(self) -> None:
         _check_positive("train.epochs", self.epochs)
@@ -184,8 +205,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    metric: Literal["macro_f1", "accuracy"] = "macro_f1"
-    """Metric on the eval split that picks the best checkpoint."""
+    metric: Literal["macro_f1", "accuracy", "micro_f1"] = "macro_f1"
+    """Metric on the eval split that picks the best checkpoint (with thresholds tuned, the tuned value).
+    Multi-label: macro-F1 is the mean over labels, accuracy the subset accuracy (every label right)."""
     every: int | None = None
     """Evaluate every N optimizer steps; None: once per epoch. Always at the end."""
     early_stopping_patience: int = 0
@@ -202,6 +224,13 @@ class EvalConfig:
     `matthews_correlation`; needs internet) or local folders / .py files holding a module."""
     trust_remote_code: bool = False
     """Run the code of `extra_metrics` (every evaluate module is a Python script). Off unless you trust it."""
+    calibrate: bool = True
+    """After training, fit temperature scaling on the eval split with the best weights, store it with
+    the model (`calibration.json`) and apply it in predict and export; false keeps the raw probabilities."""
+    tune_thresholds: Literal["auto", "none", "macro_f1", "micro_f1"] = "auto"
+    """Decision rule tuned on the eval split for this metric and stored with the model: per-label
+    thresholds (multi-label) or per-class additive logit biases (single-label; a threshold for binary).
+    `auto`: macro_f1 for multi-label data, none for single-label."""
 
     def __post_init__(self) -> None:
         _check_positive("eval.every", self.every)
@@ -253,6 +282,9 @@ class DistillConfig:
     """Folder written by `python -m scalelora.teacher_logits` (teacher=cache)."""
     hidden_weight: float = 0.0
     """Weight of an MSE loss between student and teacher pooled hidden states (0 disables)."""
+    calibrated_teacher: bool = False
+    """Distil from the teacher's temperature-calibrated logits (its `calibration.json`, recorded in a
+    logits cache) instead of its raw logits."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:

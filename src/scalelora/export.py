@@ -1,9 +1,17 @@
 """`python -m scalelora.export --adapter DIR --merge --out DIR2 [--dtype float16] [--overwrite]`.
 
 Merges a saved LoRA adapter (and its trained classification head) into the base model and saves
-a plain transformers model: safetensors weights, config with the label names, tokenizer. It loads
-with `AutoModelForSequenceClassification.from_pretrained(DIR2)` alone, without PEFT or scalelora,
-and predicts as the adapter did (the export checks this on a few probe texts before it finishes).
+a plain transformers model: safetensors weights, config with the label names (`id2label`) and the
+problem type (`problem_type`: single_label_classification or multi_label_classification),
+tokenizer. It loads with `AutoModelForSequenceClassification.from_pretrained(DIR2)` alone, without
+PEFT or scalelora, and predicts as the adapter did (the export checks this on a few probe texts
+before it finishes).
+
+An adapter calibrated in training (`calibration.json` with a temperature) is exported calibrated:
+the output layer of the head is divided by the temperature, so the plain model's softmax (or
+sigmoid) gives the calibrated probabilities. The tuned decision rule goes into `config.json`
+(`decision_thresholds` per label for multi-label, `decision_biases` per class for single-label)
+and, with the rest of the calibration, into DIR2/calibration.json, which `predict` reads.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 
 import torch
 
+from scalelora.calibration import CALIBRATION_FILE
 from scalelora.errors import UserError, exit_on_user_error
 
 PROBE_TEXTS = [
@@ -34,6 +43,39 @@ def probe_logits(model: torch.nn.Module, tokenizer: Any, max_length: int) -> tor
         PROBE_TEXTS, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
     )
     return model(**encoded).logits.float()
+
+
+def head_output_layer(model: torch.nn.Module, num_labels: int) -> torch.nn.Linear | None:
+    """The head's last linear layer, the one that outputs the logits (e.g. BERT `classifier`, RoBERTa
+    `classifier.out_proj`, GPT-2 / Llama `score`)."""
+    from scalelora.models import HEAD_MODULES
+
+    found = None
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module.out_features == num_labels
+            and name.split(".")[0] in HEAD_MODULES
+        ):
+            found = module
+    return found
+
+
+def fold_temperature(model: torch.nn.Module, num_labels: int, temperature: float) -> None:
+    """Divide the output layer's weight and bias by `temperature`: the model then outputs logits / T.
+
+    Raises UserError when no output layer is found (the export would not be calibrated).
+    """
+    layer = head_output_layer(model, num_labels)
+    if layer is None:
+        raise UserError(
+            "cannot find the classification head's output layer to apply the fitted temperature; "
+            "delete calibration.json's temperature to export the raw model"
+        )
+    with torch.no_grad():
+        layer.weight.div_(temperature)
+        if layer.bias is not None:
+            layer.bias.div_(temperature)
 
 
 def merge_adapter(
@@ -58,14 +100,27 @@ def merge_adapter(
         if not overwrite:
             raise UserError(f"--out {out} is not empty; pass --overwrite or choose another folder")
         shutil.rmtree(out)
+    from scalelora.models import HF_PROBLEM_TYPES
+    from scalelora.predict import load_calibration
+
     model, tokenizer, labels, max_length = load_for_inference(folder)
+    calibration = load_calibration(folder, model, labels)
     before = probe_logits(model, tokenizer, max_length)
     # merge_and_unload folds B@A*scale into each target weight and swaps the trained head copy
     # (modules_to_save) in for the original, leaving a model PEFT no longer wraps
     merged = model.merge_and_unload()
     merged.config.id2label = dict(enumerate(labels))
     merged.config.label2id = {name: i for i, name in enumerate(labels)}
+    merged.config.problem_type = HF_PROBLEM_TYPES[calibration.problem_type]
     merged.config.name_or_path = str(out)
+    if calibration.temperature is not None and not calibration.temperature_in_weights:
+        fold_temperature(merged, len(labels), calibration.temperature)
+        before = before / calibration.temperature
+        calibration.temperature_in_weights = True
+    if calibration.thresholds is not None:
+        merged.config.decision_thresholds = dict(zip(labels, calibration.thresholds))
+    if calibration.biases is not None:
+        merged.config.decision_biases = dict(zip(labels, calibration.biases))
     if dtype != "float32":
         merged = merged.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
@@ -76,6 +131,8 @@ def merge_adapter(
     meta.update({"merged_from": str(folder.resolve()), "mode": "merged", "dtype": dtype})
     (out / "scalelora.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "labels.json").write_text(json.dumps(labels) + "\n")
+    if calibration.temperature is not None or calibration.tuned:
+        (out / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
 
     reloaded = (
         AutoModelForSequenceClassification.from_pretrained(str(out), use_safetensors=True).float().eval()
@@ -88,7 +145,13 @@ def merge_adapter(
             f"the merged model's logits differ from the adapter's by {max_diff:.2e} (> {tolerance:g}); "
             f"{out} is not a faithful export; please report this with the adapter's adapter_config.json"
         )
-    return {"out": str(out), "labels": labels, "max_abs_logit_diff": max_diff, "dtype": dtype}
+    return {
+        "out": str(out),
+        "labels": labels,
+        "max_abs_logit_diff": max_diff,
+        "dtype": dtype,
+        "temperature": calibration.temperature,
+    }
 
 
 @exit_on_user_error
@@ -110,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             "export writes a merged model: pass --merge (an unmerged adapter is already in adapter/)"
         )
     result = merge_adapter(args.adapter, args.out, args.dtype, args.overwrite)
+    calibrated = (
+        f", temperature {result['temperature']:.3f} folded into the head"
+        if result["temperature"] is not None
+        else ""
+    )
     print(
-        f"scalelora: merged {args.adapter} into {result['out']} ({result['dtype']}); "
+        f"scalelora: merged {args.adapter} into {result['out']} ({result['dtype']}{calibrated}); "
         f"max |logit difference| vs the adapter on {len(PROBE_TEXTS)} probe texts: {result['max_abs_logit_diff']:.1e}"
     )
     return 0

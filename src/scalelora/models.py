@@ -191,10 +191,17 @@ def quantization_config(cfg: ModelConfig) -> Any:
     )
 
 
+HF_PROBLEM_TYPES = {
+    "single_label": "single_label_classification",
+    "multi_label": "multi_label_classification",
+}
+
+
 def load_classifier(
-    cfg: ModelConfig, label_names: list[str], device_map: Any = None
+    cfg: ModelConfig, label_names: list[str], device_map: Any = None, problem_type: str | None = None
 ) -> tuple[nn.Module, list[str]]:
-    """Load AutoModelForSequenceClassification for these labels.
+    """Load AutoModelForSequenceClassification for these labels (`problem_type`, single_label or
+    multi_label, goes into its config, so a saved or exported model says how to read its logits).
 
     Returns (model, names of top-level modules that were newly initialised, e.g. the head).
     Raises UserError when the model cannot be found or its head has other labels, and
@@ -227,6 +234,8 @@ def load_classifier(
         # pickle weights can run code when loaded: safetensors only unless model.allow_pickle
         "use_safetensors": None if cfg.allow_pickle else True,
     }
+    if problem_type is not None:
+        kwargs["problem_type"] = HF_PROBLEM_TYPES[problem_type]
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     quant = quantization_config(cfg)
@@ -349,10 +358,14 @@ def apply_mode(
 
 
 def build_model(
-    model_cfg: ModelConfig, lora: LoraConfig, label_names: list[str], device_map: Any = None
+    model_cfg: ModelConfig,
+    lora: LoraConfig,
+    label_names: list[str],
+    device_map: Any = None,
+    problem_type: str | None = None,
 ) -> nn.Module:
     """Load the classifier and make it trainable as `model_cfg.mode` says (`load_classifier` + `finish_model`)."""
-    model, new_modules = load_classifier(model_cfg, label_names, device_map)
+    model, new_modules = load_classifier(model_cfg, label_names, device_map, problem_type)
     return finish_model(model, new_modules, model_cfg, lora)
 
 

@@ -1,7 +1,13 @@
-"""`python -m scalelora.predict --adapter DIR (--text "..." ... | --input FILE.jsonl) [--output FILE.jsonl]`.
+"""`python -m scalelora.predict --adapter DIR (--text "..." ... | --input FILE.jsonl) [--output FILE.jsonl]
+[--threshold P] [--top-k K]`.
 
-DIR is a run's `adapter/` (LoRA), its `model/` (full or head-only), or the run folder itself.
-Prints one JSON object per text: the text, the predicted label and every label's probability.
+DIR is a run's `adapter/` (LoRA), its `model/` (full or head-only), a merged export, or the run
+folder itself. Prints one JSON object per text: the text, the predicted `label` (single-label) or
+`labels` (multi-label: every label whose probability reaches its threshold), and every label's
+probability. The model folder's `calibration.json` (written by training) is applied: probabilities
+are temperature-scaled and the decision rule is the one tuned on validation (per-label thresholds,
+or per-class biases); without that file they are the raw probabilities and the default rule
+(argmax; p >= 0.5 per label).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import torch
 
+from scalelora.calibration import MULTI_LABEL, SINGLE_LABEL, Calibration, read_calibration
 from scalelora.errors import DataError, UnsafeWeightsError, UserError, exit_on_user_error
 
 
@@ -99,6 +106,24 @@ def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn
     return model.eval(), tokenizer, labels, int(meta.get("max_length", 512))
 
 
+def load_calibration(path: Path, model: torch.nn.Module, labels: list[str]) -> Calibration:
+    """The calibration stored with the model at `path` (checked against its labels), or the identity
+    rule of its problem type when there is none. Raises CalibrationError for a file that does not fit."""
+    from scalelora.models import HF_PROBLEM_TYPES
+
+    folder = find_model_dir(path)
+    stored = read_calibration(folder, labels)
+    if stored is not None:
+        return stored
+    meta_file = folder / "scalelora.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    problem = meta.get("problem_type")
+    if problem is None:
+        hf = getattr(model.config, "problem_type", None)
+        problem = MULTI_LABEL if hf == HF_PROBLEM_TYPES[MULTI_LABEL] else SINGLE_LABEL
+    return Calibration(problem, list(labels))
+
+
 @torch.inference_mode()
 def predict_texts(
     model: torch.nn.Module,
@@ -107,20 +132,28 @@ def predict_texts(
     texts: list[str],
     max_length: int,
     batch_size: int = 64,
+    calibration: Calibration | None = None,
+    threshold: float | None = None,
+    top_k: int | None = None,
 ) -> list[dict[str, Any]]:
+    """One result per text under `calibration` (default: raw softmax and argmax). Multi-label:
+    `threshold` replaces every tuned threshold, `top_k` keeps at most the k most probable labels."""
+    rule = calibration or Calibration(SINGLE_LABEL, list(labels))
     results = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        probs = torch.softmax(model(**encoded).logits.float(), dim=-1)
-        for text, row in zip(chunk, probs):
-            results.append(
-                {
-                    "text": text,
-                    "label": labels[int(row.argmax())],
-                    "probs": {name: round(float(p), 6) for name, p in zip(labels, row)},
-                }
-            )
+        logits = model(**encoded).logits.float().numpy()
+        probs, decided = rule.probabilities(logits), rule.decide(logits, threshold)
+        for i, text in enumerate(chunk):
+            result: dict[str, Any] = {"text": text}
+            if rule.multi_label:
+                chosen = sorted((k for k in range(len(labels)) if decided[i, k]), key=lambda k: -probs[i, k])
+                result["labels"] = [labels[k] for k in chosen[:top_k]]
+            else:
+                result["label"] = labels[int(decided[i])]
+            result["probs"] = {name: round(float(p), 6) for name, p in zip(labels, probs[i])}
+            results.append(result)
     return results
 
 
@@ -151,12 +184,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--output", type=Path, help="write JSONL here instead of stdout")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="multi-label: one probability threshold for every label (replaces the tuned ones)",
+    )
+    parser.add_argument(
+        "--top-k", type=int, help="multi-label: at most the K most probable labels of the set"
+    )
     parser.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt weights (can run code)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UserError(f"--threshold must be a probability in [0, 1], got {args.threshold}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     texts = args.text if args.text else read_texts(args.input, args.text_column)
     model, tokenizer, labels, max_length = load_for_inference(args.adapter, args.allow_pickle)
-    results = predict_texts(model, tokenizer, labels, texts, max_length, args.batch_size)
+    calibration = load_calibration(args.adapter, model, labels)
+    if not calibration.multi_label and (args.threshold is not None or args.top_k is not None):
+        flag = "--threshold" if args.threshold is not None else "--top-k"
+        raise UserError(
+            f"{flag} applies to multi-label models; {args.adapter} is single-label (it predicts one label; "
+            "every probability is printed)"
+        )
+    results = predict_texts(
+        model, tokenizer, labels, texts, max_length, args.batch_size, calibration, args.threshold, args.top_k
+    )
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
         from scalelora.checkpoint import atomic_write_text

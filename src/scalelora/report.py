@@ -22,6 +22,7 @@ from scalelora.errors import UserError, exit_on_user_error
 
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 def build_summary(
@@ -60,6 +61,8 @@ def build_summary(
         "data_source": facts["data_source"],
         "mode": cfg.model.mode,
         "labels": facts["labels"],
+        "problem_type": facts.get("problem_type", "single_label"),
+        "calibration": facts.get("calibration"),
         "num_train_examples": facts["num_train_examples"],
         "dropped_empty": facts["dropped_empty"],
         "trainable_params": params.trainable,
@@ -97,6 +100,7 @@ def final_line(summary: dict[str, Any]) -> str:
     """`(N samples/s): validation accuracy=... macro_f1=...  test ...` for the run's last log line."""
     metrics = "  ".join(
         f"{split} accuracy={m['accuracy']:.4f} macro_f1={m['macro_f1']:.4f}"
+        + (f" (tuned {m['tuned']['macro_f1']:.4f})" if "tuned" in m else "")
         for split, m in summary["eval"].items()
     )
     return f"({summary['samples_per_second']:.1f} samples/s): {metrics}"
@@ -202,6 +206,51 @@ def draw_curves(
     )
 
 
+def plot_reliability(summary: dict[str, Any], path: Path) -> bool:
+    """The reliability diagram of each split: observed frequency against confidence per bin, before
+    and after temperature scaling. False (and no file) when the summary holds no bins."""
+    splits = [(name, m) for name, m in summary.get("eval", {}).items() if m.get("reliability")]
+    if not splits:
+        return False
+    multi = summary.get("problem_type") == "multi_label"
+    with figure(path, ncols=len(splits), figsize=(4.6 * len(splits), 4.2)) as (fig, axes):
+        for ax, (name, metrics) in zip(axes, splits):
+            ax.plot(
+                [0, 1], [0, 1], color="tab:gray", linestyle=":", linewidth=1, label="perfectly calibrated"
+            )
+            curves = [("raw", metrics["reliability"], metrics.get("ece"), "tab:red")]
+            calibrated = metrics.get("calibrated")
+            if calibrated:
+                label = f"T = {calibrated['temperature']:.2f}"
+                curves.append((label, calibrated["reliability"], calibrated.get("ece"), "tab:blue"))
+            for label, bins, ece, color in curves:
+                total = max(sum(bins["count"]), 1)
+                ax.plot(
+                    bins["confidence"],
+                    bins["frequency"],
+                    color=color,
+                    marker="o",
+                    markersize=3,
+                    label=f"{label} (ECE {fmt(ece, 3)})",
+                )
+                ax.scatter(
+                    bins["confidence"],
+                    bins["frequency"],
+                    s=[400 * n / total for n in bins["count"]],
+                    color=color,
+                    alpha=0.2,
+                )
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("predicted probability" if multi else "confidence (top label)")
+            ax.set_ylabel("how often the label is present" if multi else "accuracy")
+            ax.set_title(f"{name} ({metrics.get('num_examples', '?')} examples)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left")
+        fig.suptitle("reliability: 15 equal-width bins, marker area = share of predictions", fontsize=10)
+    return True
+
+
 def fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -273,9 +322,135 @@ def config_rows(config: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def render_report(summary: dict[str, Any], config: dict[str, Any], has_curves: bool) -> str:
+def _names(value: Any) -> str:
+    """A label (single-label) or a label set (multi-label) as report text."""
+    if isinstance(value, list):
+        return ", ".join(value) if value else "(none)"
+    return str(value)
+
+
+def _confidence(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(fmt(v, 2) for v in value) if value else "-"
+    return fmt(value, 2)
+
+
+def calibration_lines(summary: dict[str, Any], has_reliability: bool) -> list[str]:
+    """The report's sections on the tuned decision rule and on temperature scaling (empty without them)."""
+    evals = summary.get("eval", {})
+    calibration = summary.get("calibration") or {}
+    multi = summary.get("problem_type") == "multi_label"
+    lines: list[str] = []
+    if any("tuned" in m for m in evals.values()):
+        rule = "per-label thresholds" if multi else "per-class logit biases"
+        lines += [
+            "",
+            "## Tuned decision rule",
+            "",
+            f"{rule.capitalize()} tuned on the validation split for {calibration.get('tuned_for')} and stored "
+            "with the model (`calibration.json`); `predict` uses them. The validation numbers are on the split "
+            "the rule was fitted to; test is held out.",
+            "",
+        ]
+        rows = []
+        for split, m in evals.items():
+            t = m.get("tuned")
+            if t:
+                rows.append(
+                    [
+                        split,
+                        m["accuracy"],
+                        t["accuracy"],
+                        m["macro_f1"],
+                        t["macro_f1"],
+                        m.get("micro_f1"),
+                        t["micro_f1"],
+                    ]
+                )
+        default = "p >= 0.5" if multi else "argmax"
+        lines += table(
+            [
+                "split",
+                f"accuracy ({default})",
+                "accuracy (tuned)",
+                f"macro-F1 ({default})",
+                "macro-F1 (tuned)",
+                f"micro-F1 ({default})",
+                "micro-F1 (tuned)",
+            ],
+            rows,
+        )
+    if any("calibrated" in m for m in evals.values()):
+        lines += [
+            "",
+            "## Calibration",
+            "",
+            f"Temperature scaling fitted on the validation split: T = **{fmt(calibration.get('temperature'), 3)}** "
+            "(probabilities from logits / T). `predict` and a merged export give the calibrated probabilities.",
+            "",
+        ]
+        lines += table(
+            ["split", "ECE before", "ECE after", "NLL before", "NLL after"],
+            [
+                [split, m.get("ece"), m["calibrated"]["ece"], m.get("nll"), m["calibrated"]["nll"]]
+                for split, m in evals.items()
+                if "calibrated" in m
+            ],
+        )
+    if has_reliability:
+        lines += ["", f"![reliability diagram per split, before and after calibration]({RELIABILITY_FILE})"]
+    return lines
+
+
+def per_label_lines(summary: dict[str, Any]) -> list[str]:
+    """Per-class report, tuned per-class report and confusion (matrix, or per label) of each split."""
+    labels = summary.get("labels", [])
+    calibration = summary.get("calibration") or {}
+    multi = summary.get("problem_type") == "multi_label"
+    rule = calibration.get("thresholds") if multi else calibration.get("biases")
+    lines: list[str] = []
+    for split, metrics in summary.get("eval", {}).items():
+        per_class = metrics.get("per_class", {})
+        if per_class:
+            lines += ["", f"## Per-class report ({split})", ""]
+            lines += table(
+                ["label", "precision", "recall", "F1", "support"],
+                [[name, c["precision"], c["recall"], c["f1"], c["support"]] for name, c in per_class.items()],
+            )
+        tuned = (metrics.get("tuned") or {}).get("per_class")
+        if tuned and rule:
+            what = "threshold" if multi else "bias"
+            lines += ["", f"## Per-class report ({split}, tuned {what}s)", ""]
+            lines += table(
+                ["label", what, "precision", "recall", "F1", "support"],
+                [
+                    [name, value, c["precision"], c["recall"], c["f1"], c["support"]]
+                    for (name, c), value in zip(tuned.items(), rule)
+                ],
+            )
+        matrix = metrics.get("confusion_matrix")
+        if matrix:
+            lines += ["", f"## Confusion matrix ({split}; rows: gold, columns: predicted)", ""]
+            lines += table(
+                ["gold \\ predicted", *labels],
+                [[name, *(str(v) for v in row)] for name, row in zip(labels, matrix)],
+            )
+        per_label = metrics.get("confusion_per_label")
+        if per_label:
+            lines += ["", f"## Confusion per label ({split}; p >= 0.5)", ""]
+            lines += table(
+                ["label", "TP", "FP", "FN", "TN"],
+                [[name, c["tp"], c["fp"], c["fn"], c["tn"]] for name, c in per_label.items()],
+            )
+    return lines
+
+
+def render_report(
+    summary: dict[str, Any], config: dict[str, Any], has_curves: bool, has_reliability: bool = False
+) -> str:
     """The markdown report of one run (see the module docstring for its sources)."""
     labels = summary.get("labels", [])
+    multi = summary.get("problem_type") == "multi_label"
     best = summary.get("best", {})
     evals = summary.get("eval", {})
     lines = [
@@ -294,9 +469,25 @@ def render_report(summary: dict[str, Any], config: dict[str, Any], has_curves: b
         lines += [f"![loss and evaluation metrics against step]({CURVES_FILE})", ""]
     lines += ["## Metrics", ""]
     lines += table(
-        ["split", "accuracy", "macro-F1", "ECE (15 bins)", "examples"],
         [
-            [split, m.get("accuracy"), m.get("macro_f1"), m.get("ece"), m.get("num_examples")]
+            "split",
+            "subset accuracy" if multi else "accuracy",
+            "macro-F1",
+            "ECE (15 bins)",
+            "micro-F1",
+            "NLL",
+            "examples",
+        ],
+        [
+            [
+                split,
+                m.get("accuracy"),
+                m.get("macro_f1"),
+                m.get("ece"),
+                m.get("micro_f1"),
+                m.get("nll"),
+                m.get("num_examples"),
+            ]
             for split, m in evals.items()
         ],
     )
@@ -306,14 +497,22 @@ def render_report(summary: dict[str, Any], config: dict[str, Any], has_curves: b
         lines += table(
             ["split", *extra_keys], [[split, *(m.get(k) for k in extra_keys)] for split, m in evals.items()]
         )
-    lines += [
-        "",
-        "ECE is the expected calibration error of the top-label confidence: 0 means the model is "
-        "right exactly as often as it is confident.",
-        "",
-        "## Parameters",
-        "",
-    ]
+    if multi:
+        lines += [
+            "",
+            f"{len(labels)} labels, one sigmoid each; the metrics above use p >= 0.5 for every label. Subset "
+            "accuracy counts rows whose whole label set is right; ECE here pools every per-label probability "
+            "against whether that label is present; NLL is the mean over rows of the binary cross-entropy "
+            "summed over labels.",
+        ]
+    else:
+        lines += [
+            "",
+            "ECE is the expected calibration error of the top-label confidence: 0 means the model is "
+            "right exactly as often as it is confident. NLL is the mean negative log-likelihood of the gold label.",
+        ]
+    lines += calibration_lines(summary, has_reliability)
+    lines += ["", "## Parameters", ""]
     lines += table(
         ["trainable", "total", "trainable %"],
         [
@@ -326,33 +525,27 @@ def render_report(summary: dict[str, Any], config: dict[str, Any], has_curves: b
     )
     lines += ["", "## Configuration", ""]
     lines += table(["key", "value"], config_rows(config), align="---")
-    for split, metrics in evals.items():
-        per_class = metrics.get("per_class", {})
-        if per_class:
-            lines += ["", f"## Per-class report ({split})", ""]
-            lines += table(
-                ["label", "precision", "recall", "F1", "support"],
-                [[name, c["precision"], c["recall"], c["f1"], c["support"]] for name, c in per_class.items()],
-            )
-        matrix = metrics.get("confusion_matrix")
-        if matrix:
-            lines += ["", f"## Confusion matrix ({split}; rows: gold, columns: predicted)", ""]
-            lines += table(
-                ["gold \\ predicted", *labels],
-                [[name, *(str(v) for v in row)] for name, row in zip(labels, matrix)],
-            )
+    lines += per_label_lines(summary)
     samples = summary.get("sample_predictions", [])
     if samples:
         lines += ["", "## Sample predictions (validation), before and after training", ""]
         rows = []
         for row in samples:
-            mark = "✓" if row["after"] == row["gold"] else "✗"
+            same = (
+                sorted(row["after"]) == sorted(row["gold"])
+                if isinstance(row["gold"], list)
+                else row["after"] == row["gold"]
+            )
+            mark = "✓" if same else "✗"
+            before = row.get("before")
             rows.append(
                 [
                     escape(row["text"]),
-                    row["gold"],
-                    f"{row['before']} ({fmt(row['before_confidence'], 2)})" if row.get("before") else "-",
-                    f"{mark} {row['after']} ({fmt(row['after_confidence'], 2)})",
+                    escape(_names(row["gold"])),
+                    f"{escape(_names(before))} ({_confidence(row['before_confidence'])})"
+                    if before is not None
+                    else "-",
+                    f"{mark} {escape(_names(row['after']))} ({_confidence(row['after_confidence'])})",
                 ]
             )
         lines += table(["text", "gold", "before (confidence)", "after (confidence)"], rows, align="---")
@@ -377,9 +570,13 @@ def write_report(
     config_path = run_dir / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     has_curves = plot_curves(read_metrics(run_dir), summary, run_dir / CURVES_FILE)
+    has_reliability = plot_reliability(summary, run_dir / RELIABILITY_FILE)
     report = run_dir / REPORT_FILE
-    report.write_text(render_report(summary, config or {}, has_curves), encoding="utf-8")
-    log(f"scalelora: wrote {report}" + (f" and {CURVES_FILE}" if has_curves else ""))
+    report.write_text(render_report(summary, config or {}, has_curves, has_reliability), encoding="utf-8")
+    figures = [
+        name for name, drawn in ((CURVES_FILE, has_curves), (RELIABILITY_FILE, has_reliability)) if drawn
+    ]
+    log(f"scalelora: wrote {report}" + (f" and {', '.join(figures)}" if figures else ""))
     return report
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from scalelora.calibration import read_calibration
 from scalelora.config import ModelConfig, RunConfig
 from scalelora.errors import ConfigError, DataError
 
@@ -154,6 +155,46 @@ class CachedTeacher:
         return TeacherOutput(self.table[idx])
 
 
+class CalibratedTeacher:
+    """Another teacher's logits divided by that teacher's fitted temperature (distill.calibrated_teacher)."""
+
+    def __init__(self, inner: Any, temperature: float) -> None:
+        self.inner = inner
+        self.temperature = float(temperature)
+
+    def __call__(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
+    ) -> TeacherOutput:
+        out = self.inner(model, batch, idx, want_hidden)
+        return TeacherOutput(out.logits / self.temperature, out.pooled)
+
+
+def model_folder_facts(name: str, label_names: list[str]) -> tuple[str | None, float | None]:
+    """(problem type from config.json, fitted temperature from calibration.json) of a local model
+    folder; (None, None) for a hub name. Raises CalibrationError for a calibration of other labels."""
+    from scalelora.models import HF_PROBLEM_TYPES, resolve_model_path
+
+    folder = Path(str(resolve_model_path(name)))
+    if not folder.is_dir():
+        return None, None
+    problem = None
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        hf = json.loads(config_file.read_text()).get("problem_type")
+        problem = next((ours for ours, theirs in HF_PROBLEM_TYPES.items() if theirs == hf), None)
+    calibration = read_calibration(folder, label_names)
+    return problem, calibration.temperature if calibration is not None else None
+
+
+def check_teacher_problem(where: str, teacher_problem: str | None, problem_type: str) -> None:
+    """Raise ConfigError when the teacher was trained for the other kind of problem (softmax vs sigmoid)."""
+    if teacher_problem is not None and teacher_problem != problem_type:
+        raise ConfigError(
+            f"distill: the teacher {where} is a {teacher_problem} classifier but the data is {problem_type}; "
+            "distil from a teacher trained on the same kind of labels"
+        )
+
+
 def read_cache_manifest(cache_dir: Path) -> dict[str, Any]:
     path = Path(cache_dir) / CACHE_MANIFEST
     if not path.is_file():
@@ -164,12 +205,41 @@ def read_cache_manifest(cache_dir: Path) -> dict[str, Any]:
 
 
 def build_teacher(
-    cfg: RunConfig, label_names: list[str], tokenizer: Any, train_fingerprint: str, device: torch.device
+    cfg: RunConfig,
+    label_names: list[str],
+    tokenizer: Any,
+    train_fingerprint: str,
+    device: torch.device,
+    problem_type: str = "single_label",
 ) -> Any:
-    if not cfg.distill.enabled:
+    """The teacher `distill.teacher` names (None without distillation), its logits divided by its fitted
+    temperature with `distill.calibrated_teacher`. Raises ConfigError / DataError for a teacher of
+    another problem type, labels or data, and for a calibrated teacher that has no temperature."""
+    distill = cfg.distill
+    if not distill.enabled:
         return None
-    if cfg.distill.teacher == "self":
-        return SelfTeacher()
-    if cfg.distill.teacher == "cache":
-        return CachedTeacher(Path(cfg.distill.cache_dir or ""), train_fingerprint, label_names, device)
-    return ModelTeacher(cfg, label_names, tokenizer, device)
+    teacher: Any
+    if distill.teacher == "cache":
+        cache_dir = Path(distill.cache_dir or "")
+        teacher = CachedTeacher(cache_dir, train_fingerprint, label_names, device)
+        manifest = read_cache_manifest(cache_dir)
+        check_teacher_problem(
+            f"of cache {cache_dir}", manifest.get("problem_type", "single_label"), problem_type
+        )
+        where, temperature = f"of cache {cache_dir} (its manifest.json)", manifest.get("teacher_temperature")
+    else:
+        name = cfg.model.name if distill.teacher == "self" else distill.teacher
+        teacher = (
+            SelfTeacher() if distill.teacher == "self" else ModelTeacher(cfg, label_names, tokenizer, device)
+        )
+        teacher_problem, temperature = model_folder_facts(name, label_names)
+        check_teacher_problem(name, teacher_problem, problem_type)
+        where = f"{name} (its calibration.json)"
+    if not distill.calibrated_teacher:
+        return teacher
+    if temperature is None:
+        raise ConfigError(
+            f"distill.calibrated_teacher=true, but the teacher {where} records no fitted temperature; train the "
+            "teacher with eval.calibrate=true (and rebuild a logits cache from it), or set distill.calibrated_teacher=false"
+        )
+    return CalibratedTeacher(teacher, temperature)

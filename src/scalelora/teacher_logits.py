@@ -5,9 +5,11 @@ them (`distill.teacher=cache distill.cache_dir=DIR`) without holding the teacher
 re-running it every epoch. Also runs under `accelerate launch` with several processes.
 
 Layout of DIR:
-- `manifest.json`: format version, teacher identity (path + a hash of its config and weights),
-  label order, max_length, and per split the data fingerprint, number of examples, shard files
-  and whether the build is complete.
+- `manifest.json`: format version, teacher identity (path + a hash of its config, weights and
+  calibration.json), label order, problem type, max_length, whether the logits are calibrated
+  (`logits_calibrated`: always false, the shards hold raw logits) and the teacher's fitted
+  temperature (`teacher_temperature`, null when it has none), and per split the data fingerprint,
+  number of examples, shard files and whether the build is complete.
 - `train-00000.safetensors`, ...: shard k holds the rows at positions [k*S, (k+1)*S) of the split,
   as `idx` (the example id the trainer looks up) and `logits` (float32).
 
@@ -44,7 +46,12 @@ def teacher_identity(name: str) -> dict[str, Any]:
     path = Path(str(resolve_model_path(name)))
     digest = hashlib.sha256()
     if path.is_dir():
-        files = sorted(path.glob("config.json")) + sorted(path.glob("*.safetensors"))
+        # calibration.json too: a recalibrated teacher records another temperature in the cache
+        files = (
+            sorted(path.glob("config.json"))
+            + sorted(path.glob("*.safetensors"))
+            + sorted(path.glob("calibration.json"))
+        )
         for file in files:
             digest.update(file.name.encode())
             with file.open("rb") as handle:
@@ -143,7 +150,7 @@ def build_cache(
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
     )
-    model, new_modules = load_classifier(teacher_cfg, loaded.label_names)
+    model, new_modules = load_classifier(teacher_cfg, loaded.label_names, problem_type=loaded.problem_type)
     if new_modules:
         raise UserError(
             f"--teacher {teacher} has no trained classification head for labels {loaded.label_names} "
@@ -151,11 +158,19 @@ def build_cache(
         )
     model = model.to(state.device).eval().requires_grad_(False)
     tokenizer = load_tokenizer(teacher_cfg, cfg.data.truncation_side)
+    from scalelora.teacher import model_folder_facts
+
+    _, temperature = model_folder_facts(teacher, loaded.label_names)
     expected: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "teacher": teacher_identity(teacher),
         "label_names": list(loaded.label_names),
+        "problem_type": loaded.problem_type,
         "max_length": cfg.data.max_length,
+        # the shards hold the teacher's raw logits; a student with distill.calibrated_teacher=true
+        # divides them by this temperature (from the teacher's calibration.json; null: none fitted)
+        "logits_calibrated": False,
+        "teacher_temperature": temperature,
         "splits": {},
     }
     for split in splits:

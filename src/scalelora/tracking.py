@@ -135,8 +135,9 @@ class WandbTracker:
             self.run.summary[key] = value
 
     def log_final(self, summary: dict[str, Any]) -> None:
-        """The end of a run: best metric and step, final metrics per split, parameter counts,
-        a confusion matrix per split, and the before/after sample predictions."""
+        """The end of a run: best metric and step, final metrics per split (with the tuned decision rule
+        and after calibration when fitted), parameter counts, a confusion matrix per split (a per-label
+        confusion table for multi-label), and the before/after sample predictions."""
         wandb = self._wandb
         values: dict[str, Any] = {
             "best/metric": summary["best"]["metric"],
@@ -148,13 +149,25 @@ class WandbTracker:
             **param_counts(summary["trainable_params"], summary["total_params"]),
         }
         for split, metrics in summary["eval"].items():
-            for key in ("accuracy", "macro_f1", "ece", *metrics.get("extra_metrics", [])):
+            for key in ("accuracy", "macro_f1", "micro_f1", "ece", "nll", *metrics.get("extra_metrics", [])):
                 if key in metrics:
                     values[f"final/{split}/{key}"] = metrics[key]
+            for key in ("accuracy", "macro_f1", "micro_f1"):
+                if key in metrics.get("tuned", {}):
+                    values[f"final/{split}/tuned/{key}"] = metrics["tuned"][key]
+            for key in ("temperature", "ece", "nll"):
+                if key in metrics.get("calibrated", {}):
+                    values[f"final/{split}/calibrated/{key}"] = metrics["calibrated"][key]
         self.set_summary(values)
         labels = summary["labels"]
         payload: dict[str, Any] = {}
         for split, metrics in summary["eval"].items():
+            per_label = metrics.get("confusion_per_label")
+            if per_label:
+                payload[f"confusion_per_label/{split}"] = wandb.Table(
+                    columns=["label", "tp", "fp", "fn", "tn"],
+                    data=[[name, c["tp"], c["fp"], c["fn"], c["tn"]] for name, c in per_label.items()],
+                )
             matrix = metrics.get("confusion_matrix")
             if not matrix:
                 continue
@@ -172,14 +185,20 @@ class WandbTracker:
                 {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
                 {"title": f"confusion matrix ({split})"},
             )
+
+        def cell(value: Any) -> Any:  # a multi-label set becomes one text cell
+            if isinstance(value, list):
+                return ", ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in value)
+            return value
+
         rows = [
             [
                 row["text"],
-                row["gold"],
-                row["before"],
-                row["before_confidence"],
-                row["after"],
-                row["after_confidence"],
+                cell(row["gold"]),
+                cell(row["before"]),
+                cell(row["before_confidence"]),
+                cell(row["after"]),
+                cell(row["after_confidence"]),
             ]
             for row in summary.get("sample_predictions", [])
         ]

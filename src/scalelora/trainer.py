@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,17 @@ from tqdm.auto import tqdm
 
 from scalelora import data as data_lib
 from scalelora import report
+from scalelora.calibration import CALIBRATION_FILE, MULTI_LABEL, Calibration, fit_calibration
 from scalelora.checkpoint import Checkpointer, resume_identity
 from scalelora.config import AUTO_RECIPE, RunConfig, dump_yaml, to_dict
 from scalelora.errors import TrainingHalted, UserError
-from scalelora.evaluation import evaluate_split, load_extra_metrics
+from scalelora.evaluation import (
+    SplitOutputs,
+    evaluate_split,
+    load_extra_metrics,
+    split_metrics,
+    write_predictions,
+)
 from scalelora.losses import (
     class_weight_sum,
     combine_loss,
@@ -34,6 +42,7 @@ from scalelora.losses import (
     hard_label_loss_sum,
     hidden_mse_sum,
     kd_kl_sum,
+    kd_sigmoid_sum,
 )
 from scalelora.models import (
     HEAD_MODULES,
@@ -232,7 +241,9 @@ class Trainer:
         self.accelerator: Any = None
         self.checkpointer: Checkpointer | None = None
         self.progress: Any = None
-        self.last_eval: tuple[int, dict[str, Any]] | None = None
+        self.last_eval: tuple[int, dict[str, Any], SplitOutputs] | None = None
+        self.calibration: Calibration | None = None
+        """Temperature and decision rule fitted after training (None before, and with neither asked for)."""
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -258,9 +269,19 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model, cfg.data.truncation_side)
         self.splits, self.tokenized = self._load_data()
         self.label_names = self.splits.label_names
+        self.problem_type = self.splits.problem_type
+        self.multi_label = self.problem_type == MULTI_LABEL
+        tune = cfg.eval.tune_thresholds
+        self.tune_metric = (
+            ("macro_f1" if self.multi_label else None)
+            if tune == "auto"
+            else (None if tune == "none" else tune)
+        )
         self.class_weights = self._class_weights()
 
-        model, new_modules = load_classifier(cfg.model, self.label_names, device_map=self._device_map())
+        model, new_modules = load_classifier(
+            cfg.model, self.label_names, device_map=self._device_map(), problem_type=self.problem_type
+        )
         if cfg.distill.enabled and cfg.distill.teacher == "self":
             SelfTeacher.check_base(cfg.model.name, untrained_head(model, new_modules))
         model = finish_model(model, new_modules, cfg.model, cfg.lora)
@@ -309,7 +330,12 @@ class Trainer:
             acc.register_save_state_pre_hook(trainable_only_save_hook)
 
         self.teacher = build_teacher(
-            cfg, self.label_names, self.tokenizer, self.splits.fingerprints["train"], acc.device
+            cfg,
+            self.label_names,
+            self.tokenizer,
+            self.splits.fingerprints["train"],
+            acc.device,
+            self.problem_type,
         )
         self.state.identity = resume_identity(
             to_dict(cfg), self.label_names, acc.num_processes, self.splits.fingerprints["train"]
@@ -376,8 +402,9 @@ class Trainer:
                 "train.class_weights=balanced on top counts the imbalance twice"
             )
         shown = ", ".join(f"{name}={w:.3g}" for name, w in zip(self.label_names, weights))
+        kind = "per-label pos_weight" if self.splits.problem_type == MULTI_LABEL else "class weights"
         self.echo(
-            f"scalelora: class weights ({cfg.train.class_weights if isinstance(cfg.train.class_weights, str) else 'given'}): {shown}"
+            f"scalelora: {kind} ({cfg.train.class_weights if isinstance(cfg.train.class_weights, str) else 'given'}): {shown}"
         )
         return torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
 
@@ -533,7 +560,8 @@ class Trainer:
         parts = {"hard": hard.detach(), "weight": weight.detach()}
         kd = hidden = None
         if teacher_out is not None:
-            kd = kd_kl_sum(out.logits, teacher_out.logits, distill.temperature, labels)
+            kd_sum = kd_sigmoid_sum if self.multi_label else kd_kl_sum
+            kd = kd_sum(out.logits, teacher_out.logits, distill.temperature, labels)
             parts["kd"] = kd.detach()
         if want_hidden:
             student_pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"])
@@ -636,29 +664,58 @@ class Trainer:
 
     # --- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, split: str = "eval", save_as: str | None = None) -> dict[str, Any]:
-        """Metrics on a split; with `save_as` and eval.save_predictions, also predictions/<save_as>.jsonl."""
-        path = (
-            self.cfg.run_dir / "predictions" / f"{save_as}.jsonl"
-            if save_as and self.cfg.eval.save_predictions
-            else None
-        )
+    def predictions_path(self, save_as: str | None) -> Path | None:
+        """predictions/<save_as>.jsonl when eval.save_predictions asks for it (None otherwise)."""
+        if save_as and self.cfg.eval.save_predictions:
+            return self.cfg.run_dir / "predictions" / f"{save_as}.jsonl"
+        return None
+
+    def evaluate(
+        self,
+        split: str = "eval",
+        calibration: Calibration | None = None,
+        tune: str | None = None,
+        save_as: str | None = None,
+    ) -> tuple[dict[str, Any], SplitOutputs]:
+        """Metrics and gathered outputs of a split: with `calibration` applied, or with a decision rule
+        tuned for `tune` on the split itself; with `save_as` and eval.save_predictions, also
+        predictions/<save_as>.jsonl."""
         return evaluate_split(
-            self.accelerator, self.model, self.eval_loaders[split], self.label_names, self.extra_metrics, path
+            self.accelerator,
+            self.model,
+            self.eval_loaders[split],
+            self.label_names,
+            self.extra_metrics,
+            self.predictions_path(save_as),
+            self.problem_type,
+            calibration,
+            tune,
         )
 
     def evaluate_and_track_best(self) -> bool:
-        """Evaluate, save the model when the metric improves; True when early stopping says stop."""
+        """Evaluate, save the model when the metric improves; True when early stopping says stop.
+
+        With a decision rule to tune, it is tuned on the validation split at every evaluation and
+        `eval.metric` is read from the tuned metrics: the best checkpoint is the best under the rule the
+        final model will use.
+        """
         cfg, state = self.cfg, self.state
-        metrics = self.evaluate("eval")
-        self.last_eval = (state.global_step, metrics)
+        metrics, outputs = self.evaluate("eval", tune=self.tune_metric)
+        self.last_eval = (state.global_step, metrics, outputs)
         extra = {key: metrics[key] for key in metrics.get("extra_metrics", [])}
+        tuned = (
+            {f"tuned_{k}": metrics["tuned"][k] for k in ("accuracy", "macro_f1", "micro_f1")}
+            if "tuned" in metrics
+            else {}
+        )
         self.checkpointer.append_metrics(
             {
                 "step": state.global_step,
                 "split": "validation",
                 "accuracy": metrics["accuracy"],
                 "macro_f1": metrics["macro_f1"],
+                "micro_f1": metrics["micro_f1"],
+                **tuned,
                 **extra,
             }
         )
@@ -666,15 +723,20 @@ class Trainer:
             {
                 "eval/accuracy": metrics["accuracy"],
                 "eval/macro_f1": metrics["macro_f1"],
+                "eval/micro_f1": metrics["micro_f1"],
                 "eval/ece": metrics.get("ece"),
+                "eval/nll": metrics.get("nll"),
+                **{f"eval/tuned/{key[len('tuned_') :]}": value for key, value in tuned.items()},
                 **{f"eval/{key}": value for key, value in extra.items()},
             },
             step=state.global_step,
         )
+        shown = f" (tuned macro_f1={tuned['tuned_macro_f1']:.4f})" if tuned else ""
         self.echo(
-            f"scalelora: step {state.global_step} validation accuracy={metrics['accuracy']:.4f} macro_f1={metrics['macro_f1']:.4f}"
+            f"scalelora: step {state.global_step} validation accuracy={metrics['accuracy']:.4f} "
+            f"macro_f1={metrics['macro_f1']:.4f} micro_f1={metrics['micro_f1']:.4f}{shown}"
         )
-        value = metrics[cfg.eval.metric]
+        value = metrics.get("tuned", metrics)[cfg.eval.metric]
         if state.best_value is None or value > state.best_value:
             state.best_value, state.best_step = value, state.global_step
             state.evals_without_improvement = 0
@@ -690,9 +752,10 @@ class Trainer:
             return True
         return False
 
-    @torch.no_grad()  # not inference_mode: see evaluation.gather_predictions (ZeRO-3)
+    @torch.no_grad()  # not inference_mode: see evaluation.gather_logits (ZeRO-3)
     def sample_predictions(self) -> list[dict[str, Any]]:
-        """Predictions for a fixed, seeded handful of validation texts (every rank runs the same forward)."""
+        """Predictions for a fixed, seeded handful of validation texts (every rank runs the same forward),
+        under the fitted calibration and decision rule once there is one, as `predict` makes them."""
         n = min(self.cfg.eval.sample_predictions, len(self.splits.eval))
         if n == 0:
             return []
@@ -708,57 +771,104 @@ class Trainer:
         model = self.model
         model.eval()
         logits = model(**{k: v.to(self.accelerator.device) for k, v in encoded.items()}).logits
-        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        logits = logits.float().cpu().numpy()
+        rule = self.calibration or Calibration(self.problem_type, self.label_names)
+        probs, decided = rule.probabilities(logits), rule.decide(logits)
+        names = self.label_names
         out = []
         for i in range(n):
-            pred = int(probs[i].argmax())
-            out.append(
-                {
-                    "text": rows[i]["text"],
-                    "gold": self.label_names[rows[i]["label"]],
-                    "predicted": self.label_names[pred],
-                    "confidence": float(probs[i, pred]),
+            gold = rows[i]["label"]
+            if self.multi_label:
+                # most probable first, as predict lists them
+                chosen = sorted((k for k in range(len(names)) if decided[i, k]), key=lambda k: -probs[i, k])
+                row = {
+                    "gold": [names[k] for k in range(len(names)) if gold[k]],
+                    "predicted": [names[k] for k in chosen],
+                    "confidence": [float(probs[i, k]) for k in chosen],
                 }
-            )
+            else:
+                pred = int(decided[i])
+                row = {"gold": names[gold], "predicted": names[pred], "confidence": float(probs[i, pred])}
+            out.append({"text": rows[i]["text"], **row})
         return out
 
     # --- the end -------------------------------------------------------------------------------
 
-    def save_model(self) -> None:
-        """adapter/ (LoRA) or model/ (full, head_only), loadable with PEFT / transformers alone."""
+    def save_model(self, calibration: Calibration | None = None, step: int | None = None) -> None:
+        """adapter/ (LoRA) or model/ (full, head_only), loadable with PEFT / transformers alone, with
+        `calibration.json` beside the weights when a calibration is given."""
         cfg = self.cfg
         peft_model = is_peft(self.accelerator.unwrap_model(self.model))
-        meta = {
+        meta: dict[str, Any] = {
             "scalelora.json": {
                 "model_name": cfg.model.name,
                 "mode": cfg.model.mode,
                 "labels": self.label_names,
+                "problem_type": self.problem_type,
                 "max_length": cfg.data.max_length,
-                "step": self.state.global_step,
+                "step": self.state.global_step if step is None else step,
                 "text_pair": cfg.data.text_pair_column is not None,
+                "calibration": CALIBRATION_FILE if calibration is not None else None,
             },
             "labels.json": self.label_names,
         }
+        if calibration is not None:
+            meta[CALIBRATION_FILE] = calibration.to_json()
         self.checkpointer.save_model(self.model, self.tokenizer, meta, cfg.lora.r if peft_model else None)
 
+    def fit_calibration(self, outputs: SplitOutputs) -> Calibration | None:
+        """Temperature (eval.calibrate) and decision rule (eval.tune_thresholds) fitted on the validation
+        outputs of the final weights; None when neither is asked for."""
+        cfg = self.cfg
+        if not cfg.eval.calibrate and not self.tune_metric:
+            return None
+        calibration = fit_calibration(
+            self.problem_type,
+            outputs.logits,
+            outputs.labels,
+            self.label_names,
+            cfg.eval.calibrate,
+            self.tune_metric,
+        )
+        parts = []
+        if calibration.temperature is not None:
+            parts.append(f"temperature {calibration.temperature:.3f}")
+        if calibration.tuned:
+            rule = "per-label thresholds" if self.multi_label else "per-class biases"
+            parts.append(f"{rule} tuned for {calibration.tuned_for}")
+        self.echo(f"scalelora: fitted on validation: {', '.join(parts)}")
+        return calibration
+
     def evaluate_best_and_report(self) -> dict[str, Any]:
-        """Final evaluation with the best weights (or the last), then summary.json, report.md and W&B."""
+        """Final evaluation with the best weights (or the last): calibration and decision rule fitted on
+        validation and stored with the model, both splits reported with and without them, then
+        summary.json, report.md and W&B."""
         cfg, state = self.cfg, self.state
-        if cfg.eval.load_best_at_end and state.best_step is not None:
+        restored = cfg.eval.load_best_at_end and state.best_step is not None
+        if restored:
             self.checkpointer.restore_best(self.model)
-        else:
-            self.save_model()
         last = self.last_eval
         reuse = (
             last is not None and last[0] == state.global_step and state.best_step in (None, state.global_step)
         )
-        if reuse and not cfg.eval.save_predictions:
+        if reuse:
             # the weights are the ones just evaluated at this step: reuse, do not run validation twice
-            final_eval = {"validation": last[1]}
+            outputs = last[2]
         else:
-            final_eval = {"validation": self.evaluate("eval", save_as="validation")}
+            _, outputs = self.evaluate("eval")
+        self.calibration = self.fit_calibration(outputs)
+        final_eval = {
+            "validation": split_metrics(
+                outputs, self.label_names, self.problem_type, self.calibration, self.extra_metrics
+            )
+        }
+        path = self.predictions_path("validation")
+        if path is not None and self.accelerator.is_main_process:
+            write_predictions(path, outputs, self.label_names, self.problem_type, self.calibration)
         if "test" in self.eval_loaders:
-            final_eval["test"] = self.evaluate("test", save_as="test")
+            final_eval["test"] = self.evaluate("test", calibration=self.calibration, save_as="test")[0]
+        if self.calibration is not None or not restored:
+            self.save_model(self.calibration, step=state.best_step if restored else None)
         summary = report.build_summary(
             cfg,
             dict(state.__dict__),
@@ -768,12 +878,15 @@ class Trainer:
         )
         self.checkpointer.write_summary(summary)
         for split, metrics in final_eval.items():
+            tuned = metrics.get("tuned", {})
             self.checkpointer.append_metrics(
                 {
                     "step": state.global_step,
                     "split": f"final_{split}",
                     "accuracy": metrics["accuracy"],
                     "macro_f1": metrics["macro_f1"],
+                    "micro_f1": metrics["micro_f1"],
+                    **{f"tuned_{k}": tuned[k] for k in ("accuracy", "macro_f1", "micro_f1") if k in tuned},
                 }
             )
         if self.accelerator.is_main_process:
@@ -789,6 +902,8 @@ class Trainer:
         return {
             "data_source": self.splits.source,
             "labels": self.label_names,
+            "problem_type": self.problem_type,
+            "calibration": self.calibration.to_json() if self.calibration is not None else None,
             "num_train_examples": len(self.splits.train),
             "dropped_empty": self.splits.dropped_empty,
             "params": self.params,
