@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_jsonl
 from scalelora.config import DataConfig
@@ -219,3 +220,80 @@ def test_pad_collator_pads_to_the_longest_and_keeps_ids():
     assert PadCollator(0, pad_to_multiple_of=8)([{"input_ids": [1, 2, 3], "labels": 0, "idx": 0}])[
         "input_ids"
     ].shape == (1, 8)
+
+
+# --- multi-label ----------------------------------------------------------------------------------
+
+
+def test_real_goemotions_is_multi_label_with_28_labels():
+    splits = load_splits(DataConfig(path="goemotions"), seed=0)
+    assert splits.problem_type == "multi_label" and len(splits.label_names) == 28
+    assert (len(splits.train), len(splits.eval), len(splits.test)) == (43410, 5426, 5427)
+    hot = np.asarray(splits.train["label"])
+    assert hot.shape == (43410, 28) and set(np.unique(hot)) == {0.0, 1.0} and hot.sum(axis=1).min() == 1
+    # the README: 16.4% of training rows carry more than one label; neutral is on 14219 of them
+    assert (hot.sum(axis=1) > 1).mean() == pytest.approx(0.164, abs=0.001)
+    assert hot[:, splits.label_names.index("neutral")].sum() == 14219
+
+
+def test_list_labels_become_multi_hot_rows_in_label_order(tmp_path):
+    folder = folder_with(tmp_path, rows(("a", ["joy", "fear"]), ("b", ["fear"]), ("c", ["anger", "joy"])))
+    splits = load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    assert splits.problem_type == "multi_label" and splits.label_names == ["anger", "fear", "joy"]
+    assert list(splits.train["label"]) == [[0, 1, 1], [0, 1, 0], [1, 0, 1]]
+    batch = PadCollator(0)([{"input_ids": [1], "labels": r, "idx": i} for i, r in enumerate(splits.train["label"])])
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 1, 1], [0, 1, 0], [1, 0, 1]]
+    # plain labels with problem_type=multi_label are one-label sets
+    (tmp_path / "p").mkdir()
+    plain = folder_with(tmp_path / "p", rows(("a", "joy"), ("b", "fear")))
+    splits = load_splits(DataConfig(path=str(plain), test_split=None, problem_type="multi_label"), seed=0)
+    assert splits.problem_type == "multi_label" and list(splits.train["label"]) == [[0, 1], [1, 0]]
+
+
+def test_csv_labels_split_at_the_separator(tmp_path):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for split in ("train", "validation"):
+        (folder / f"{split}.csv").write_text('text,label\nfirst,joy|fear\nsecond,fear\nthird," anger | joy "\n')
+    splits = load_splits(DataConfig(path=str(folder), test_split=None, label_separator="|"), seed=0)
+    assert splits.problem_type == "multi_label" and splits.label_names == ["anger", "fear", "joy"]
+    assert list(splits.eval["label"]) == [[0, 1, 1], [0, 1, 0], [1, 0, 1]]
+
+
+@pytest.mark.parametrize(
+    ("train", "settings", "message"),
+    [
+        (rows(("a", ["joy"]), ("b", "fear"), ("c", ["fear"])), {}, "split 'train' row 1: label 'fear' is a plain label"),
+        (rows(("a", ["joy"]), ("b", ["fear"])), {"problem_type": "single_label"}, "set data.problem_type=multi_label"),
+        (rows(("a", ["joy"]), ("b", [])), {}, "split 'train' row 1: empty label list"),
+        (rows(("a", ["joy"]), ("b", ["joy", "glee"])), {"labels": ["joy", "fear"]}, "label 'glee' in the list"),
+        (rows(("a", ["joy"]), ("b", ["fear"])), {"class_balanced": True}, "no sound rule for multi-label"),
+    ],
+    ids=["mixed", "list-under-single-label", "empty-list", "unknown-name", "class-balanced"],
+)
+def test_bad_multi_label_data_names_the_row_and_fix(tmp_path, train, settings, message):
+    folder = folder_with(tmp_path, train)
+    with pytest.raises((DataError, ConfigError), match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_splits(DataConfig(path=str(folder), test_split=None, **settings), seed=0)
+
+
+def test_empty_label_lists_when_allowed_and_keep_labels_on_sets(tmp_path):
+    data = rows(("a", ["joy", "fear"]), ("b", []), ("c", ["anger"]), ("d", ["fear"]))
+    folder = folder_with(tmp_path, data, labels=["anger", "fear", "joy"])
+    splits = load_splits(DataConfig(path=str(folder), test_split=None, allow_empty_labels=True), seed=0)
+    assert list(splits.train["label"]) == [[0, 1, 1], [0, 0, 0], [1, 0, 0], [0, 1, 0]]
+    # keep_labels keeps those labels of every set, in the given order; rows left empty are dropped
+    (tmp_path / "k").mkdir()
+    folder = folder_with(tmp_path / "k", [r for r in data if r["label"]], labels=["anger", "fear", "joy"])
+    kept = load_splits(DataConfig(path=str(folder), test_split=None, keep_labels=["joy", "anger"]), seed=0)
+    assert kept.label_names == ["joy", "anger"] and list(kept.train["label"]) == [[1, 0], [0, 1]]
+    assert list(kept.train["text"]) == ["a", "c"]
+
+
+def test_balanced_class_weights_are_per_label_pos_weights_for_multi_label():
+    import datasets
+
+    train = datasets.Dataset.from_dict({"label": [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]]})
+    # negatives / positives: label 0 is on 3 of 4 rows (1/3), label 1 on 1 (3/1)
+    assert class_weights("balanced", ["a", "b"], train) == pytest.approx([1 / 3, 3.0])
+    assert class_weights({"b": 5.0}, ["a", "b"], train) == [1.0, 5.0]

@@ -15,6 +15,7 @@ from scalelora.losses import (
     hard_label_loss_sum,
     hidden_mse_sum,
     kd_kl_sum,
+    kd_sigmoid_sum,
 )
 
 
@@ -170,3 +171,84 @@ def test_kd_gradient_is_student_minus_teacher_probs_times_t():
     q = torch.softmax(STUDENT[:1] / 2, -1)
     p = torch.softmax(TEACHER[:1] / 2, -1)
     torch.testing.assert_close(student.grad, 2.0 * (q - p))
+
+
+# --- multi-label: 2-D multi-hot labels ------------------------------------------------------------
+
+ML_LOGITS = torch.tensor([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0]])
+ML_LABELS = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def bce_by_hand(logits, labels, pos_weight=None, gamma=0.0, eps=0.0) -> list[float]:
+    """Per example: sum_k -[pw y (1-p)^g log p + (1-y) p^g log(1-p)], y smoothed to y(1-eps)+eps/2."""
+    out = []
+    for row, ys in zip(logits.tolist(), labels.tolist()):
+        total = 0.0
+        for k, (z, y) in enumerate(zip(row, ys)):
+            p, y = sig(z), y * (1 - eps) + eps / 2
+            pw = pos_weight[k] if pos_weight is not None else 1.0
+            total += -(pw * y * (1 - p) ** gamma * math.log(p) + (1 - y) * p**gamma * math.log(1 - p))
+        out.append(total)
+    return out
+
+
+def test_multi_label_loss_is_bce_summed_over_labels_and_divided_by_examples():
+    hard, weight = hard_label_loss_sum(ML_LOGITS, ML_LABELS)
+    assert float(hard) == pytest.approx(sum(bce_by_hand(ML_LOGITS, ML_LABELS)), rel=1e-6)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(ML_LOGITS, ML_LABELS, reduction="sum")
+    assert float(hard) == pytest.approx(float(ref), rel=1e-6)
+    # the weight sum and the example count are rows, never label cells (6 here)
+    assert float(weight) == 2 and int(count_valid(ML_LABELS)) == 2
+    assert float(class_weight_sum(ML_LABELS, torch.tensor([1.0, 5.0, 9.0]))) == 2
+    loss = combine_loss(hard, weight, count_valid(ML_LABELS).float())
+    assert float(loss) == pytest.approx(sum(bce_by_hand(ML_LOGITS, ML_LABELS)) / 2, rel=1e-6)
+
+
+def test_multi_label_class_weights_are_pos_weights():
+    pos_weight = [1.0, 4.0, 0.5]
+    hard, weight = hard_label_loss_sum(ML_LOGITS, ML_LABELS, torch.tensor(pos_weight))
+    assert float(hard) == pytest.approx(sum(bce_by_hand(ML_LOGITS, ML_LABELS, pos_weight)), rel=1e-6)
+    ref = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight), reduction="sum")(ML_LOGITS, ML_LABELS)
+    assert float(hard) == pytest.approx(float(ref), rel=1e-6) and float(weight) == 2
+
+
+def test_multi_label_focal_and_smoothing_match_the_formula():
+    for gamma, eps in ((2.0, 0.0), (0.0, 0.1), (1.5, 0.2)):
+        hard, _ = hard_label_loss_sum(ML_LOGITS, ML_LABELS, focal_gamma=gamma, label_smoothing=eps)
+        expected = sum(bce_by_hand(ML_LOGITS, ML_LABELS, gamma=gamma, eps=eps))
+        assert float(hard) == pytest.approx(expected, rel=1e-6), (gamma, eps)
+    # gamma 0 is plain BCE
+    assert float(hard_label_loss_sum(ML_LOGITS, ML_LABELS, focal_gamma=0.0)[0]) == pytest.approx(
+        float(hard_label_loss_sum(ML_LOGITS, ML_LABELS)[0]), rel=1e-6
+    )
+
+
+def test_an_ignored_multi_label_row_contributes_nothing():
+    labels = torch.cat([ML_LABELS, torch.full((1, 3), float(IGNORE_INDEX))])
+    logits = torch.cat([ML_LOGITS, torch.tensor([[50.0, -50.0, 9.0]])])
+    hard, weight = hard_label_loss_sum(logits, labels)
+    assert float(weight) == 2 and int(count_valid(labels)) == 2
+    assert float(hard) == pytest.approx(float(hard_label_loss_sum(ML_LOGITS, ML_LABELS)[0]), rel=1e-6)
+    assert float(kd_sigmoid_sum(logits, logits + 1, 2.0, labels)) == pytest.approx(
+        float(kd_sigmoid_sum(ML_LOGITS, ML_LOGITS + 1, 2.0)), rel=1e-6
+    )
+
+
+def test_kd_sigmoid_is_t_squared_per_label_binary_kl():
+    teacher = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.5, -1.0]])
+    t = 2.0
+    expected = 0.0
+    for srow, trow in zip(ML_LOGITS.tolist(), teacher.tolist()):
+        for s, tt in zip(srow, trow):
+            p, q = sig(tt / t), sig(s / t)
+            expected += t * t * (p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q)))
+    assert float(kd_sigmoid_sum(ML_LOGITS, teacher, t)) == pytest.approx(expected, rel=1e-6)
+    assert float(kd_sigmoid_sum(teacher, teacher, t)) == pytest.approx(0.0, abs=1e-7)
+    # the gradient in the student logits is T (q - p), as for the softmax KD
+    student = ML_LOGITS.clone().requires_grad_(True)
+    kd_sigmoid_sum(student, teacher, t).backward()
+    torch.testing.assert_close(student.grad, t * (torch.sigmoid(ML_LOGITS / t) - torch.sigmoid(teacher / t)))

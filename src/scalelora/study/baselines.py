@@ -2,7 +2,10 @@
 linear probe (logistic regression on frozen, mean-pooled encoder features).
 
 Both pick the regularisation strength C on the validation split (macro-F1) from a small grid,
-refit nothing else, and report the same metrics as the trainer.
+refit nothing else, and report the same metrics as the trainer. On multi-label data both are
+one-vs-rest (one binary logistic regression per label) with per-label decision thresholds tuned on
+the validation split for macro-F1, as the trainer tunes its own (`calibration.tune_thresholds`);
+C is picked by the tuned validation macro-F1.
 """
 
 from __future__ import annotations
@@ -13,20 +16,64 @@ from typing import Any
 import numpy as np
 import torch
 
-from scalelora.data import Splits
-from scalelora.evaluation import classification_metrics
+from scalelora.calibration import tune_thresholds
+from scalelora.data import MULTI_LABEL, Splits
+from scalelora.evaluation import classification_metrics, multi_label_metrics
 
 C_GRID = (0.5, 2.0, 8.0)
 
 
-def lr_params(features: int, num_labels: int) -> int:
-    """Weights of a fitted scikit-learn LogisticRegression: one row (binary) or one per class, plus biases."""
-    rows = 1 if num_labels == 2 else num_labels
+def lr_params(features: int, num_labels: int, problem_type: str = "single_label") -> int:
+    """Weights of a fitted scikit-learn LogisticRegression: one row (binary) or one per class, plus biases
+    (multi-label one-vs-rest: one row per label)."""
+    rows = 1 if num_labels == 2 and problem_type != MULTI_LABEL else num_labels
     return features * rows + rows
 
 
-def _short(metrics: dict[str, Any]) -> dict[str, float]:
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+def _short(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The row's numbers: accuracy and macro-F1 (and micro-F1, `tuned` when the metrics have them)."""
+    out = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    if "micro_f1" in metrics:
+        out["micro_f1"] = metrics["micro_f1"]
+    if "tuned" in metrics:
+        out["tuned"] = {k: metrics["tuned"][k] for k in ("accuracy", "macro_f1", "micro_f1")}
+    return out
+
+
+def fit_ovr_logreg(
+    train_x: Any,
+    train_y: np.ndarray,
+    evals: dict[str, tuple[Any, np.ndarray]],
+    label_names: list[str],
+    grid: tuple[float, ...] = C_GRID,
+) -> tuple[dict[str, Any], float, dict[str, np.ndarray], list[float]]:
+    """Multi-label: one-vs-rest logistic regression for each C, per-label thresholds tuned on
+    `evals['validation']` for macro-F1, the C with the best tuned validation macro-F1 kept.
+
+    Returns (metrics per split: at p >= 0.5, with `tuned` at the tuned thresholds; C; the 0/1
+    predictions per split at the tuned thresholds; the thresholds).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    val_x, val_y = evals["validation"]
+    best: tuple[float, Any, float, list[float]] | None = None
+    for c in grid:
+        clf = OneVsRestClassifier(LogisticRegression(C=c, max_iter=2000)).fit(train_x, train_y)
+        probs = clf.predict_proba(val_x)
+        thresholds = tune_thresholds(probs, val_y, "macro_f1")
+        f1 = multi_label_metrics((probs >= thresholds).astype(int), val_y, label_names)["macro_f1"]
+        if best is None or f1 > best[0]:
+            best = (f1, clf, c, thresholds)
+    assert best is not None
+    _, clf, c, thresholds = best
+    metrics, predictions = {}, {}
+    for split, (x, y) in evals.items():
+        probs = clf.predict_proba(x)
+        predictions[split] = (probs >= thresholds).astype(int)
+        metrics[split] = multi_label_metrics((probs >= 0.5).astype(int), y, label_names, probs)
+        metrics[split]["tuned"] = multi_label_metrics(predictions[split], y, label_names)
+    return metrics, c, predictions, thresholds
 
 
 def fit_logreg(
@@ -57,13 +104,27 @@ def fit_logreg(
     return metrics, c, predictions
 
 
-def predictions_on_test(predictions: dict[str, np.ndarray], splits: Splits) -> list[str] | None:
+def predictions_on_test(predictions: dict[str, np.ndarray], splits: Splits) -> list[Any] | None:
     """Predicted label names on the test split in example-id order, as the trainer writes them (None
-    without a test split)."""
+    without a test split); multi-label: the list of predicted names of each example."""
     if "test" not in predictions or splits.test is None:
         return None
     order = np.argsort(np.asarray(splits.test["idx"]), kind="stable")
-    return [splits.label_names[int(predictions["test"][i])] for i in order]
+    names = splits.label_names
+    if splits.problem_type == MULTI_LABEL:
+        return [[names[k] for k in np.flatnonzero(predictions["test"][i])] for i in order]
+    return [names[int(predictions["test"][i])] for i in order]
+
+
+def fit_classifier(
+    splits: Splits, train_x: Any, train_y: np.ndarray, evals: dict[str, tuple[Any, np.ndarray]]
+) -> tuple[dict[str, Any], float, dict[str, np.ndarray], dict[str, Any]]:
+    """`fit_logreg`, or `fit_ovr_logreg` on multi-label data; returns (metrics, C, predictions, details)."""
+    if splits.problem_type == MULTI_LABEL:
+        metrics, c, predicted, thresholds = fit_ovr_logreg(train_x, train_y, evals, splits.label_names)
+        return metrics, c, predicted, {"thresholds": dict(zip(splits.label_names, thresholds))}
+    metrics, c, predicted = fit_logreg(train_x, train_y, evals, splits.label_names)
+    return metrics, c, predicted, {}
 
 
 def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
@@ -91,15 +152,15 @@ def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
     evals = {"validation": (features(splits.eval), np.asarray(splits.eval["label"]))}
     if splits.test is not None:
         evals["test"] = (features(splits.test), np.asarray(splits.test["label"]))
-    metrics, c, predicted = fit_logreg(train_x, np.asarray(train["label"]), evals, splits.label_names)
+    metrics, c, predicted, details = fit_classifier(splits, train_x, np.asarray(train["label"]), evals)
     return {
         "predictions": predictions_on_test(predicted, splits),
-        "trainable_params": lr_params(int(train_x.shape[1]), len(splits.label_names)),
+        "trainable_params": lr_params(int(train_x.shape[1]), len(splits.label_names), splits.problem_type),
         "total_params": None,
         "eval": {split: _short(m) for split, m in metrics.items()},
         "train_seconds": time.perf_counter() - started,
         "num_train_examples": len(train),
-        "details": {"C": c, "features": int(train_x.shape[1])},
+        "details": {"C": c, "features": int(train_x.shape[1]), **details},
     }
 
 
@@ -151,10 +212,10 @@ def linear_probe(
     evals = {"validation": ((feats(splits.eval) - mean) / std, np.asarray(splits.eval["label"]))}
     if splits.test is not None:
         evals["test"] = ((feats(splits.test) - mean) / std, np.asarray(splits.test["label"]))
-    metrics, c, predicted = fit_logreg(
-        (train_x - mean) / std, np.asarray(splits.train["label"]), evals, splits.label_names
+    metrics, c, predicted, details = fit_classifier(
+        splits, (train_x - mean) / std, np.asarray(splits.train["label"]), evals
     )
-    head = lr_params(int(encoder.config.hidden_size), len(splits.label_names))
+    head = lr_params(int(encoder.config.hidden_size), len(splits.label_names), splits.problem_type)
     return {
         "predictions": predictions_on_test(predicted, splits),
         "trainable_params": int(head),
@@ -162,5 +223,5 @@ def linear_probe(
         "eval": {split: _short(m) for split, m in metrics.items()},
         "train_seconds": time.perf_counter() - started,
         "num_train_examples": len(splits.train),
-        "details": {"C": c, "pooling": "mean", "features": int(encoder.config.hidden_size)},
+        "details": {"C": c, "pooling": "mean", "features": int(encoder.config.hidden_size), **details},
     }
