@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_overrides, write_jsonl, write_toy_dataset
-from scalelora import train
+from conftest import ROOT, tiny_overrides, write_jsonl, write_toy_dataset, write_toy_multilabel_dataset
+from scalelora import predict, train
 
 FINISHED_RUN_MARKERS = ("summary.json", "adapter", "model", "checkpoints", "config.yaml", "metrics.jsonl")
 
@@ -53,6 +53,8 @@ class Case:
     input: str
     build: Callable[[Path, Path, Path], list[str]]
     expect: tuple[str, ...]
+    cli: str = "train"
+    """The CLI the argv is for: `train` or `predict`."""
 
 
 def tiny(model: Path, data: Path, out: Path, **extra: object) -> list[str]:
@@ -255,6 +257,80 @@ def text_too_long(model: Path, data: Path, tmp: Path) -> list[str]:
     set_row(folder / "train.jsonl", 3, text=" ".join(["great"] * 400))
     # the tiny model has 128 positions; 512 tokens would index past its position table
     return tiny(model, folder, tmp / "out", **{"data.max_length": 512})
+
+
+# --- multi-label data, calibration and decision rules ---------------------------------------------
+
+
+def multilabel_data(tmp: Path) -> Path:
+    return write_toy_multilabel_dataset(tmp / "multi")
+
+
+def unknown_name_in_list(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = multilabel_data(tmp)
+    set_row(folder / "validation.jsonl", 5, label=["joy", "glee"])
+    return tiny(model, folder, tmp / "out")
+
+
+def empty_label_list(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = multilabel_data(tmp)
+    set_row(folder / "train.jsonl", 8, label=[])
+    return tiny(model, folder, tmp / "out")
+
+
+def mixed_label_rows(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = multilabel_data(tmp)
+    set_row(folder / "train.jsonl", 4, label="fear")
+    return tiny(model, folder, tmp / "out")
+
+
+def class_balanced_multilabel(model: Path, data: Path, tmp: Path) -> list[str]:
+    return tiny(model, multilabel_data(tmp), tmp / "out", **{"data.class_balanced": "true"})
+
+
+def calibrated_teacher_without_temperature(model: Path, data: Path, tmp: Path) -> list[str]:
+    extra = {"distill.enabled": "true", "distill.calibrated_teacher": "true"}
+    return tiny(model, data, tmp / "out", **extra)
+
+
+def untrained_adapter(model: Path, tmp: Path, labels: list[str]) -> Path:
+    """An adapter folder as training writes it (weights, tokenizer, scalelora.json, labels.json), untrained."""
+    from transformers import AutoTokenizer
+
+    from scalelora.config import LoraConfig, ModelConfig
+    from scalelora.models import build_model
+
+    folder = tmp / "adapter"
+    build_model(ModelConfig(name=str(model)), LoraConfig(), labels).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model).save_pretrained(folder)
+    meta = {
+        "model_name": str(model),
+        "mode": "lora",
+        "labels": labels,
+        "max_length": 32,
+        "problem_type": "single_label",
+    }
+    (folder / "scalelora.json").write_text(json.dumps(meta))
+    (folder / "labels.json").write_text(json.dumps(labels))
+    return folder
+
+
+def calibration_for_other_labels(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = untrained_adapter(model, tmp, ["neg", "pos"])
+    other = {"format": 1, "problem_type": "single_label", "labels": ["neg", "happy"], "temperature": 1.5}
+    (folder / "calibration.json").write_text(json.dumps(other))
+    return ["--adapter", str(folder), "--text", "a fine film"]
+
+
+def top_k_on_single_label(model: Path, data: Path, tmp: Path) -> list[str]:
+    return [
+        "--adapter",
+        str(untrained_adapter(model, tmp, ["neg", "pos"])),
+        "--text",
+        "a fine film",
+        "--top-k",
+        "2",
+    ]
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -472,13 +548,61 @@ BAD_INPUTS = [
         self_kd_untrained_head,
         ("distill.teacher=self", "newly initialised", "model.mode=full", "cache"),
     ),
+    Case(
+        "unknown_name_in_list",
+        "a multi-label row whose label list names an unknown label",
+        unknown_name_in_list,
+        ("validation", "row 4", "'glee'", "labels.json"),
+    ),
+    Case(
+        "empty_label_list",
+        "an empty label list (`[]`) without `data.allow_empty_labels=true`",
+        empty_label_list,
+        ("train", "row 7", "empty label list", "data.allow_empty_labels=true"),
+    ),
+    Case(
+        "mixed_label_rows",
+        "label lists mixed with plain labels in one split",
+        mixed_label_rows,
+        ("train", "row 3", "plain label", "list"),
+    ),
+    Case(
+        "class_balanced_multilabel",
+        "`data.class_balanced=true` on multi-label data",
+        class_balanced_multilabel,
+        ("data.class_balanced", "multi-label", "train.class_weights=balanced"),
+    ),
+    Case(
+        "calibrated_teacher_without_temperature",
+        "`distill.calibrated_teacher=true` with a teacher that has no fitted temperature",
+        calibrated_teacher_without_temperature,
+        ("distill.calibrated_teacher=true", "eval.calibrate=true"),
+    ),
+    Case(
+        "calibration_for_other_labels",
+        "`predict` on a model whose `calibration.json` (temperature, thresholds) is for other labels",
+        calibration_for_other_labels,
+        ("calibration.json", "['neg', 'happy']", "['neg', 'pos']", "delete it"),
+        cli="predict",
+    ),
+    Case(
+        "top_k_on_single_label",
+        "`predict --top-k` (or `--threshold`) on a single-label model",
+        top_k_on_single_label,
+        ("--top-k", "multi-label", "single-label"),
+        cli="predict",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.name for c in BAD_INPUTS])
 def test_bad_input_gives_one_line_error(case: Case, tiny_bert: Path, toy_data: Path, tmp_path: Path, capsys):
     argv = case.build(tiny_bert, toy_data, tmp_path)
-    code, err = run_train(argv, capsys)
+    if case.cli == "predict":
+        capsys.readouterr()
+        code, err = predict.main(argv), capsys.readouterr().err
+    else:
+        code, err = run_train(argv, capsys)
     assert_one_line_error(code, err, *case.expect)
     assert_no_finished_run(tmp_path / "out")
 

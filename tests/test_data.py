@@ -241,8 +241,14 @@ def test_list_labels_become_multi_hot_rows_in_label_order(tmp_path):
     splits = load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
     assert splits.problem_type == "multi_label" and splits.label_names == ["anger", "fear", "joy"]
     assert list(splits.train["label"]) == [[0, 1, 1], [0, 1, 0], [1, 0, 1]]
-    batch = PadCollator(0)([{"input_ids": [1], "labels": r, "idx": i} for i, r in enumerate(splits.train["label"])])
-    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [[0, 1, 1], [0, 1, 0], [1, 0, 1]]
+    batch = PadCollator(0)(
+        [{"input_ids": [1], "labels": r, "idx": i} for i, r in enumerate(splits.train["label"])]
+    )
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [
+        [0, 1, 1],
+        [0, 1, 0],
+        [1, 0, 1],
+    ]
     # plain labels with problem_type=multi_label are one-label sets
     (tmp_path / "p").mkdir()
     plain = folder_with(tmp_path / "p", rows(("a", "joy"), ("b", "fear")))
@@ -254,7 +260,9 @@ def test_csv_labels_split_at_the_separator(tmp_path):
     folder = tmp_path / "csv"
     folder.mkdir()
     for split in ("train", "validation"):
-        (folder / f"{split}.csv").write_text('text,label\nfirst,joy|fear\nsecond,fear\nthird," anger | joy "\n')
+        (folder / f"{split}.csv").write_text(
+            'text,label\nfirst,joy|fear\nsecond,fear\nthird," anger | joy "\n'
+        )
     splits = load_splits(DataConfig(path=str(folder), test_split=None, label_separator="|"), seed=0)
     assert splits.problem_type == "multi_label" and splits.label_names == ["anger", "fear", "joy"]
     assert list(splits.eval["label"]) == [[0, 1, 1], [0, 1, 0], [1, 0, 1]]
@@ -263,10 +271,22 @@ def test_csv_labels_split_at_the_separator(tmp_path):
 @pytest.mark.parametrize(
     ("train", "settings", "message"),
     [
-        (rows(("a", ["joy"]), ("b", "fear"), ("c", ["fear"])), {}, "split 'train' row 1: label 'fear' is a plain label"),
-        (rows(("a", ["joy"]), ("b", ["fear"])), {"problem_type": "single_label"}, "set data.problem_type=multi_label"),
+        (
+            rows(("a", ["joy"]), ("b", "fear"), ("c", ["fear"])),
+            {},
+            "split 'train' row 1: label 'fear' is a plain label",
+        ),
+        (
+            rows(("a", ["joy"]), ("b", ["fear"])),
+            {"problem_type": "single_label"},
+            "set data.problem_type=multi_label",
+        ),
         (rows(("a", ["joy"]), ("b", [])), {}, "split 'train' row 1: empty label list"),
-        (rows(("a", ["joy"]), ("b", ["joy", "glee"])), {"labels": ["joy", "fear"]}, "label 'glee' in the list"),
+        (
+            rows(("a", ["joy"]), ("b", ["joy", "glee"])),
+            {"labels": ["joy", "fear"]},
+            "label 'glee' in the list",
+        ),
         (rows(("a", ["joy"]), ("b", ["fear"])), {"class_balanced": True}, "no sound rule for multi-label"),
     ],
     ids=["mixed", "list-under-single-label", "empty-list", "unknown-name", "class-balanced"],

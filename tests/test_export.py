@@ -57,8 +57,12 @@ def test_merged_model_loads_alone_and_matches_the_adapter(trained_adapter, tmp_p
     assert saved["temperature_in_weights"] is True and saved["temperature"] == temperature
 
     # predict prints the same probabilities from the adapter and from the export (applied once, not twice)
-    from_adapter = run_cli("scalelora.predict", ["--adapter", str(trained_adapter), *sum((["--text", t] for t in TEXTS), [])])
-    from_export = run_cli("scalelora.predict", ["--adapter", str(out), *sum((["--text", t] for t in TEXTS), [])])
+    from_adapter = run_cli(
+        "scalelora.predict", ["--adapter", str(trained_adapter), *sum((["--text", t] for t in TEXTS), [])]
+    )
+    from_export = run_cli(
+        "scalelora.predict", ["--adapter", str(out), *sum((["--text", t] for t in TEXTS), [])]
+    )
     assert from_adapter.returncode == 0 and from_export.returncode == 0, from_export.stderr[-2000:]
     for a, b in zip(from_adapter.stdout.splitlines(), from_export.stdout.splitlines()):
         a, b = json.loads(a), json.loads(b)

@@ -212,7 +212,9 @@ def test_multi_label_class_weights_are_pos_weights():
     pos_weight = [1.0, 4.0, 0.5]
     hard, weight = hard_label_loss_sum(ML_LOGITS, ML_LABELS, torch.tensor(pos_weight))
     assert float(hard) == pytest.approx(sum(bce_by_hand(ML_LOGITS, ML_LABELS, pos_weight)), rel=1e-6)
-    ref = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight), reduction="sum")(ML_LOGITS, ML_LABELS)
+    ref = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight), reduction="sum")(
+        ML_LOGITS, ML_LABELS
+    )
     assert float(hard) == pytest.approx(float(ref), rel=1e-6) and float(weight) == 2
 
 

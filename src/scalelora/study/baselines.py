@@ -30,7 +30,7 @@ def lr_params(features: int, num_labels: int, problem_type: str = "single_label"
     return features * rows + rows
 
 
-def _short(metrics: dict[str, Any]) -> dict[str, Any]:
+def short_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The row's numbers: accuracy and macro-F1 (and micro-F1, `tuned` when the metrics have them)."""
     out = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
     if "micro_f1" in metrics:
@@ -157,7 +157,7 @@ def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
         "predictions": predictions_on_test(predicted, splits),
         "trainable_params": lr_params(int(train_x.shape[1]), len(splits.label_names), splits.problem_type),
         "total_params": None,
-        "eval": {split: _short(m) for split, m in metrics.items()},
+        "eval": {split: short_metrics(m) for split, m in metrics.items()},
         "train_seconds": time.perf_counter() - started,
         "num_train_examples": len(train),
         "details": {"C": c, "features": int(train_x.shape[1]), **details},
@@ -220,7 +220,7 @@ def linear_probe(
         "predictions": predictions_on_test(predicted, splits),
         "trainable_params": int(head),
         "total_params": int(total + head),
-        "eval": {split: _short(m) for split, m in metrics.items()},
+        "eval": {split: short_metrics(m) for split, m in metrics.items()},
         "train_seconds": time.perf_counter() - started,
         "num_train_examples": len(splits.train),
         "details": {"C": c, "pooling": "mean", "features": int(encoder.config.hidden_size), **details},

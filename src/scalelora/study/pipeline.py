@@ -21,6 +21,11 @@ logits for runs 3 and 6 are computed once into `teacher_logits/` (a cache as `py
 scalelora.teacher_logits` builds it). A finished run whose settings are unchanged is reused (`--fresh`
 recomputes everything). Every row records the date, the machine, the exact command that reproduces it,
 the resolved config, and the test predictions (for paired comparisons).
+
+On multi-label data (e.g. the `goemotions` recipe) the students train with BCE and tuned thresholds,
+and rows 5 and 8 are one-vs-rest logistic regressions with per-label thresholds tuned on validation;
+every row then also reports micro-F1 and the tuned numbers (`tuned`), and its test predictions are
+label sets under the tuned thresholds.
 """
 
 from __future__ import annotations
@@ -244,13 +249,12 @@ class Pipeline:
         summary = run_training(cfg)  # resets Accelerate's process-wide state: stages may differ in precision
         # the config as the run used it (the auto recipe fills in values chosen from the data)
         used = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
+        from scalelora.study.baselines import short_metrics
+
         row = {
             "trainable_params": summary["trainable_params"],
             "total_params": summary["total_params"],
-            "eval": {
-                split: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
-                for split, m in summary["eval"].items()
-            },
+            "eval": {split: short_metrics(m) for split, m in summary["eval"].items()},
             "train_seconds": summary["train_seconds"],
             "wall_seconds": time.time() - started,
             "num_train_examples": summary["num_train_examples"],
@@ -345,23 +349,29 @@ class Pipeline:
         splits = data_lib.load_splits(self.base_cfg.data, self.base_cfg.seed)
         if splits.test is None:
             return []
-        pairs = sorted(zip(splits.test["idx"], splits.test["label"]))
+        pairs = sorted(zip(splits.test["idx"], splits.test["label"]), key=lambda pair: pair[0])
+        if splits.problem_type == data_lib.MULTI_LABEL:  # the list of gold names of each example
+            return [[splits.label_names[k] for k, on in enumerate(hot) if on] for _, hot in pairs]
         return [splits.label_names[label] for _, label in pairs]
 
     def make_row(self, run: str, row: dict[str, Any]) -> dict[str, Any]:
         trainable, total = row["trainable_params"], row["total_params"]
         predictions = row.get("predictions")
+        description = DESCRIPTIONS[run]
+        if run not in TRAINED_RUNS and "thresholds" in row.get("details", {}):
+            description += ", one-vs-rest, thresholds tuned on validation"
         return {
             "dataset": self.recipe,
             "data": self.base_cfg.data.path,
             "run": run,
-            "description": DESCRIPTIONS[run],
+            "description": description,
             "trainable_params": trainable,
             "total_params": total,
             "trainable_pct": round(100.0 * trainable / total, 4) if total else None,
             "validation": row["eval"].get("validation"),
             "test": row["eval"].get("test"),
-            "single_class_predictions": len(set(predictions)) == 1 if predictions else None,
+            # a multi-label prediction is a list of names: one class means one label set for every row
+            "single_class_predictions": len({str(p) for p in predictions}) == 1 if predictions else None,
             "train_seconds": round(row["train_seconds"], 1),
             "wall_seconds": round(row.get("wall_seconds", row["train_seconds"]), 1),
             "num_train_examples": row["num_train_examples"],
@@ -381,19 +391,32 @@ class Pipeline:
         self.log(f"results -> {self.out / 'results.md'}")
 
 
-def read_predictions(path: Path) -> list[str] | None:
-    """The predicted label of every example of a run's predictions file, in example-id order."""
+def read_predictions(path: Path) -> list[Any] | None:
+    """The predicted label of every example of a run's predictions file, in example-id order: under the
+    tuned decision rule when the run has one (what the saved model predicts), else the argmax / p >= 0.5
+    (multi-label: the list of predicted names)."""
     if not path.is_file():
         return None
-    return [json.loads(line)["predicted"] for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r.get("tuned", r["predicted"]) for r in records]
 
 
 def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
-    header = ["run", *RUN_COLUMNS]
+    """One line per run; with tuned decision rules in the rows (multi-label), the tuned test macro- and
+    micro-F1 too."""
+    tuned = any("tuned" in (r.get("test") or {}) for r in rows)
+    header = ["run", *RUN_COLUMNS[:-1]]
+    header += ["test macro-F1 (tuned)", "test micro-F1 (tuned)"] if tuned else []
+    header += RUN_COLUMNS[-1:]
     body = []
     for r in rows:
         val, test = r.get("validation") or {}, r.get("test") or {}
         flag = " ⚠ one class only" if r.get("single_class_predictions") else ""
+        extra = (
+            [(test.get("tuned") or {}).get("macro_f1"), (test.get("tuned") or {}).get("micro_f1")]
+            if tuned
+            else []
+        )
         body.append(
             [
                 r["description"] + flag,
@@ -404,6 +427,7 @@ def markdown_table(rows: list[dict[str, Any]], title: str = "") -> str:
                 val.get("macro_f1"),
                 test.get("accuracy"),
                 test.get("macro_f1"),
+                *extra,
                 fmt(r["train_seconds"], 1),
             ]
         )
