@@ -24,7 +24,7 @@ def logits(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
         return model(**encoded).logits.float()
 
 
-def test_merged_model_loads_alone_and_matches_the_adapter(trained_adapter, tmp_path):
+def test_merged_model_loads_alone_and_matches_the_adapter(trained_adapter, tmp_path, capsys):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from scalelora.predict import load_for_inference
@@ -57,14 +57,16 @@ def test_merged_model_loads_alone_and_matches_the_adapter(trained_adapter, tmp_p
     assert saved["temperature_in_weights"] is True and saved["temperature"] == temperature
 
     # predict prints the same probabilities from the adapter and from the export (applied once, not twice)
-    from_adapter = run_cli(
-        "scalelora.predict", ["--adapter", str(trained_adapter), *sum((["--text", t] for t in TEXTS), [])]
-    )
-    from_export = run_cli(
-        "scalelora.predict", ["--adapter", str(out), *sum((["--text", t] for t in TEXTS), [])]
-    )
-    assert from_adapter.returncode == 0 and from_export.returncode == 0, from_export.stderr[-2000:]
-    for a, b in zip(from_adapter.stdout.splitlines(), from_export.stdout.splitlines()):
+    from scalelora.predict import main as predict_main
+
+    texts = sum((["--text", t] for t in TEXTS), [])
+    capsys.readouterr()
+    assert predict_main(["--adapter", str(trained_adapter), *texts]) == 0
+    from_adapter = capsys.readouterr().out.splitlines()
+    assert predict_main(["--adapter", str(out), *texts]) == 0
+    from_export = capsys.readouterr().out.splitlines()
+    assert len(from_adapter) == len(from_export) == len(TEXTS)
+    for a, b in zip(from_adapter, from_export):
         a, b = json.loads(a), json.loads(b)
         assert a["label"] == b["label"] and a["probs"] == pytest.approx(b["probs"], abs=2e-6)
     # the adapter really changed the model: a merge of an untrained (B = 0) LoRA would prove nothing

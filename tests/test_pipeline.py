@@ -123,3 +123,34 @@ def test_pipeline_cli_errors(tmp_path, capsys):
     assert "add teacher_full to --runs" in capsys.readouterr().err
     assert main(["--config", "rotten_tomatoes", "--out", str(tmp_path), "--runs", "bogus"]) == 2
     assert "--runs names ['bogus']" in capsys.readouterr().err
+
+
+def test_pipeline_on_multi_label_data(tiny_bert, toy_multilabel, tmp_path):
+    """A multi-label dataset: the trained runs and the one-vs-rest baselines report micro-F1 and the
+    tuned numbers, their test predictions are label sets, and the table shows the tuned columns."""
+    overrides = [*tiny(tiny_bert), f"data.path={toy_multilabel}", "data.max_train_samples=null"]
+    pipeline = Pipeline(
+        "quickstart", tmp_path / "ml", overrides, runs=("head_only", "linear_probe", "tfidf_lr")
+    )
+    rows = pipeline.run()
+    assert [r["run"] for r in rows] == ["head_only", "linear_probe", "tfidf_lr"]
+    gold = pipeline.gold()
+    assert all(isinstance(g, list) and g for g in gold) and len(gold) == 24  # data.max_eval_samples=24
+    for row in rows:
+        for split in ("validation", "test"):
+            assert {"accuracy", "macro_f1", "micro_f1", "tuned"} <= row[split].keys(), (row["run"], split)
+        assert len(row["predictions"]) == 24 and all(isinstance(p, list) for p in row["predictions"])
+    by = {r["run"]: r for r in rows}
+    for run in ("linear_probe", "tfidf_lr"):
+        assert "one-vs-rest, thresholds tuned on validation" in by[run]["description"]
+        assert set(by[run]["details"]["thresholds"]) == {"joy", "anger", "fear"}
+    assert by["linear_probe"]["trainable_params"] == 3 * (32 + 1)  # one binary LR per label
+    # the table's tuned test macro-F1 is the row's, and the trained run's predictions are its tuned ones
+    table = (tmp_path / "ml" / "results.md").read_text()
+    assert "test macro-F1 (tuned)" in table and f"{by['tfidf_lr']['test']['tuned']['macro_f1']:.4f}" in table
+    from scalelora.evaluation import multi_label_metrics
+
+    names = ["joy", "anger", "fear"]
+    as_hot = lambda sets: [[int(n in s) for n in names] for s in sets]  # noqa: E731
+    again = multi_label_metrics(as_hot(by["head_only"]["predictions"]), as_hot(gold), names)
+    assert again["macro_f1"] == pytest.approx(by["head_only"]["test"]["tuned"]["macro_f1"])
