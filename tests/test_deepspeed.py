@@ -173,8 +173,10 @@ def test_reloaded_adapter_reproduces_the_trained_models_probabilities(runs, name
     encoded = tokenizer(
         [r["text"] for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt"
     )
+    # the run's reported probabilities are calibrated: softmax(logits / T), T in calibration.json
+    temperature = json.loads((run / "adapter" / "calibration.json").read_text())["temperature"]
     with torch.no_grad():
-        probs = torch.softmax(model(**encoded).logits, dim=-1)
+        probs = torch.softmax(model(**encoded).logits / temperature, dim=-1)
     for i, row in enumerate(rows):
         predicted = summary["labels"].index(row["after"])
         assert int(probs[i].argmax()) == predicted
@@ -215,6 +217,41 @@ def test_check_adapter_weights_refuses_the_few_byte_zero3_adapter(tmp_path):
         match=r"lora_[AB]\.weight has shape \(0,\) \(expected rank 8\); the save gathered no weights",
     ):
         check_adapter_weights(tmp_path, r=8)
+
+
+def test_multi_label_run_under_zero3(tiny_bert, toy_multilabel, tmp_path, ds_env):
+    """Multi-label data under sharded ZeRO-3: float multi-hot labels through the engine, the adapter
+    gathered whole, thresholds and temperature fitted after restore_best, and the reloaded adapter
+    gives the run's reported (calibrated, thresholded) predictions."""
+    from scalelora.predict import load_calibration, load_for_inference, predict_texts
+
+    out = tmp_path / "ml-zero3"
+    overrides = tiny_overrides(tiny_bert, toy_multilabel, out, **RUN)
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *overrides],
+        env=ds_env,
+        launcher=launcher(sharded_variant("zero3", tmp_path)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = read_summary(out)
+    assert summary["deepspeed"]["zero_stage"] == 3 and summary["problem_type"] == "multi_label"
+    assert summary["eval"]["test"]["num_examples"] == 40 and "tuned" in summary["eval"]["test"]
+    assert check_adapter_weights(out / "adapter", r=8) > 0
+    head = {k: v for k, v in adapter(out).items() if "classifier" in k}
+    assert {tuple(v.shape) for v in head.values()} == {(3, 32), (3,)}
+    model, tokenizer, labels, max_length = load_for_inference(out / "adapter")
+    rows = summary["sample_predictions"]
+    got = predict_texts(
+        model,
+        tokenizer,
+        labels,
+        [r["text"] for r in rows],
+        max_length,
+        calibration=load_calibration(out, model, labels),
+    )
+    for row, line in zip(rows, got):
+        assert [line["probs"][k] for k in row["after"]] == pytest.approx(row["after_confidence"], abs=1e-5)
 
 
 def test_4bit_base_trains_under_zero3(tiny_bert, toy_data, tmp_path, ds_env):

@@ -174,24 +174,55 @@ def _f1_scores(pred: np.ndarray, gold: np.ndarray, k: int) -> tuple[float, float
     return float(f1.mean()), float(tp.sum() / max(len(gold), 1))
 
 
+def _binary_bias(switch: np.ndarray, gold: np.ndarray, which: int) -> tuple[float, float]:
+    """Two classes: (best score, bias) over every distinct cut of `switch` (class 1 wins iff b > switch),
+    in O(N log N): sorting the switch points, a cut after the j smallest predicts class 1 for those j."""
+    order = np.argsort(switch, kind="stable")
+    d, positive = switch[order], gold[order] == 1
+    n, p1 = len(d), positive.sum()
+    tp1 = np.concatenate([[0], np.cumsum(positive)])  # class-1 hits among the j predicted 1
+    pred1 = np.arange(n + 1)
+    tn = (n - p1) - (pred1 - tp1)  # class-0 hits among the n - j predicted 0
+    if which == 0:
+        f1_1 = np.divide(2 * tp1, pred1 + p1, out=np.zeros(n + 1), where=pred1 + p1 > 0)
+        f1_0 = np.divide(
+            2 * tn, (n - pred1) + (n - p1), out=np.zeros(n + 1), where=(n - pred1) + (n - p1) > 0
+        )
+        scores = (f1_0 + f1_1) / 2
+    else:
+        scores = (tp1 + tn) / n
+    # the value of each cut: below every point (j = 0), between neighbours, above every point (j = n)
+    values = np.concatenate([[d[0] - 1.0], (d[:-1] + d[1:]) / 2, [d[-1] + 1.0]])
+    distinct = np.concatenate([[True], d[:-1] < d[1:], [True]])  # no cut between equal switch points
+    scores = np.where(distinct, scores, -np.inf)
+    j = int(np.argmax(scores))
+    return float(scores[j]), float(values[j])
+
+
 def tune_biases(
     logits: np.ndarray, labels: np.ndarray, metric: str = "macro_f1", passes: int = 3, candidates: int = 200
 ) -> list[float]:
     """Additive per-class biases b (b_0 = 0) so that argmax(logits + b) maximises `metric` on `labels`.
 
-    Coordinate search: for class k, the prediction switches to k exactly when b_k exceeds
-    max_{j != k}(z_j + b_j) - z_k, so the candidate values are those switch points (all of them for two
-    classes, which makes the binary search exact; `candidates` quantiles of them otherwise, plus the
-    current value). A change is kept only when it improves the metric.
+    For class k the prediction switches to k exactly when b_k exceeds max_{j != k}(z_j + b_j) - z_k,
+    so the candidate values are those switch points. Two classes: every switch point, an exact search
+    for the best threshold (`_binary_bias`). More: coordinate search over the classes, `candidates`
+    quantiles of the switch points each, `passes` rounds; a change is kept only when it improves the
+    metric, so the result is never worse than the plain argmax.
     """
     z = np.asarray(logits, dtype=np.float64)
     gold = np.asarray(labels, dtype=np.int64)
-    n, k = z.shape
-    which = 0 if metric == "macro_f1" else 1
+    k = z.shape[1]
     if metric not in ("macro_f1", "micro_f1"):
         raise ValueError(f"unknown metric {metric}")
+    which = 0 if metric == "macro_f1" else 1
     biases = np.zeros(k)
-    best = _f1_scores((z + biases).argmax(axis=1), gold, k)[which]
+    best = _f1_scores(z.argmax(axis=1), gold, k)[which]
+    if k == 2:
+        score, value = _binary_bias(z[:, 0] - z[:, 1], gold, which)
+        if score > best + 1e-12:
+            biases[1] = value
+        return biases.tolist()
     for _ in range(passes):
         improved = False
         for c in range(1, k):
@@ -200,7 +231,7 @@ def tune_biases(
             alternative = others.argmax(axis=1)
             switch = others.max(axis=1) - z[:, c]  # class c wins iff b_c > switch
             points = np.unique(switch)
-            if k > 2 and len(points) > candidates:
+            if len(points) > candidates:
                 points = np.unique(np.quantile(points, np.linspace(0, 1, candidates)))
             # just above each switch point (c wins there), and below all of them (c never wins)
             values = np.concatenate([[points[0] - 1.0], (points[:-1] + points[1:]) / 2, [points[-1] + 1.0]])
