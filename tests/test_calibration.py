@@ -110,6 +110,28 @@ def test_temperature_fitting_recovers_a_known_temperature(problem):
     assert nll(fitted) < min(nll(fitted * 0.9), nll(fitted * 1.1), nll(1.0))
 
 
+def test_nll_by_hand_and_the_temperature_bounds():
+    import math
+
+    logits = np.array([[2.0, -1.0], [0.0, 1.0]])
+    # single-label: mean of -log softmax(gold)
+    expected = (math.log(1 + math.exp(-3)) + math.log(1 + math.exp(1))) / 2
+    assert negative_log_likelihood(logits, np.array([0, 0]), "single_label") == pytest.approx(expected)
+    # multi-label: mean over rows of the BCE summed over labels
+    gold = np.array([[1.0, 0.0], [1.0, 1.0]])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    bce = -(math.log(sig(2)) + math.log(1 - sig(-1)) + math.log(sig(0)) + math.log(sig(1)))
+    assert negative_log_likelihood(logits, gold, "multi_label") == pytest.approx(bce / 2)
+    # a split the logits separate perfectly pushes T towards 0 (sharper is always better): it stays in bounds
+    separable = np.array([[3.0, -3.0], [-3.0, 3.0]] * 10)
+    gold = np.array([0, 1] * 10)
+    fitted = fit_temperature(separable, gold, "single_label")
+    assert 0.05 <= fitted < 0.5
+    assert negative_log_likelihood(separable / fitted, gold, "single_label") < negative_log_likelihood(
+        separable, gold, "single_label"
+    )
+
+
 def test_calibration_file_round_trip_and_mismatches(tmp_path):
     rule = Calibration(
         "multi_label", ["a", "b"], temperature=1.5, thresholds=[0.3, 0.6], tuned_for="macro_f1"

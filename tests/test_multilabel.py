@@ -315,7 +315,18 @@ def test_kd_in_sigmoid_space_from_the_three_teacher_sources(tiny_bert, toy_multi
         manifest = build_cache(cfg, str(calibrated), tmp_path / "cache2", shard_size=40)
         assert manifest["teacher_temperature"] == 2.5 and manifest["logits_calibrated"] is False
         assert manifest["problem_type"] == "multi_label"
+        # a teacher whose config.json says it is a single-label classifier is refused
+        single = tmp_path / "single-teacher"
+        shutil.copytree(teacher, single)
+        config = json.loads((single / "config.json").read_text())
+        (single / "config.json").write_text(
+            json.dumps({**config, "problem_type": "single_label_classification"})
+        )
+        cfg.distill.teacher, cfg.distill.calibrated_teacher = str(single), False
+        with pytest.raises(ConfigError, match="is a single_label classifier but the data is multi_label"):
+            build_teacher(cfg, LABELS, trainer.tokenizer, "", "cpu", "multi_label")
         cfg.distill.teacher, cfg.distill.cache_dir = "cache", str(tmp_path / "cache")
+        cfg.distill.calibrated_teacher = True
         with pytest.raises(ConfigError, match="records no fitted temperature"):
             build_teacher(
                 cfg, LABELS, trainer.tokenizer, trainer.splits.fingerprints["train"], "cpu", "multi_label"

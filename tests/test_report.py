@@ -37,6 +37,10 @@ def test_every_run_writes_report_and_curves(finished_run):
     ):
         assert heading in report, heading
     val, test = summary["eval"]["validation"], summary["eval"]["test"]
+    # single-label defaults: calibrated (eval.calibrate=true), no decision rule tuned (tune_thresholds=auto)
+    assert "calibrated" in test and "tuned" not in test and summary["calibration"]["biases"] is None
+    assert "## Calibration" in report and "## Tuned decision rule" not in report
+    assert (out / "reliability.png").read_bytes().startswith(PNG_MAGIC)
     assert f"| validation | {val['accuracy']:.4f} | {val['macro_f1']:.4f} | {val['ece']:.4f} |" in report
     assert f"| test | {test['accuracy']:.4f} | {test['macro_f1']:.4f} | {test['ece']:.4f} |" in report
     assert f"| {summary['trainable_params']:,} | {summary['total_params']:,} |" in report
