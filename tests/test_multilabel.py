@@ -256,7 +256,7 @@ def test_multi_label_resume_and_full_mode(tiny_bert, toy_multilabel, tmp_path):
 
 
 def multi_label_teacher(folder: Path, tokenizer_dir: Path) -> Path:
-    from test_teacher import save_tiny_classifier
+    from conftest import save_tiny_classifier
 
     return save_tiny_classifier(folder, tokenizer_dir, labels=tuple(LABELS))
 
