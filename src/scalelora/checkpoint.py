@@ -464,6 +464,7 @@ RESUME_IDENTITY_KEYS = (
     "data.class_balanced",
     "data.problem_type",
     "data.label_separator",
+    "data.allow_empty_labels",
     "train.batch_size",
     "train.grad_accum",
     "train.epochs",
@@ -482,11 +483,14 @@ RESUME_IDENTITY_KEYS = (
     "train.label_smoothing",
     "eval.metric",
     "eval.load_best_at_end",
+    # the tuned rule decides which evaluation is the best checkpoint, as eval.metric does
+    "eval.tune_thresholds",
     "distill.enabled",
     "distill.weight",
     "distill.temperature",
     "distill.teacher",
     "distill.hidden_weight",
+    "distill.calibrated_teacher",
 )
 # Keys a resume may change: the resumed run trains exactly as before (where it writes, how often it
 # evaluates, logs and checkpoints, how it loads, what it reports). `section.` covers a whole section.
@@ -515,6 +519,7 @@ RESUME_FREE_KEYS = (
     "eval.extra_metrics",
     "eval.trust_remote_code",
     "eval.save_predictions",
+    "eval.calibrate",  # fitted after training, from the final weights: training is the same either way
     "distill.cache_dir",
     "checkpoint.",
     "tracking.",
