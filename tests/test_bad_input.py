@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, tiny_overrides, write_jsonl, write_toy_dataset, write_toy_multilabel_dataset
+from conftest import (
+    ROOT,
+    save_tiny_classifier,
+    tiny_overrides,
+    write_jsonl,
+    write_toy_dataset,
+    write_toy_multilabel_dataset,
+)
 from scalelora import predict, train
 
 FINISHED_RUN_MARKERS = ("summary.json", "adapter", "model", "checkpoints", "config.yaml", "metrics.jsonl")
@@ -289,8 +296,9 @@ def class_balanced_multilabel(model: Path, data: Path, tmp: Path) -> list[str]:
 
 
 def calibrated_teacher_without_temperature(model: Path, data: Path, tmp: Path) -> list[str]:
+    teacher = save_tiny_classifier(tmp / "teacher", model)  # a trained head, but no calibration.json
     extra = {"distill.enabled": "true", "distill.calibrated_teacher": "true"}
-    return tiny(model, data, tmp / "out", **extra)
+    return tiny(teacher, data, tmp / "out", **extra)
 
 
 def untrained_adapter(model: Path, tmp: Path, labels: list[str]) -> Path:
