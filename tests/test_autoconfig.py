@@ -111,6 +111,15 @@ def test_max_length_is_the_99th_percentile_rounded_up_to_8_within_bounds(quantil
     assert length_cap(lengths, limit)[0] == expected
 
 
+def test_multi_label_data_gets_no_class_weights():
+    counts = np.array([4000, 20])  # a rare label: pos_weight would be ~2000
+    chosen = {c.key: c for c in choose(4020, counts, np.full(10, 20), None, multi_label=True)}
+    assert (
+        chosen["train.class_weights"].value == "none"
+        and "multi-label" in chosen["train.class_weights"].reason
+    )
+
+
 def test_epochs_follow_the_training_size():
     counts = np.array([50, 50])
     lengths = np.full(10, 20)

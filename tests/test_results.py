@@ -133,6 +133,20 @@ def test_vectorised_macro_f1_equals_scikit_learn():
     assert results.macro_f1_rows(gold, pred, 4) == pytest.approx(expected)
 
 
+def test_multi_label_bootstrap_scores_label_sets_by_macro_f1_over_labels():
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    gold = [["joy"], ["anger", "joy"], ["fear"], ["joy"]] * 25
+    pred = [["joy"], ["joy"], ["fear", "joy"], []] * 25
+    binarize = MultiLabelBinarizer(classes=["anger", "fear", "joy"])
+    point = f1_score(binarize.fit_transform(gold), binarize.transform(pred), average="macro", zero_division=0)
+    intervals = results.bootstrap(gold, {"recipe": pred}, None, samples=300)
+    low, high = intervals["recipe"]["macro_f1_ci"]
+    assert low <= point <= high and high - low < 0.2 and "vs_teacher_ci" not in intervals["recipe"]
+    assert results.test_macro_f1({"test": {"macro_f1": 0.1, "tuned": {"macro_f1": 0.4}}}) == 0.4
+
+
 def test_paired_bootstrap_intervals_contain_the_point_and_see_a_clear_gap():
     gold = ["a", "b"] * 100
     better = list(gold)

@@ -47,6 +47,7 @@ def choose(
     lengths: np.ndarray,
     position_limit: int | None,
     user_rank: int | None = None,
+    multi_label: bool = False,
 ) -> list[Choice]:
     """Every setting the auto default picks for data of this shape, with the reason for each
     (`user_rank`: a `lora.r` the user set, which `lora.alpha` follows)."""
@@ -92,7 +93,16 @@ def choose(
             "evaluated every epoch, the best epoch is kept and 2 without progress stop the run",
         ),
     ]
-    if skew >= SKEW_FOR_CLASS_WEIGHTS:
+    if multi_label:
+        choices.append(
+            Choice(
+                "train.class_weights",
+                "none",
+                "multi-label: per-label pos_weight (negatives / positives) would weigh rare labels by "
+                f"up to {max(num_train / max(int(seen.min()), 1) - 1, 1):.0f}x; thresholds tuned on validation serve them instead",
+            )
+        )
+    elif skew >= SKEW_FOR_CLASS_WEIGHTS:
         choices.append(
             Choice(
                 "train.class_weights",

@@ -386,6 +386,7 @@ class Trainer:
             np.asarray(probe["length"]),
             limit,
             user_rank=cfg.lora.r if "lora.r" in explicit else None,
+            multi_label=splits.problem_type == MULTI_LABEL,
         )
         for line in autoconfig.apply(cfg, choices, explicit):
             self.echo(line)

@@ -14,6 +14,7 @@ and `results.md` in `--out` (one row per run):
                          and data.keep_labels: no per-dataset setting at all
 8. `tfidf_lr`            word + char TF-IDF and logistic regression on the whole training split
    (`tfidf_lr_subset`: the same on the transformers' `data.max_train_samples` subset, when set)
+On request (`--runs recipe,...`): `recipe`, the recipe trained exactly as it is.
 
 Per-run settings, later ones winning: STAGE_DEFAULTS below, the recipe's `pipeline: {RUN: [key=value,
 ...]}` section, `key=value` on the command line (every trained run), `RUN:key=value` (one run). Teacher
@@ -53,7 +54,9 @@ TRAINED_RUNS = (
     "head_only",
     "lora_base_kd",
     "auto_default",
+    "recipe",
 )
+# The rows of a study by default; `recipe` (the recipe trained as it is) is there on request (--runs).
 RUNS = (
     "teacher_full",
     "lora_on_teacher",
@@ -72,6 +75,7 @@ DESCRIPTIONS = {
     "linear_probe": "(5) linear probe (LR on mean-pooled features)",
     "lora_base_kd": "(6) LoRA on pretrained base + KD from teacher",
     "auto_default": "default, no tuning (`data.path=...` only)",
+    "recipe": "the recipe as shipped (`--config RECIPE`)",
     "tfidf_lr": "TF-IDF word+char + LR (whole train split)",
     "tfidf_lr_subset": "TF-IDF word+char + LR (same train subset)",
 }
@@ -88,6 +92,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "head_only": {"model.mode": "head_only", "train.lr": 5e-3, "train.epochs": 2},
     "lora_base_kd": {"model.mode": "lora", "train.lr": 1e-3, "train.epochs": 2, "distill.enabled": True},
     "auto_default": {},
+    "recipe": {},
 }
 KD_RUNS = ("lora_on_teacher_kd", "lora_base_kd")
 ON_TEACHER = ("lora_on_teacher", "lora_on_teacher_kd")
@@ -158,9 +163,9 @@ class Pipeline:
         self.recipe = recipe
         self.out = out
         self.common, self.per_run = split_overrides(overrides)
-        unknown = [r for r in runs if r not in RUNS]
+        unknown = [r for r in runs if r not in (*RUNS, "recipe")]
         if unknown:
-            raise ConfigError(f"--runs names {unknown}; choose from {', '.join(RUNS)}")
+            raise ConfigError(f"--runs names {unknown}; choose from {', '.join(RUNS)}, recipe")
         self.runs = runs
         self.fresh = fresh
         self.base_cfg = load_config(recipe, self.common)
