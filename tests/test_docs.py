@@ -1,10 +1,12 @@
 """The documentation's links: every relative link in README.md and docs/ points to a file of the
 repository (and, with `#anchor`, to a heading of that page), and every page in docs/ is reachable
-from the README."""
+from the README; every key of config.py is documented."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 import unicodedata
 from pathlib import Path
 
@@ -93,3 +95,38 @@ def test_every_docs_page_is_reachable_from_the_readme():
                 todo.append(path)
     orphans = [str(p.relative_to(ROOT)) for p in PAGES if p not in reached]
     assert not orphans, f"pages no link leads to from README.md: {orphans}"
+
+
+def config_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree (a nested dataclass is a section, not a key)."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def test_every_config_key_is_documented():
+    """Each key of config.py is named in the docs: as `section.key` anywhere, or as `key` in its
+    section's row of the README's configuration table (`top` for the top-level keys)."""
+    from scalelora.config import RunConfig
+
+    readme = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in PAGES)
+    rows = {}
+    for line in readme.splitlines():
+        cells = line.split(" | ")
+        if line.startswith("| ") and len(cells) == 2:
+            rows[cells[0][2:].strip("`")] = cells[1]
+    sections = {"top", "data", "model", "lora", "train", "eval", "checkpoint", "tracking", "distill"}
+    assert sections <= rows.keys()
+    undocumented = []
+    for key in config_keys(RunConfig):
+        section, _, leaf = key.rpartition(".")
+        in_table = f"`{leaf}`" in rows.get(section.split(".")[0] or "top", "")
+        if not in_table and not re.search(rf"`{re.escape(key)}(?![\w.])", text):
+            undocumented.append(key)
+    assert not undocumented, f"config keys no page documents: {undocumented}"

@@ -128,3 +128,24 @@ def test_multi_label_ece_pools_every_label_probability():
     # bins: 0.9 (2 pairs, present once), 0.2 (1, absent), 0.6 (1, present)
     expected = (2 / 4) * abs(0.5 - 0.9) + (1 / 4) * abs(0 - 0.2) + (1 / 4) * abs(1 - 0.6)
     assert multi_label_calibration_error(probs, gold) == pytest.approx(expected)
+
+
+def test_save_predictions_writes_each_final_split_in_example_order(tiny_bert, toy_data, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_bert, toy_data, out, **{"eval.save_predictions": "true", "train.max_steps": 2})
+    assert main(["--config", "quickstart", *args]) == 0
+    summary = read_summary(out)
+    for split in ("validation", "test"):
+        gold = [json.loads(line)["label"] for line in (toy_data / f"{split}.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line) for line in (out / "predictions" / f"{split}.jsonl").read_text().splitlines()
+        ]
+        assert [r["idx"] for r in rows] == list(range(len(gold)))  # every example once, in id order
+        assert [r["label"] for r in rows] == gold
+        for r in rows:
+            assert sum(r["probs"]) == pytest.approx(1.0, abs=1e-4)
+            assert r["predicted"] == ["neg", "pos"][int(np.argmax(r["probs"]))]
+        accuracy = np.mean([r["predicted"] == r["label"] for r in rows])
+        assert accuracy == pytest.approx(summary["eval"][split]["accuracy"])
