@@ -354,3 +354,19 @@ def test_the_key_lives_in_the_users_config_directory_with_mode_600(tmp_path, mon
         signing.load_key(create=False)
     monkeypatch.setenv(signing.KEY_ENV, str(tmp_path / "shared" / "key"))
     assert signing.key_path() == tmp_path / "shared" / "key"
+
+
+def test_a_checkpoint_holds_only_the_trainable_tensors(finished_tiny_run, tiny_bert):
+    """The save hook drops the frozen base: a LoRA checkpoint holds the LoRA and head tensors only."""
+    from safetensors.torch import load_file
+
+    from scalelora.config import LoraConfig, ModelConfig
+    from scalelora.models import build_model
+
+    (weights,) = (finished_tiny_run / "checkpoints").glob("step-*/model.safetensors")
+    saved = load_file(str(weights))
+    model = build_model(ModelConfig(name=str(tiny_bert)), LoraConfig(), ["neg", "pos"])
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    total = sum(p.numel() for p in model.parameters())
+    assert saved.keys() == trainable.keys()
+    assert sum(t.numel() for t in saved.values()) == sum(trainable.values()) < total / 5
