@@ -43,6 +43,27 @@ def test_distilbert_pre_classifier_is_trained_and_saved(tmp_path):
     assert set(model.peft_config["default"].modules_to_save) >= {"pre_classifier", "classifier"}
 
 
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("roberta", {"query", "value"}),
+        ("mpnet", {"q", "v"}),
+        ("qwen2", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        ("mistral", {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    ],
+)
+def test_lora_presets_of_the_other_documented_architectures(kind, expected, tmp_path):
+    """The presets docs/training.md lists for RoBERTa, MPNet, Qwen and Mistral, on tiny random models."""
+    from transformers import AutoConfig, AutoModel
+
+    size = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    extra = {"num_key_value_heads": 2, "pad_token_id": 0} if kind in ("qwen2", "mistral") else {}
+    config = AutoConfig.for_model(kind, vocab_size=100, **size, **extra)
+    AutoModel.from_config(config).save_pretrained(tmp_path)
+    model = build_model(ModelConfig(name=str(tmp_path)), LoraConfig(r=2), LABELS)
+    assert lora_modules(model) == expected
+
+
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
 def test_decoders_get_a_pad_token_and_batched_logits_match_single(request, fixture):
     path = str(request.getfixturevalue(fixture))
