@@ -136,3 +136,10 @@ def test_mode_defaults_to_offline_without_a_key(monkeypatch, tmp_path):
     assert wandb_mode(None) == "offline"
     (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password z\n")
     assert wandb_mode(None) == "online"
+
+
+def test_disabled_mode_writes_nothing_of_wandb(finished_tiny_run):
+    """tracking.report_to=wandb with tracking.wandb.mode=disabled: no wandb/ folder, no id or step file."""
+    assert read_summary(finished_tiny_run)["global_step"] == 6
+    left = [n for n in ("wandb", RUN_ID_FILE, LAST_STEP_FILE) if (finished_tiny_run / n).exists()]
+    assert not left, left
