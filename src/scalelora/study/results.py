@@ -4,8 +4,10 @@ datasets, on their full splits, merged into results/results.json and rendered as
 Usage: python -m scalelora.study.results [--datasets emotion,rotten_tomatoes] [--out-root runs/results]
        [--render-only] [key=value | RUN:key=value ...]
 
-Each dataset is a shipped recipe (`results_<name>`, e.g. `results_emotion`) holding its data settings and,
-in its `pipeline:` section, the settings of every run, so any row reruns with the command it records.
+Each single-label dataset is a shipped recipe (`results_<name>`, e.g. `results_emotion`) holding its data
+settings and, in its `pipeline:` section, the settings of every run, so any row reruns with the command it
+records. GoEmotions (multi-label) is the `goemotions` recipe trained as it is (run `recipe`) against its
+one-vs-rest TF-IDF baseline (`DATASET_RUNS`).
 `--datasets` takes the short names (emotion), the recipe names (results_emotion) or the data folders
 (tamilmix_fire2020). A dataset is done as a whole: its rows are reused when results.json holds every
 row of it for the same recipe settings; otherwise the pipeline runs it (reusing finished runs under
