@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from scalelora.errors import UserError
 from scalelora.study import results
@@ -76,6 +77,13 @@ def test_datasets_merge_into_results_and_a_finished_dataset_is_reused(tiny_bert,
     data = json.loads((out / "results.json").read_text())
     assert {r["dataset"] for r in data["results"]} == {"codemix_tamil", "rotten_tomatoes"}
     assert [r for r in data["results"] if r["dataset"] == "codemix_tamil"] == tamil
+    # each dataset keeps the versions it ran with, and its section says them
+    data["datasets"]["codemix_tamil"]["versions"] = {"torch": "0.0-older"}
+    (out / "results.json").write_text(json.dumps(data))
+    assert results.main(["--results-dir", str(out), "--render-only"]) == 0
+    page = (out / "RESULTS.md").read_text()
+    assert "Versions: torch 0.0-older." in page and f"torch {torch.__version__}," in page
+    data = json.loads((out / "results.json").read_text())
 
     # the first again, by folder name and by recipe name: reused, nothing trains
     capsys.readouterr()

@@ -269,6 +269,7 @@ def write_all(results_dir: Path, data: dict[str, Any], notes: str) -> None:
     order = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     rows.sort(key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else 99, r.get("order", 0)))
     data["targets"] = check_targets(rows)
+    # each dataset keeps the versions it ran with (datasets.<name>.versions); the top level says what wrote the file
     data["versions"] = versions()
     atomic_write_json(results_dir / "results.json", data)
     figures = plot_results(rows, results_dir)
@@ -375,7 +376,7 @@ def render(data: dict[str, Any], figures: dict[str, str], notes: str) -> str:
         "the machine, the 1-minute load average before and after it, and its wall time. 95% intervals come from "
         f"{BOOTSTRAP_SAMPLES} bootstrap resamples of the test rows; `vs teacher` is paired (the same resamples).",
         "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in data.get("versions", {}).items()) + ".",
+        "Each dataset's section names the versions it ran with.",
         "",
     ]
     for dataset in [d for d in DATASETS if any(r["dataset"] == d for r in rows)]:
@@ -387,6 +388,10 @@ def render(data: dict[str, Any], figures: dict[str, str], notes: str) -> str:
             f"Machine: {ds_rows[0].get('machine')}; finished {info.get('finished', '?')}, "
             f"{fmt(info.get('wall_seconds', 0) / 60, 1)} min in all; max_length {ds_rows[0].get('max_length')} "
             f"(token lengths of the training split: {info.get('lengths', '?')}).",
+            "",
+            "Versions: "
+            + ", ".join(f"{k} {v}" for k, v in info.get("versions", data.get("versions", {})).items())
+            + ".",
             "",
         ]
         body = []
@@ -516,6 +521,7 @@ def run_dataset(
         "finished": time.strftime("%Y-%m-%d %H:%M"),
         "wall_seconds": round(time.time() - started, 1),
         "lengths": length_summary(dataset),
+        "versions": versions(),
     }
     return rows, facts
 
