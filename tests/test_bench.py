@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import bench
-from conftest import run_cli
+from conftest import ROOT, run_cli, tiny_overrides
 
 
 def test_smoke_runs_both_sides_and_writes_json(tmp_path: Path) -> None:
@@ -270,3 +270,209 @@ def test_mfu_counts_a_frozen_base_at_four_flops_per_parameter_and_token(
     # (4 * 1000 frozen + 6 * 10 trainable) FLOPs per token * 200 tokens/s / 1e12 FLOP/s
     assert report["sides"][bench.SCALELORA]["mfu"] == pytest.approx(4060 * 200 / 1e12)
     assert report["sides"][bench.HF]["mfu"] == pytest.approx(4060 * 100 / 1e12)
+
+
+# --- the trainer's own timing: what the benchmark reads -------------------------------------------
+
+
+def test_summary_reports_steady_state_after_the_skipped_steps_and_phase_seconds(
+    tiny_bert: Path, toy_data: Path, tmp_path: Path
+) -> None:
+    from scalelora.config import load_config
+    from scalelora.trainer import run_training
+
+    out = tmp_path / "run"
+    # 6 steps of 8, 2 skipped; evaluation and a checkpoint inside the loop are paused out of the clock
+    overrides = tiny_overrides(
+        tiny_bert,
+        toy_data,
+        out,
+        **{"train.timing_skip_steps": 2, "checkpoint.every": 2, "train.compile": "auto"},
+    )
+    summary = run_training(load_config("quickstart", overrides))
+    on_disk = json.loads((out / "summary.json").read_text())
+    steady = on_disk["steady_state"]
+    assert steady == summary["steady_state"]
+    assert steady["skipped_steps"] == 2 and steady["steps"] == 4 and steady["samples"] == 4 * 8
+    assert 0 < steady["tokens"] <= steady["padded_tokens"]
+    # every real token attends to every real token of its example: sum of length^2 >= sum of length
+    assert steady["token_pairs"] >= steady["tokens"]
+    assert steady["samples_per_second"] == pytest.approx(steady["samples"] / steady["seconds"])
+    assert steady["tokens_per_second"] == pytest.approx(steady["tokens"] / steady["seconds"])
+    assert steady["step_seconds"] == pytest.approx(steady["seconds"] / 4)
+    assert steady["padding_efficiency"] == pytest.approx(steady["tokens"] / steady["padded_tokens"])
+    phases = on_disk["phase_seconds"]
+    assert set(phases) == {"startup", "data", "model", "train", "eval", "save"}
+    assert all(value is None or value >= 0 for value in phases.values())
+    assert phases["train"] > 0 and phases["eval"] > 0 and phases["save"] > 0 and phases["data"] > 0
+    # the steady window is inside the loop, and the loop's evaluations and saves are not in `train`
+    assert steady["seconds"] <= phases["train"]
+    assert on_disk["compiled"] is False  # train.compile=auto stays eager on CPU
+    assert "samples_per_second" in on_disk and "train_seconds" in on_disk  # the old keys stay
+
+
+def test_steady_state_is_null_when_every_step_is_skipped(
+    tiny_bert: Path, toy_data: Path, tmp_path: Path
+) -> None:
+    from scalelora.config import load_config
+    from scalelora.trainer import run_training
+
+    overrides = tiny_overrides(
+        tiny_bert, toy_data, tmp_path / "run", **{"train.max_steps": 2, "train.timing_skip_steps": 2}
+    )
+    assert run_training(load_config("quickstart", overrides))["steady_state"] is None
+
+
+def test_negative_timing_skip_steps_is_a_one_line_error() -> None:
+    done = run_cli("scalelora.train", ["--config", "quickstart", "train.timing_skip_steps=-1"])
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "scalelora: error: train.timing_skip_steps must be >= 0, got -1"
+    ]
+
+
+def test_compile_auto_is_on_for_cuda_only() -> None:
+    from scalelora.config import load_config
+    from scalelora.runtime import compile_enabled
+
+    assert load_config("quickstart", ["train.compile=auto"]).train.compile == "auto"
+    assert compile_enabled("auto", torch.device("cpu")) is False
+    assert compile_enabled("auto", torch.device("cuda", 0)) is True
+    assert compile_enabled(True, torch.device("cpu")) is True
+    assert compile_enabled(False, torch.device("cuda", 0)) is False
+
+
+def test_throughput_clock_leaves_out_warmup_and_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalelora.trainer import StepStats, ThroughputClock
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(time_module(), "perf_counter", lambda: now["t"])
+    clock = ThroughputClock(skip=1, device=torch.device("cpu"))
+
+    def step(seconds: float, lengths: list[int], last: bool = False) -> None:
+        now["t"] += seconds
+        mask = torch.tensor([[1] * n + [0] * (max(lengths) - n) for n in lengths])
+        real = mask.sum(dim=1)
+        stats = StepStats(
+            loss=torch.tensor(0.0),
+            tokens=real.sum(),
+            samples=len(lengths),
+            grad_norm=None,
+            seconds=seconds,
+            padded_tokens=mask.numel(),
+            token_pairs=(real * real).sum(),
+        )
+        clock.step_ended(stats, last)
+
+    step(5.0, [3, 1])  # warm-up: not counted
+    step(1.0, [2, 2])
+    with clock.paused():  # an evaluation between steps
+        now["t"] += 7.0
+    step(2.0, [4, 1], last=True)
+    with clock.paused():  # the final evaluation: after the window
+        now["t"] += 9.0
+    result = clock.read()
+    assert result["steps"] == 2 and result["seconds"] == pytest.approx(3.0)
+    assert result["samples"] == 4 and result["tokens"] == 9 and result["padded_tokens"] == 12
+    assert result["token_pairs"] == 4 + 4 + 16 + 1
+    assert result["samples_per_second"] == pytest.approx(4 / 3)
+
+
+def time_module():
+    import scalelora.trainer
+
+    return scalelora.trainer.time
+
+
+def test_phase_timer_counts_a_nested_phase_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scalelora.trainer import PhaseTimer
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(time_module(), "perf_counter", lambda: now["t"])
+    phases = PhaseTimer()
+    with phases("train"):
+        now["t"] += 10
+        with phases("eval"):
+            now["t"] += 3
+            with phases("save"):
+                now["t"] += 1
+    assert phases.seconds == {"train": 10.0, "eval": 3.0, "save": 1.0}
+
+
+# --- lazy imports: a plain CPU run neither imports DeepSpeed nor bitsandbytes, nor warns ------------
+
+PLAIN_RUN = """
+import json, sys
+from scalelora.train import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "loaded": sorted(m for m in ("deepspeed", "bitsandbytes") if m in sys.modules)}))
+"""
+
+
+def test_a_plain_cpu_run_imports_neither_deepspeed_nor_bitsandbytes(
+    tiny_bert: Path, toy_data: Path, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    args = [
+        "--config",
+        "quickstart",
+        *tiny_overrides(tiny_bert, toy_data, tmp_path / "run", **{"checkpoint.every": 3}),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_RUN, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"code": 0, "loaded": []}
+    for noise in ("Setting accelerator to CPU", "FutureWarning", "gemm_4bit_forward", "real_accelerator"):
+        assert noise not in done.stderr, done.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_hidden_bitsandbytes_is_importable_again_afterwards() -> None:
+    """An 8/4-bit model later in the same process still finds bitsandbytes (PEFT's cached answer is reset)."""
+    import importlib.util
+    import sys
+
+    from scalelora.models import bitsandbytes_hidden
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    import peft.import_utils
+
+    saved = sys.modules.pop("bitsandbytes", None)
+    try:
+        with bitsandbytes_hidden():
+            with pytest.raises(ImportError):
+                import bitsandbytes  # noqa: F401
+            assert peft.import_utils.is_bnb_available() is False
+        assert peft.import_utils.is_bnb_available() is True
+        assert "bitsandbytes" not in sys.modules or sys.modules["bitsandbytes"] is not None
+    finally:
+        if saved is not None:
+            sys.modules["bitsandbytes"] = saved
+
+
+def test_unwrap_model_removes_compile_and_ddp_like_wrappers() -> None:
+    from scalelora.runtime import unwrap_model
+
+    inner = torch.nn.Linear(2, 2)
+
+    class DeepSpeedEngine(torch.nn.Module):  # recognised by name: DeepSpeed is never imported for it
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+    compiled = torch.compile(inner)
+    assert unwrap_model(DeepSpeedEngine(compiled)) is inner
+    assert unwrap_model(DeepSpeedEngine(compiled), keep_compiled=True) is compiled
+    assert list(unwrap_model(compiled).state_dict()) == ["weight", "bias"]  # no `_orig_mod.` prefix

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from scalelora import signing
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
-from scalelora.runtime import is_deepspeed, zero_stage
+from scalelora.runtime import is_deepspeed, model_state_dict, unwrap_model, zero_stage
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -327,8 +327,8 @@ def save_model_dir(
     lora_r: int | None,
 ) -> None:
     """Collective: save a PEFT adapter (lora_r set) or a full transformers model into `final`, atomically."""
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; every rank must call it
-    unwrapped = accelerator.unwrap_model(model)
+    state_dict = model_state_dict(accelerator, model)  # gathers ZeRO-3 shards; every rank must call it
+    unwrapped = unwrap_model(model)
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         if tmp.exists():
@@ -513,6 +513,7 @@ RESUME_FREE_KEYS = (
     "train.on_nonfinite",
     "train.max_nonfinite",
     "train.compile",
+    "train.timing_skip_steps",
     "eval.every",
     "eval.early_stopping_patience",
     "eval.sample_predictions",
@@ -795,7 +796,7 @@ class Checkpointer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(model)
+        unwrapped = unwrap_model(model)
         if hasattr(unwrapped, "peft_config"):
             from peft import set_peft_model_state_dict
 

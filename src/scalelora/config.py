@@ -154,8 +154,13 @@ class TrainConfig:
     """A non-finite loss or gradient: skip the optimizer step (stop after `max_nonfinite` in a row),
     or save the last good state and stop."""
     max_nonfinite: int = 3
-    compile: bool = False
-    """torch.compile the model (shapes bounded by padding to multiples of 8)."""
+    compile: bool | Literal["auto"] = False
+    """torch.compile the model (shapes bounded by padding to multiples of 8). `auto`: on where it pays,
+    which is on CUDA; off on CPU, where a compiled MiniLM LoRA step ran at 0.89x eager after 65 s of
+    compiling (docs/performance.md)."""
+    timing_skip_steps: int = 2
+    """Optimizer steps left out of `summary.json`'s `steady_state` throughput (warm-up: allocator,
+    kernel selection, compilation); 0 counts every step."""
     loss: Literal["ce", "focal"] = "ce"
     """Hard-label loss: cross-entropy, or focal loss `-(1 - p)^gamma log p` (Lin et al. 2017), which
     down-weights examples the model already gets right. Multi-label: `ce` is binary cross-entropy per
@@ -185,6 +190,7 @@ class TrainConfig:
         _check_positive("train.max_grad_norm", self.max_grad_norm)
         _check_positive("train.log_every", self.log_every)
         _check_positive("train.max_nonfinite", self.max_nonfinite)
+        _check_non_negative("train.timing_skip_steps", self.timing_skip_steps)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check_non_negative("train.focal_gamma", self.focal_gamma)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -307,6 +310,37 @@ def head_modules(model: nn.Module, new_modules: list[str]) -> list[str]:
     return heads
 
 
+@contextlib.contextmanager
+def bitsandbytes_hidden(hide: bool = True) -> Iterator[None]:
+    """Inside the block `import bitsandbytes` fails, so PEFT leaves it alone (with `hide`).
+
+    PEFT imports bitsandbytes when PEFT is first imported and at every `get_peft_model` (to offer its
+    quantized LoRA layers), quantized base or not: about a second of a plain run's start-up, and a line
+    about optional CPU kernels. A model without 8/4-bit layers needs none of it. PEFT's and
+    transformers' cached answers to "is bitsandbytes installed?" are forgotten on the way out, so an
+    8/4-bit model later in the same process still gets bitsandbytes layers. (PEFT's
+    `find_kappa_target_modules` helper, which scalelora does not use, keeps `bnb = None` when PEFT was
+    first imported here.)
+    """
+    if not hide or sys.modules.get("bitsandbytes") is not None:
+        yield  # asked for, or already imported: nothing to save
+        return
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # makes `import bitsandbytes` raise ImportError
+    try:
+        yield
+    finally:
+        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+        for module, names in (
+            ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+            ("transformers.utils.import_utils", ("is_bitsandbytes_available",)),
+        ):
+            for name in names:
+                cached = getattr(sys.modules.get(module), name, None)
+                if hasattr(cached, "cache_clear"):
+                    cached.cache_clear()
+
+
 def apply_mode(
     model: nn.Module, model_cfg: ModelConfig, lora: LoraConfig, new_modules: list[str]
 ) -> nn.Module:
@@ -320,10 +354,12 @@ def apply_mode(
         for name in heads:
             getattr(model, name).requires_grad_(True)
         return model
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
+    quantized = model_cfg.load_in_8bit or model_cfg.load_in_4bit
+    with bitsandbytes_hidden(not quantized):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 
-    if model_cfg.load_in_8bit or model_cfg.load_in_4bit:
+    if quantized:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=model_cfg.gradient_checkpointing,
@@ -341,7 +377,10 @@ def apply_mode(
         modules_to_save=heads,
     )
     try:
-        peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
+        with bitsandbytes_hidden(not quantized), warnings.catch_warnings():
+            # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per run)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     except ValueError as err:
         linear = sorted(
             {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -119,6 +119,59 @@ def deepspeed_summary(accelerator: Accelerator) -> dict[str, Any] | None:
     }
 
 
+def unwrap_model(model: torch.nn.Module, keep_compiled: bool = False) -> torch.nn.Module:
+    """The model inside the wrappers `prepare` adds (DDP, DataParallel, DeepSpeed's engine) and, unless
+    `keep_compiled`, torch.compile's.
+
+    Accelerate's `unwrap_model` does the same but imports DeepSpeed (when installed) to test
+    `isinstance(model, DeepSpeedEngine)`, which costs a plain CPU run 0.3 s and prints "Setting
+    accelerator to CPU"; the engine is recognised here by its class name instead. Unlike Accelerate's
+    default, the compiled wrapper is removed, so parameter names and state-dict keys carry no
+    `_orig_mod.` prefix (a saved adapter stays loadable).
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if (
+            isinstance(model, (DistributedDataParallel, DataParallel))
+            or type(model).__name__ == "DeepSpeedEngine"
+        ):
+            model = model.module
+        elif not keep_compiled and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective under ZeRO-3 (every rank must call it): the full state dict of the unwrapped model."""
+    if is_deepspeed(accelerator):
+        return accelerator.get_state_dict(model)  # gathers ZeRO-3 shards
+    return unwrap_model(model).state_dict()
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux: /proc; None elsewhere): interpreter start-up and imports
+    included, which a timer started inside the program cannot see."""
+    try:
+        from pathlib import Path
+
+        # field 22 of stat (the start time in clock ticks since boot); the name before ")" may hold spaces
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """`train.compile` resolved for `device`: `auto` compiles on CUDA only. On CPU a compiled MiniLM LoRA
+    step ran at 0.89x eager after 65 s of compiling (docs/performance.md), so it does not pay there."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return bool(setting)
+
+
 def peak_memory_bytes(device: torch.device | str | None = None) -> dict[str, int | None]:
     """Peak accelerator memory allocated by this process (None off CUDA) and its peak resident host memory."""
     import resource

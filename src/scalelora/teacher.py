@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from scalelora.calibration import read_calibration
 from scalelora.config import ModelConfig, RunConfig
 from scalelora.errors import ConfigError, DataError
+from scalelora.runtime import unwrap_model
 
 CACHE_MANIFEST = "manifest.json"
 
@@ -65,10 +66,9 @@ class SelfTeacher:
     def __call__(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
     ) -> TeacherOutput:
-        from accelerate.utils import extract_model_from_parallel
-
-        # the PEFT model inside DDP / torch.compile wrappers; the teacher forward needs no gradient sync
-        inner = extract_model_from_parallel(model)
+        # the PEFT model inside DDP / DeepSpeed wrappers (compiled, when it is); the teacher forward needs
+        # no gradient sync
+        inner = unwrap_model(model, keep_compiled=True)
         with inner.disable_adapter():
             return run_frozen(inner, batch, want_hidden)
 

@@ -10,6 +10,7 @@ hands the summary to `report.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -58,10 +59,13 @@ from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
     StopSignal,
     build_accelerator,
+    compile_enabled,
     deepspeed_summary,
     is_deepspeed,
     peak_memory_bytes,
+    process_seconds,
     reset_accelerate_state,
+    unwrap_model,
 )
 from scalelora.teacher import SelfTeacher, build_teacher, mean_pool
 from scalelora.tracking import build_tracker, param_counts
@@ -101,6 +105,114 @@ class StepStats:
     samples: int
     grad_norm: Any
     seconds: float
+    padded_tokens: int = 0
+    """Token positions including padding (input_ids elements), all ranks."""
+    token_pairs: torch.Tensor | None = None
+    """Sum over examples of (real length)^2, all ranks: the attention work of the step."""
+
+
+class PhaseTimer:
+    """Wall seconds per phase of a run (`with phases("eval"): ...`). A phase entered inside another counts
+    for itself only (a best-adapter save inside an evaluation is `save`), so the phases never overlap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open phase: seconds spent in phases nested inside it
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            total = time.perf_counter() - started
+            inner = self._inner.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + total - inner
+            if self._inner:
+                self._inner[-1] += total
+
+
+class ThroughputClock:
+    """Steady-state throughput of the optimizer steps this process runs after its first `skip` (warm-up).
+
+    The clock runs from the end of the last skipped step to the end of the last counted one, so data
+    loading and logging are inside it; evaluation and checkpoint saves between steps (`paused`) are
+    not. Samples, real tokens (attention-mask sums) and squared lengths stay device tensors, and the
+    device is synchronized only at the window's edges and around pauses, never on every step.
+    """
+
+    def __init__(self, skip: int, device: torch.device) -> None:
+        self.skip = skip
+        self.device = device
+        self.seen = 0
+        self.steps = 0
+        self.samples = 0
+        self.padded_tokens = 0
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.token_pairs = torch.zeros((), dtype=torch.long, device=device)
+        self.started = self._now() if skip == 0 else None
+        self.ended: float | None = None
+        self.paused_seconds = 0.0
+        self._pending_pause = 0.0  # pauses after the last counted step count once another step follows
+        self._step_just_ended = False
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the queued work belongs before the stamp
+        return time.perf_counter()
+
+    def step_ended(self, stats: StepStats, last: bool) -> None:
+        self.seen += 1
+        if self.started is None:
+            if self.seen == self.skip:
+                self.started = self._now()
+            return
+        self.steps += 1
+        self.samples += stats.samples
+        self.padded_tokens += stats.padded_tokens
+        self.tokens += stats.tokens
+        if stats.token_pairs is not None:
+            self.token_pairs += stats.token_pairs
+        self.paused_seconds += self._pending_pause
+        self._pending_pause = 0.0
+        self.ended = self._now() if last else time.perf_counter()
+        self._step_just_ended = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside the block is not training (evaluation, a checkpoint)."""
+        if self.started is None:
+            yield
+            return
+        began = self._now()
+        if self._step_just_ended:
+            self.ended = began  # the step's queued device work finished only now
+            self._step_just_ended = False
+        try:
+            yield
+        finally:
+            self._pending_pause += time.perf_counter() - began
+
+    def read(self) -> dict[str, Any] | None:
+        """The steady-state numbers for summary.json; None when no step was counted."""
+        if not self.steps or self.started is None or self.ended is None:
+            return None
+        seconds = max(self.ended - self.started - self.paused_seconds, 1e-9)
+        tokens = int(self.tokens)
+        return {
+            "skipped_steps": self.skip,
+            "steps": self.steps,
+            "seconds": seconds,
+            "samples": self.samples,
+            "tokens": tokens,
+            "padded_tokens": self.padded_tokens,
+            "token_pairs": int(self.token_pairs),
+            "samples_per_second": self.samples / seconds,
+            "tokens_per_second": tokens / seconds,
+            "step_seconds": seconds / self.steps,
+            "padding_efficiency": tokens / max(self.padded_tokens, 1),
+        }
 
 
 class MetricsWindow:
@@ -244,10 +356,21 @@ class Trainer:
         self.last_eval: tuple[int, dict[str, Any], SplitOutputs] | None = None
         self.calibration: Calibration | None = None
         """Temperature and decision rule fitted after training (None before, and with neither asked for)."""
+        self.phases = PhaseTimer()
+        self.startup_seconds: float | None = None
+        """The process's age when setup began: interpreter start-up, imports and config in a CLI run."""
+        self.throughput: ThroughputClock | None = None
 
     # --- setup ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        self.startup_seconds = process_seconds()
+        # `model` holds all of setup but the data (timed inside): Accelerator, run folder, model, LoRA,
+        # prepare, optimizer, teacher, tracker
+        with self.phases("model"):
+            self._setup()
+
+    def _setup(self) -> None:
         cfg = self.cfg
         acc = self.accelerator = build_accelerator(cfg)
         # before the output folder is touched: a metric that cannot load fails the run at once
@@ -266,8 +389,9 @@ class Trainer:
         self.echo(
             f"scalelora: run {cfg.recipe or 'config'} -> {cfg.run_dir} ({acc.num_processes} process(es), {acc.distributed_type})"
         )
-        self.tokenizer = load_tokenizer(cfg.model, cfg.data.truncation_side)
-        self.splits, self.tokenized = self._load_data()
+        with self.phases("data"):
+            self.tokenizer = load_tokenizer(cfg.model, cfg.data.truncation_side)
+            self.splits, self.tokenized = self._load_data()
         self.label_names = self.splits.label_names
         self.problem_type = self.splits.problem_type
         self.multi_label = self.problem_type == MULTI_LABEL
@@ -290,10 +414,11 @@ class Trainer:
         self.echo(
             f"scalelora: {cfg.model.name} mode={cfg.model.mode} labels={self.label_names}; {self.params.line()}"
         )
-        if cfg.train.compile:
+        self.compiled = compile_enabled(cfg.train.compile, acc.device)
+        if self.compiled:
             model = torch.compile(model)
         collate = data_lib.PadCollator(
-            self.tokenizer.pad_token_id, pad_to_multiple_of=8 if cfg.train.compile else None
+            self.tokenizer.pad_token_id, pad_to_multiple_of=8 if self.compiled else None
         )
         train_loader = data_lib.train_dataloader(
             self.tokenized["train"], cfg.data, cfg.train.batch_size, cfg.seed, collate
@@ -313,7 +438,7 @@ class Trainer:
         else:
             # the model first: prepare moves it to its device, and fused AdamW depends on that device
             self.model = acc.prepare(model)
-            optimizer = build_optimizer(acc.unwrap_model(self.model), cfg)
+            optimizer = build_optimizer(unwrap_model(self.model), cfg)
             self.optimizer, self.train_loader = acc.prepare(optimizer, train_loader)
         # the schedule length needs the per-rank number of batches, known once the loader is sharded
         self.eval_loaders = {name: acc.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
@@ -346,7 +471,8 @@ class Trainer:
         self.tracker.set_summary(param_counts(self.params.trainable, self.params.total))
         self.checkpointer.write_text("config.yaml", dump_yaml(cfg))
         if not self.state.predictions_before:
-            self.state.predictions_before = self.sample_predictions()
+            with self.phases("eval"):
+                self.state.predictions_before = self.sample_predictions()
 
     def _load_data(self) -> tuple[data_lib.Splits, dict[str, Any]]:
         cfg, acc = self.cfg, self.accelerator
@@ -457,26 +583,40 @@ class Trainer:
         window = self.window = MetricsWindow(self.accelerator.device, state.train_tokens)
         self._clock = time.perf_counter()
         last = state.global_step >= self.total_steps
-        while not last:
-            stats = self.train_step([next(stream) for _ in range(cfg.train.grad_accum)])
-            window.add(stats)
-            state.global_step += 1
-            self.progress.update(1)
-            last = state.global_step == self.total_steps
-            if state.global_step % cfg.train.log_every == 0 or last:
-                self.log_train(window.read(self.accelerator))
-            if state.global_step % self.eval_every == 0 or last:
-                last = self.evaluate_and_track_best() or last  # early stopping ends the run here
-            if self.stop_signal.requested(self.accelerator):
-                path = self.checkpointer.save(state.global_step, self.snapshot())
-                self.progress.close()
-                raise Preempted(
-                    f"stopped by {self.stop_signal.signal_name or 'a signal on another rank'}; checkpoint {path}"
-                )
-            self.checkpointer.maybe_save(state.global_step, last, self.snapshot)
+        throughput = self.throughput = ThroughputClock(cfg.train.timing_skip_steps, self.accelerator.device)
+        with self.phases("train"):
+            while not last:
+                stats = self.train_step([next(stream) for _ in range(cfg.train.grad_accum)])
+                window.add(stats)
+                state.global_step += 1
+                self.progress.update(1)
+                last = state.global_step == self.total_steps
+                throughput.step_ended(stats, last)
+                if state.global_step % cfg.train.log_every == 0 or last:
+                    self.log_train(window.read(self.accelerator))
+                if state.global_step % self.eval_every == 0 or last:
+                    with self.between_steps("eval"):
+                        last = self.evaluate_and_track_best() or last  # early stopping ends the run here
+                if self.stop_signal.requested(self.accelerator):
+                    with self.between_steps("save"):
+                        path = self.checkpointer.save(state.global_step, self.snapshot())
+                    self.progress.close()
+                    raise Preempted(
+                        f"stopped by {self.stop_signal.signal_name or 'a signal on another rank'}; checkpoint {path}"
+                    )
+                if self.checkpointer.due(state.global_step, last):
+                    with self.between_steps("save"):
+                        self.checkpointer.save(state.global_step, self.snapshot())
         self.progress.close()
         self.snapshot()
         return self.evaluate_best_and_report()
+
+    @contextlib.contextmanager
+    def between_steps(self, phase: str) -> Iterator[None]:
+        """Evaluation or a checkpoint inside the loop: timed as `phase`, and left out of the steady-state
+        throughput."""
+        with self.phases(phase), self.throughput.paused():
+            yield
 
     def snapshot(self) -> dict[str, Any]:
         """The trainer state as plain data, with the running clocks and token count brought up to date."""
@@ -504,8 +644,9 @@ class Trainer:
         # that of the global batch's objective (losses.combine_loss)
         scale = acc.num_processes * cfg.train.grad_accum
         objective = torch.zeros((), device=acc.device)
-        samples = 0
+        samples = padded = 0
         tokens = torch.zeros((), dtype=torch.long, device=acc.device)
+        pairs = torch.zeros((), dtype=torch.long, device=acc.device)
         grad_norm: Any = None
         for batch in group:
             labels, idx = batch.pop("labels"), batch.pop("idx")
@@ -523,7 +664,10 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
             samples += int(labels.shape[0])
             if "attention_mask" in batch:
-                tokens += batch["attention_mask"].sum()
+                lengths = batch["attention_mask"].sum(dim=1)
+                tokens += lengths.sum()
+                pairs += (lengths * lengths).sum()
+                padded += batch["attention_mask"].numel()
         seconds = time.perf_counter() - started
         self.state.train_samples += samples * acc.num_processes
         self.state.step_seconds += seconds
@@ -533,6 +677,8 @@ class Trainer:
             samples=samples * acc.num_processes,
             grad_norm=grad_norm,
             seconds=seconds,
+            padded_tokens=padded * acc.num_processes,
+            token_pairs=pairs * acc.num_processes,
         )
 
     def compute_loss(
@@ -742,7 +888,8 @@ class Trainer:
             state.best_value, state.best_step = value, state.global_step
             state.evals_without_improvement = 0
             if cfg.eval.load_best_at_end:
-                self.save_model()
+                with self.phases("save"):
+                    self.save_model()
             return False
         state.evals_without_improvement += 1
         patience = cfg.eval.early_stopping_patience
@@ -799,7 +946,7 @@ class Trainer:
         """adapter/ (LoRA) or model/ (full, head_only), loadable with PEFT / transformers alone, with
         `calibration.json` beside the weights when a calibration is given."""
         cfg = self.cfg
-        peft_model = is_peft(self.accelerator.unwrap_model(self.model))
+        peft_model = is_peft(unwrap_model(self.model))
         meta: dict[str, Any] = {
             "scalelora.json": {
                 "model_name": cfg.model.name,
@@ -846,36 +993,42 @@ class Trainer:
         summary.json, report.md and W&B."""
         cfg, state = self.cfg, self.state
         restored = cfg.eval.load_best_at_end and state.best_step is not None
-        if restored:
-            self.checkpointer.restore_best(self.model)
-        last = self.last_eval
-        reuse = (
-            last is not None and last[0] == state.global_step and state.best_step in (None, state.global_step)
-        )
-        if reuse:
-            # the weights are the ones just evaluated at this step: reuse, do not run validation twice
-            outputs = last[2]
-        else:
-            _, outputs = self.evaluate("eval")
-        self.calibration = self.fit_calibration(outputs)
-        final_eval = {
-            "validation": split_metrics(
-                outputs, self.label_names, self.problem_type, self.calibration, self.extra_metrics
+        with self.phases("eval"):
+            if restored:
+                self.checkpointer.restore_best(self.model)
+            last = self.last_eval
+            reuse = (
+                last is not None
+                and last[0] == state.global_step
+                and state.best_step in (None, state.global_step)
             )
-        }
-        path = self.predictions_path("validation")
-        if path is not None and self.accelerator.is_main_process:
-            write_predictions(path, outputs, self.label_names, self.problem_type, self.calibration)
-        if "test" in self.eval_loaders:
-            final_eval["test"] = self.evaluate("test", calibration=self.calibration, save_as="test")[0]
+            if reuse:
+                # the weights are the ones just evaluated at this step: reuse, do not run validation twice
+                outputs = last[2]
+            else:
+                _, outputs = self.evaluate("eval")
+            self.calibration = self.fit_calibration(outputs)
+            final_eval = {
+                "validation": split_metrics(
+                    outputs, self.label_names, self.problem_type, self.calibration, self.extra_metrics
+                )
+            }
+            path = self.predictions_path("validation")
+            if path is not None and self.accelerator.is_main_process:
+                write_predictions(path, outputs, self.label_names, self.problem_type, self.calibration)
+            if "test" in self.eval_loaders:
+                final_eval["test"] = self.evaluate("test", calibration=self.calibration, save_as="test")[0]
         if self.calibration is not None or not restored:
-            self.save_model(self.calibration, step=state.best_step if restored else None)
+            with self.phases("save"):
+                self.save_model(self.calibration, step=state.best_step if restored else None)
+        with self.phases("eval"):
+            predictions_after = self.sample_predictions()
         summary = report.build_summary(
             cfg,
             dict(state.__dict__),
             self.run_facts(),
             final_eval,
-            self.sample_predictions(),
+            predictions_after,
         )
         self.checkpointer.write_summary(summary)
         for split, metrics in final_eval.items():
@@ -916,7 +1069,21 @@ class Trainer:
             if self.class_weights is not None
             else None,
             "peak_memory_gb": {k: (v / 2**30 if v is not None else None) for k, v in memory.items()},
+            "compiled": getattr(self, "compiled", False),
+            "steady_state": self.throughput.read() if self.throughput is not None else None,
+            "phase_seconds": self.phase_seconds(),
         }
+
+    def phase_seconds(self) -> dict[str, float | None]:
+        """Wall seconds of this process by phase, up to now: `startup` (process start to setup: interpreter,
+        imports, config), `data` (tokenizer, loading, tokenizing), `model` (the rest of setup), `train`
+        (the loop without evaluation and checkpoints), `eval` (every evaluation, calibration, sample
+        predictions), `save` (checkpoints and adapter saves). summary.json, report.md and the figures are
+        written after this is read."""
+        phases: dict[str, float | None] = {"startup": self.startup_seconds}
+        for name in ("data", "model", "train", "eval", "save"):
+            phases[name] = self.phases.seconds.get(name, 0.0)
+        return phases
 
     # --- output helpers ------------------------------------------------------------------------
 
