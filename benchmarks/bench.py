@@ -1,15 +1,19 @@
-"""`python -m scalelora.bench --scenario NAME`: scalelora's loop against HF `Trainer` + PEFT on the same work.
+"""`python -m scalelora.bench --scenario NAME`: scalelora's loop against HF `Trainer` + PEFT on the same work,
+and against the machine's own matmul throughput.
 
-Both sides get the same model weights, data, batch size, precision, LoRA config, learning-rate
-schedule and number of optimizer steps. HF is configured as a typical notebook does it:
-`DataCollatorWithPadding`, `TrainingArguments` defaults otherwise (its default optimizer is fused
-AdamW). scalelora runs its real `Trainer.train()` from a config.
+Every side gets the same model weights, data, batch size, precision, LoRA config, learning-rate
+schedule and number of optimizer steps. HF runs twice: with `TrainingArguments` defaults (random
+sampling; its default optimizer is fused AdamW) and length-grouped
+(`train_sampling_strategy="group_by_length"`), as a user who cares about speed sets it; both use
+`DataCollatorWithPadding`. scalelora runs its real `run_training` from a config and the bench reads
+the `steady_state` block of its summary.json (the trainer's own clock; nothing is patched).
 
-Each side runs in a fresh child process, alternating order over `--repeats`, so each one's peak
-RSS is its own and neither inherits the other's allocator or thread state. Steps are timed from
-the end of the last warm-up step to the end of the last step (data loading included); samples
-and non-pad tokens are counted over the same steps. `ratio` is the median over repeats of
-scalelora samples/s divided by HF samples/s measured back to back.
+Each side runs in a fresh child process, the order alternating over `--repeats`, so each one's peak
+RSS is its own and neither inherits the other's allocator or thread state. Steps are timed from the
+end of the last warm-up step to the end of the last step (data loading included); samples and real
+tokens (attention-mask sums) are counted over the same steps. `ratio` is the median over repeats of
+scalelora samples/s divided by the faster HF configuration's (named by `comparator`), measured back
+to back; `ratio_default` the same against HF's defaults. `--time-to-result` times whole runs instead.
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ from scalelora.errors import ConfigError, UserError, exit_on_user_error
 from scalelora.runtime import peak_memory_bytes
 
 HF = "hf_trainer"
+HF_GROUPED = "hf_trainer_grouped"
 SCALELORA = "scalelora"
+SCALELORA_NOGROUP = "scalelora_nogroup"
 KD_CACHE = "scalelora_kd_cache"
 KD_SELF = "scalelora_kd_self"
+GEMM = "gemm"  # not a side: the child that measures the machine's matmul throughput
+HF_SIDES = (HF, HF_GROUPED)
+ALL_SIDES = (HF, HF_GROUPED, SCALELORA, SCALELORA_NOGROUP, KD_CACHE, KD_SELF)
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU, matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -65,7 +74,7 @@ class Scenario:
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
-    sides: list[str] = field(default_factory=lambda: [HF, SCALELORA])
+    sides: list[str] = field(default_factory=lambda: [HF, HF_GROUPED, SCALELORA])
     needs_gpu: bool = False
 
 
@@ -81,7 +90,7 @@ SCENARIOS = {
             "cpu-minilm-kd",
             "cpu-minilm-rt plus distillation (alpha 0.5, T 2) from cached teacher logits and from `self`",
             model="minilm-l6",
-            sides=[HF, SCALELORA, KD_CACHE, KD_SELF],
+            sides=[HF, HF_GROUPED, SCALELORA, KD_CACHE, KD_SELF],
         ),
         Scenario(
             "gpu-distilbert",
@@ -298,15 +307,12 @@ def write_self_teacher(spec: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
-# --- the two sides (each runs in its own child process) -----------------------------------------
+# --- the sides (each runs in its own child process) -----------------------------------------------
 
 
 class StepClock:
-    """End-of-step timestamps plus the samples and non-pad tokens each step consumed.
-
-    Token counts stay tensors until the end, so counting never adds a host-device sync per step;
-    the clock synchronizes the device only at the two steps that bound the timed window.
-    """
+    """End-of-step timestamps for the HF side (read from a TrainerCallback), the device synchronized
+    only at the two steps that bound the timed window."""
 
     def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
         self.warmup, self.last = warmup, warmup + steps
@@ -327,12 +333,17 @@ class StepClock:
         return self.stamps[self.last] - self.stamps[self.warmup]
 
 
-def batch_counts(batches: list[dict[str, Any]]) -> tuple[int, Any, int]:
-    """(samples, non-pad tokens as a tensor, padded tokens) of the micro-batches of one step."""
+def batch_counts(batches: list[dict[str, Any]]) -> tuple[int, Any, int, Any]:
+    """(samples, real tokens, padded tokens, sum of squared real lengths) of one step's micro-batches.
+
+    Real-token counts stay tensors until the end, so counting never adds a host-device sync per step.
+    """
     samples = sum(int(b["input_ids"].shape[0]) for b in batches)
-    real = sum(b["attention_mask"].sum() for b in batches)
+    lengths = [b["attention_mask"].sum(dim=1) for b in batches]
+    real = sum(n.sum() for n in lengths)
+    pairs = sum((n * n).sum() for n in lengths)
     padded = sum(int(b["input_ids"].numel()) for b in batches)
-    return samples, real, padded
+    return samples, real, padded, pairs
 
 
 def peak_memory(cuda: bool) -> tuple[int, str]:
@@ -355,6 +366,8 @@ def scalelora_overrides(spec: dict[str, Any], out: Path) -> list[str]:
         "train.lr": spec["lr"],
         "train.warmup_ratio": 0.0,
         "train.weight_decay": 0.0,  # TrainingArguments' default
+        # the trainer's own steady-state clock starts after the warm-up steps
+        "train.timing_skip_steps": spec["warmup"],
         "output_dir": str(out),
         "overwrite": "true",
         # one evaluation, after the last timed step
@@ -362,6 +375,8 @@ def scalelora_overrides(spec: dict[str, Any], out: Path) -> list[str]:
         "eval.load_best_at_end": "false",
         "eval.sample_predictions": 0,
     }
+    if spec.get("compile"):
+        values["train.compile"] = "true"
     if spec.get("max_train_samples"):
         values["data.max_train_samples"] = spec["max_train_samples"]
     if spec.get("epochs"):
@@ -370,6 +385,8 @@ def scalelora_overrides(spec: dict[str, Any], out: Path) -> list[str]:
         values["train.max_steps"] = spec["warmup"] + spec["steps"]
         # the accuracy after a few steps means nothing; keep the final evaluation short
         values["data.max_eval_samples"] = 64
+    if spec["side"] == SCALELORA_NOGROUP:
+        values["data.group_by_length"] = "false"
     if spec["side"] in (KD_CACHE, KD_SELF):
         values.update({"distill.enabled": "true", "distill.weight": 0.5, "distill.temperature": 2.0})
         values["distill.teacher"] = "cache" if spec["side"] == KD_CACHE else "self"
@@ -381,52 +398,57 @@ def scalelora_overrides(spec: dict[str, Any], out: Path) -> list[str]:
 
 
 def run_scalelora(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """scalelora's real `run_training`; the numbers are the `steady_state` its summary.json reports.
+
+    Raises UserError when no step was left after the warm-up.
+    """
     import torch
 
     from scalelora.config import load_config
-    from scalelora.runtime import reset_accelerate_state
-    from scalelora.trainer import Trainer
+    from scalelora.trainer import run_training
 
-    cuda = torch.cuda.is_available()
     cfg = load_config("quickstart", scalelora_overrides(spec, workdir / "run"))
-    reset_accelerate_state()
-    trainer = Trainer(cfg)
-    counts: list[tuple[int, Any, int]] = []
-    try:
-        setup_started = time.perf_counter()
-        trainer.setup()
-        setup_seconds = time.perf_counter() - setup_started
-        total = trainer.total_steps
-        clock = StepClock(min(spec["warmup"], total - 1), total - min(spec["warmup"], total - 1), cuda)
-        real_step = trainer.train_step
+    run_training(cfg)
+    summary = json.loads((cfg.run_dir / "summary.json").read_text())
+    steady = summary["steady_state"]
+    if steady is None:
+        raise UserError(
+            f"side {spec['side']}: no optimizer step after the {spec['warmup']} warm-up step(s); "
+            "raise --steps or --epochs"
+        )
+    memory, memory_kind = peak_memory(torch.cuda.is_available())
+    phases = summary["phase_seconds"]
+    return {
+        "timed_steps": steady["steps"],
+        "warmup_steps": steady["skipped_steps"],
+        "timed_seconds": steady["seconds"],
+        "step_seconds": steady["step_seconds"],
+        "samples": steady["samples"],
+        "tokens": steady["tokens"],
+        "padded_tokens": steady["padded_tokens"],
+        "token_pairs": steady["token_pairs"],
+        "padding_efficiency": steady["padding_efficiency"],
+        "samples_per_second": steady["samples_per_second"],
+        "tokens_per_second": steady["tokens_per_second"],
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+        "setup_seconds": phases["data"] + phases["model"],
+        "phase_seconds": phases,
+        "compiled": summary["compiled"],
+        "optimizer_steps": summary["global_step"],
+        "validation_accuracy": summary["eval"]["validation"]["accuracy"] if spec.get("epochs") else None,
+        "trainable_params": summary["trainable_params"],
+        "total_params": summary["total_params"],
+    }
 
-        def timed_step(group: list[dict[str, Any]]) -> dict[str, Any]:
-            counts.append(batch_counts(group))  # before train_step pops labels
-            stats = real_step(group)
-            clock.step_ended()
-            return stats
 
-        trainer.train_step = timed_step  # type: ignore[method-assign]
-        summary = trainer.train()
-    finally:
-        trainer.close()
-    result = window_result(clock, counts, cuda)
-    result.update(
-        setup_seconds=setup_seconds,
-        optimizer_steps=summary["global_step"],
-        validation_accuracy=summary["eval"]["validation"]["accuracy"] if spec.get("epochs") else None,
-        trainable_params=summary["trainable_params"],
-        total_params=summary["total_params"],
-    )
-    return result
-
-
-def window_result(clock: StepClock, counts: list[tuple[int, Any, int]], cuda: bool) -> dict[str, Any]:
+def window_result(clock: StepClock, counts: list[tuple[int, Any, int, Any]], cuda: bool) -> dict[str, Any]:
     timed = counts[clock.warmup : clock.last]
     seconds = clock.seconds()
     samples = sum(c[0] for c in timed)
     tokens = int(sum(c[1] for c in timed))
     padded = sum(c[2] for c in timed)
+    pairs = int(sum(c[3] for c in timed))
     memory, memory_kind = peak_memory(cuda)
     return {
         "timed_steps": clock.last - clock.warmup,
@@ -436,6 +458,7 @@ def window_result(clock: StepClock, counts: list[tuple[int, Any, int]], cuda: bo
         "samples": samples,
         "tokens": tokens,
         "padded_tokens": padded,
+        "token_pairs": pairs,
         "padding_efficiency": tokens / max(padded, 1),
         "samples_per_second": samples / seconds,
         "tokens_per_second": tokens / seconds,
@@ -444,8 +467,20 @@ def window_result(clock: StepClock, counts: list[tuple[int, Any, int]], cuda: bo
     }
 
 
+def hf_sampling_arguments(grouped: bool) -> dict[str, Any]:
+    """TrainingArguments keywords for HF's length-grouped sampler (transformers 5 renamed the flag)."""
+    from transformers import TrainingArguments
+
+    if not grouped:
+        return {}
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True}  # transformers 4
+
+
 def run_hf_trainer(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """HF Trainer + PEFT as a typical notebook sets it up (DataCollatorWithPadding, default arguments)."""
+    """HF Trainer + PEFT as its users set it up (DataCollatorWithPadding, default arguments; the
+    `hf_trainer_grouped` side adds length-grouped sampling)."""
     import datasets
     import numpy as np
     import torch
@@ -469,7 +504,7 @@ def run_hf_trainer(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     setup_started = time.perf_counter()
     # the same rows as scalelora (same files, same seeded subset, same label ids)
-    cfg = load_config("quickstart", scalelora_overrides(spec, workdir / "unused"))
+    cfg = load_config("quickstart", scalelora_overrides({**spec, "side": SCALELORA}, workdir / "unused"))
     splits = data_lib.load_splits(cfg.data, cfg.seed)
     path = resolve_model_path(spec["model_path"])
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -500,7 +535,7 @@ def run_hf_trainer(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     )
     model = get_peft_model(model, lora)
 
-    counts: list[tuple[int, Any, int]] = []
+    counts: list[tuple[int, Any, int, Any]] = []
     collator = DataCollatorWithPadding(tokenizer)
 
     def counting_collator(features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -530,6 +565,8 @@ def run_hf_trainer(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         save_strategy="no",  # scalelora's checkpoint is written after the timed window, so keep HF's out too
         disable_tqdm=True,
         use_cpu=not cuda,
+        torch_compile=bool(spec.get("compile")),  # when scalelora compiles, so does HF
+        **hf_sampling_arguments(spec["side"] == HF_GROUPED),
     )
 
     def accuracy(prediction: Any) -> dict[str, float]:
@@ -554,6 +591,7 @@ def run_hf_trainer(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result.update(
         setup_seconds=setup_seconds,
+        compiled=bool(spec.get("compile")),
         optimizer_steps=int(output.global_step),
         validation_accuracy=metrics["eval_accuracy"],
         trainable_params=trainable,
@@ -562,39 +600,28 @@ def run_hf_trainer(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return result
 
 
+def run_gemm(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """The machine's matmul throughput at the model's shapes, in a child like the sides (same threads)."""
+    from benchmarks.hardware import measure_gemm
+
+    return measure_gemm(spec["gemm_tokens"], spec["hidden"], spec["ffn"], spec.get("gemm_seconds", 1.0))
+
+
 def worker_main(spec_path: Path, result_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     if spec.get("threads"):
         import torch
 
         torch.set_num_threads(spec["threads"])
+    runners = {GEMM: run_gemm, HF: run_hf_trainer, HF_GROUPED: run_hf_trainer}
     with tempfile.TemporaryDirectory(prefix=f"bench-{spec['side']}-") as tmp:
-        runner = run_hf_trainer if spec["side"] == HF else run_scalelora
-        result = runner(spec, Path(tmp))
+        result = runners.get(spec["side"], run_scalelora)(spec, Path(tmp))
     result["side"] = spec["side"]
     result_path.write_text(json.dumps(result))
     return 0
 
 
 # --- the parent: prepare shared inputs, run the sides, compare ----------------------------------
-
-
-def frozen_flops_params(model_path: str) -> int:
-    """Parameters of the frozen base that cost FLOPs per token (all but the embedding tables)."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from scalelora.models import resolve_model_path
-
-    with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.from_pretrained(resolve_model_path(model_path)))
-    embeddings = sum(
-        p.numel()
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Embedding)
-        for p in module.parameters(recurse=False)
-    )
-    return sum(p.numel() for p in model.parameters()) - embeddings
 
 
 def device_peak_flops() -> tuple[str, float | None]:
@@ -609,22 +636,93 @@ def device_peak_flops() -> tuple[str, float | None]:
     return name, peak
 
 
+def layer_widths(model_path: str) -> tuple[int, int]:
+    """(hidden, ffn) widths of the model's transformer layers, from its config."""
+    from transformers import AutoConfig
+
+    from scalelora.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model_path))
+    hidden = int(config.hidden_size)
+    ffn = (
+        getattr(config, "intermediate_size", None)
+        or getattr(config, "hidden_dim", None)  # DistilBERT
+        or getattr(config, "n_inner", None)  # GPT-2 (None: 4 x hidden)
+        or 4 * hidden
+    )
+    return hidden, int(ffn)
+
+
+def count_step_flops(spec: dict[str, Any], num_labels: int = 2) -> Any:
+    """The FLOP counter (`hardware.StepFlops`) of the scenario's classifier + LoRA."""
+    from benchmarks.hardware import lora_model_on_meta, step_flops
+    from scalelora.config import LoraConfig
+
+    lora = LoraConfig(r=spec["lora_r"], alpha=spec["lora_alpha"], dropout=spec["lora_dropout"])
+    return step_flops(lora_model_on_meta(spec["model_path"], lora, num_labels))
+
+
+def environment() -> dict[str, Any]:
+    """Where and with what the numbers were measured: date, machine, load, versions, commit."""
+    import datetime
+    import importlib.metadata
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for package in ("scalelora", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+    )
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
+        "load_average_start": list(os.getloadavg()),
+        "versions": versions,
+        "git_commit": commit.stdout.strip() or None,
+    }
+
+
 def median_of(results: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in results if r.get(key) is not None]
     return float(statistics.median(values)) if values else None
 
 
 def summarize(
-    scenario: Scenario, runs: list[dict[str, Any]], spec: dict[str, Any], smoke: bool
+    scenario: Scenario,
+    runs: list[dict[str, Any]],
+    spec: dict[str, Any],
+    smoke: bool,
+    flops: Any = None,
+    gemm: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Per-side medians, the median of per-repeat ratios, KD slowdowns and (on GPU) MFU."""
+    """Per-side medians, the comparator and the median of per-repeat ratios against it, KD slowdowns,
+    achieved FLOP/s against the measured GEMM throughput (with `flops` and `gemm`) and, where the
+    device's peak is known, MFU."""
     device, peak = device_peak_flops()
     by_side: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         by_side.setdefault(run["side"], []).append(run)
+    gemm_flops = gemm["gemm_flops"] if gemm else None
     sides: dict[str, Any] = {}
-    flops_params = frozen_flops_params(spec["model_path"]) if peak else None
     for side, results in by_side.items():
+        for run in results:
+            if flops is not None and run.get("token_pairs") is not None:
+                work = flops(run["tokens"], run["token_pairs"], run["samples"])
+                run["achieved_gflops"] = work / run["timed_seconds"] / 1e9
         entry = {
             key: median_of(results, key)
             for key in (
@@ -635,24 +733,26 @@ def summarize(
                 "padding_efficiency",
                 "validation_accuracy",
                 "setup_seconds",
+                "achieved_gflops",
             )
         }
         entry["peak_memory_kind"] = results[0]["peak_memory_kind"]
+        if entry["achieved_gflops"] is not None and gemm_flops:
+            entry["mfu_measured_gemm"] = entry["achieved_gflops"] * 1e9 / gemm_flops
+        if entry["achieved_gflops"] is not None and peak:
+            entry["mfu"] = entry["achieved_gflops"] * 1e9 / peak
         entry["repeats"] = results
-        if peak and flops_params:
-            trainable = results[0]["trainable_params"]
-            # frozen base: forward + activation gradients (4·N·T); LoRA/head weights: the usual 6·N·T
-            flops_per_token = 4 * flops_params + 6 * trainable
-            entry["mfu"] = flops_per_token * entry["tokens_per_second"] / peak
         sides[side] = entry
 
-    def paired(numerator: str, denominator: str, key: str, invert: bool = False) -> float | None:
+    def paired(numerator: str, denominator: str | None, key: str) -> float | None:
         if numerator not in by_side or denominator not in by_side:
             return None
         pairs = zip(by_side[numerator], by_side[denominator])
-        ratios = [(b[key] / a[key]) if invert else (a[key] / b[key]) for a, b in pairs]
-        return float(statistics.median(ratios))
+        return float(statistics.median(a[key] / b[key] for a, b in pairs))
 
+    hf_present = [side for side in HF_SIDES if side in sides]
+    # the faster HF configuration (by median samples/s) is the one scalelora is measured against
+    comparator = max(hf_present, key=lambda side: sides[side]["samples_per_second"]) if hf_present else None
     report: dict[str, Any] = {
         "scenario": scenario.name,
         "description": scenario.description,
@@ -671,14 +771,31 @@ def summarize(
         "max_train_samples": spec.get("max_train_samples"),
         "repeats": max(len(v) for v in by_side.values()),
         "threads": spec.get("threads"),
+        "compile": bool(spec.get("compile")),
         "scalelora_overrides": spec.get("overrides", []),
-        "ratio": paired(SCALELORA, HF, "samples_per_second"),
-        "tokens_ratio": paired(SCALELORA, HF, "tokens_per_second"),
+        "comparator": comparator,
+        "ratio": paired(SCALELORA, comparator, "samples_per_second"),
+        "ratio_default": paired(SCALELORA, HF, "samples_per_second"),
+        "tokens_ratio": paired(SCALELORA, comparator, "tokens_per_second"),
+        "ratios": {
+            side: paired(side, comparator, "samples_per_second") for side in sides if side != comparator
+        },
+        "gemm_gflops": gemm_flops / 1e9 if gemm_flops else None,
+        "mfu_measured_gemm": sides.get(SCALELORA, {}).get("mfu_measured_gemm"),
+        "gemm": gemm,
+        "flops_per_step": None
+        if flops is None
+        else {
+            "per_token": flops.per_token,
+            "per_pair": flops.per_pair,
+            "per_example": flops.per_example,
+            "causal": flops.causal,
+        },
         "sides": sides,
     }
-    if HF in sides and SCALELORA in sides and sides[HF]["validation_accuracy"] is not None:
+    if comparator and SCALELORA in sides and sides[comparator]["validation_accuracy"] is not None:
         report["accuracy_difference"] = (
-            sides[SCALELORA]["validation_accuracy"] - sides[HF]["validation_accuracy"]
+            sides[SCALELORA]["validation_accuracy"] - sides[comparator]["validation_accuracy"]
         )
     if KD_CACHE in by_side:
         report["kd_cache_step_ratio"] = paired(KD_CACHE, SCALELORA, "step_seconds")
@@ -687,17 +804,24 @@ def summarize(
     return report
 
 
+def child_env(threads: int | None) -> dict[str, str]:
+    """The environment of every child: offline, no progress bars, and `threads` OpenMP threads when given."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_DATASETS_OFFLINE", "1")
+    env.setdefault("TQDM_DISABLE", "1")  # no progress bars in benchmark output
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def run_side(spec: dict[str, Any], workdir: Path, index: int) -> dict[str, Any]:
     """Run one side in a fresh child process. Raises UserError (after printing the child's stderr tail) when it fails."""
     spec_path = workdir / f"spec-{index}.json"
     result_path = workdir / f"result-{index}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TQDM_DISABLE", "1")  # no progress bars in benchmark output
     command = [sys.executable, "-m", "scalelora.bench", "--worker", str(spec_path), str(result_path)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=child_env(spec.get("threads")))
     if done.returncode != 0 or not result_path.is_file():
         tail = "\n".join(done.stderr.strip().splitlines()[-25:])
         print(tail, file=sys.stderr, flush=True)
@@ -707,21 +831,183 @@ def run_side(spec: dict[str, Any], workdir: Path, index: int) -> dict[str, Any]:
     return json.loads(result_path.read_text())
 
 
+# --- time to result: whole runs, command start to a saved, evaluated model -----------------------
+
+TTR_SCALELORA = "scalelora"
+TTR_HF = "hf_trainer_script"
+PHASES = ("startup", "data", "model", "train", "eval", "save")
+
+
+def run_timed(command: list[str], env: dict[str, str], log: Path) -> tuple[int, float, int]:
+    """(exit code, wall seconds, peak RSS bytes) of one child process, its output into `log`."""
+    with log.open("w") as handle:
+        started = time.time()
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.time() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, wall, int(usage.ru_maxrss) * 1024  # Linux reports KiB
+
+
+def time_to_result_run(
+    side: str, args: argparse.Namespace, workdir: Path, index: int, model: str | None
+) -> dict[str, Any]:
+    """One whole run in a fresh process: `python -m scalelora.train --config quickstart` or the HF script.
+
+    Raises UserError (after printing the log's tail) when the run fails.
+    """
+    out = workdir / f"ttr-{index}-{side}"
+    env = child_env(args.threads)
+    env["SCALELORA_BENCH_LAUNCHED"] = repr(time.time())  # refreshed below, just before the launch
+    if side == TTR_SCALELORA:
+        overrides = [f"output_dir={out}", "overwrite=true", *args.set]
+        if model:
+            overrides.append(f"model.name={model}")
+        if args.epochs:
+            overrides.append(f"train.epochs={args.epochs}")
+        if args.max_train_samples:
+            overrides.append(f"data.max_train_samples={args.max_train_samples}")
+        if args.compile:
+            overrides.append("train.compile=true")
+        command = [sys.executable, "-m", "scalelora.train", "--config", "quickstart", *overrides]
+    else:
+        result_path = workdir / f"ttr-{index}-hf.json"
+        command = [sys.executable, str(Path(__file__).parent / "hf_quickstart.py"), "--out", str(out)]
+        command += ["--result", str(result_path)]
+        if model:
+            command += ["--model", model]
+        if args.epochs:
+            command += ["--epochs", str(args.epochs)]
+        if args.max_train_samples:
+            command += ["--max-train-samples", str(args.max_train_samples)]
+        if args.compile:
+            command += ["--compile"]
+    log = workdir / f"ttr-{index}-{side}.log"
+    env["SCALELORA_BENCH_LAUNCHED"] = repr(time.time())
+    code, wall, rss = run_timed(command, env, log)
+    if code != 0:
+        print("\n".join(log.read_text().strip().splitlines()[-25:]), file=sys.stderr, flush=True)
+        raise UserError(f"time-to-result run {side} failed (exit {code}); its last output is above")
+    if side == TTR_SCALELORA:
+        summary = json.loads((out / "summary.json").read_text())
+        phases = dict(summary["phase_seconds"])
+        facts = {
+            "validation_accuracy": summary["eval"]["validation"]["accuracy"],
+            "test_accuracy": summary["eval"].get("test", {}).get("accuracy"),
+            "optimizer_steps": summary["global_step"],
+        }
+    else:
+        result = json.loads(result_path.read_text())
+        phases = {"startup": result["phase_seconds"].pop("imports"), **result["phase_seconds"]}
+        facts = {k: result[k] for k in ("validation_accuracy", "test_accuracy", "optimizer_steps")}
+    phases = {name: phases.get(name) or 0.0 for name in PHASES}
+    return {
+        "side": side,
+        "wall_seconds": wall,
+        "phase_seconds": phases,
+        # report.md, figures, interpreter exit: what the phases do not cover
+        "other_seconds": wall - sum(phases.values()),
+        "peak_rss_bytes": rss,
+        **facts,
+    }
+
+
+def time_to_result(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Whole quickstart runs of both sides, alternating, with their medians and the wall-time ratio."""
+    model = None
+    if args.smoke:  # a tiny random MiniLM-like model, 64 training rows, 1 epoch: seconds
+        model = str(build_model_folder("bert", workdir / "model", smoke=True))
+        args = argparse.Namespace(
+            **{**vars(args), "epochs": 1.0, "max_train_samples": args.max_train_samples or 64}
+        )
+    runs = []
+    for repeat in range(args.repeats):
+        order = [TTR_SCALELORA, TTR_HF] if repeat % 2 == 0 else [TTR_HF, TTR_SCALELORA]
+        for side in order:
+            print(
+                f"scalelora.bench: time to result {repeat + 1}/{args.repeats}: {side}",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs.append(time_to_result_run(side, args, workdir, len(runs), model))
+    sides = {}
+    for side in (TTR_SCALELORA, TTR_HF):
+        results = [r for r in runs if r["side"] == side]
+        sides[side] = {
+            "wall_seconds": median_of(results, "wall_seconds"),
+            "phase_seconds": {
+                name: statistics.median(r["phase_seconds"][name] for r in results) for name in PHASES
+            },
+            "other_seconds": median_of(results, "other_seconds"),
+            "peak_rss_bytes": median_of(results, "peak_rss_bytes"),
+            "validation_accuracy": median_of(results, "validation_accuracy"),
+            "test_accuracy": median_of(results, "test_accuracy"),
+            "repeats": results,
+        }
+    pairs = zip([r for r in runs if r["side"] == TTR_HF], [r for r in runs if r["side"] == TTR_SCALELORA])
+    return {
+        "mode": "time_to_result",
+        "smoke": args.smoke,
+        "device": device_peak_flops()[0],
+        "command": "python -m scalelora.train --config quickstart"
+        + "".join(f" {o}" for o in args.set)
+        + (f" train.epochs={args.epochs}" if args.epochs else ""),
+        "hf_script": "benchmarks/hf_quickstart.py (Trainer.train() + evaluate on validation and test + save_pretrained)",
+        "epochs": args.epochs or 2.0,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        # HF script wall / scalelora wall: how many times faster scalelora gets to a saved, evaluated model
+        "ratio": float(statistics.median(h["wall_seconds"] / s["wall_seconds"] for h, s in pairs)),
+        "sides": sides,
+    }
+
+
+def format_time_to_result(report: dict[str, Any]) -> str:
+    lines = [f"time to result on {report['device']}" + (" (smoke)" if report["smoke"] else "")]
+    lines.append(
+        f"{'side':18s} {'wall s':>8s} "
+        + " ".join(f"{n:>8s}" for n in (*PHASES, "other"))
+        + f" {'val acc':>8s} {'test acc':>8s}"
+    )
+    for side, entry in report["sides"].items():
+        phases = " ".join(f"{entry['phase_seconds'][n]:8.1f}" for n in PHASES)
+        lines.append(
+            f"{side:18s} {entry['wall_seconds']:8.1f} {phases} {entry['other_seconds']:8.1f} "
+            f"{entry['validation_accuracy']:8.4f} {entry['test_accuracy'] or 0:8.4f}"
+        )
+    lines.append(f"ratio (HF script wall / scalelora wall): {report['ratio']:.3f}")
+    return "\n".join(lines)
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"scenario {report['scenario']} on {report['device']}" + (" (smoke)" if report["smoke"] else "")]
     lines.append(
-        f"{'side':22s} {'samples/s':>10s} {'tokens/s':>10s} {'step s':>8s} {'pad eff':>8s} {'peak MiB':>9s} {'val acc':>8s}"
-        + ("  MFU" if report["peak_flops"] else "")
+        f"{'side':22s} {'samples/s':>10s} {'tokens/s':>10s} {'step s':>8s} {'pad eff':>8s} {'peak MiB':>9s} "
+        f"{'GFLOP/s':>8s} {'of GEMM':>8s} {'val acc':>8s}" + ("  MFU" if report["peak_flops"] else "")
     )
     for side, entry in report["sides"].items():
         mfu = f"  {100 * entry['mfu']:.1f}%" if "mfu" in entry else ""
         accuracy = "-" if entry["validation_accuracy"] is None else f"{entry['validation_accuracy']:.4f}"
+        achieved = "-" if entry["achieved_gflops"] is None else f"{entry['achieved_gflops']:.1f}"
+        share = f"{100 * entry['mfu_measured_gemm']:.1f}%" if "mfu_measured_gemm" in entry else "-"
         lines.append(
             f"{side:22s} {entry['samples_per_second']:10.1f} {entry['tokens_per_second']:10.0f} "
             f"{entry['step_seconds']:8.3f} {entry['padding_efficiency']:8.2f} "
-            f"{entry['peak_memory_bytes'] / 2**20:9.0f} {accuracy:>8s}{mfu}"
+            f"{entry['peak_memory_bytes'] / 2**20:9.0f} {achieved:>8s} {share:>8s} {accuracy:>8s}{mfu}"
         )
-    for key in ("ratio", "tokens_ratio", "accuracy_difference", "kd_cache_step_ratio", "kd_self_step_ratio"):
+    if report.get("gemm_gflops"):
+        lines.append(f"measured GEMM at the model's shapes: {report['gemm_gflops']:.1f} GFLOP/s")
+    if report.get("comparator"):
+        lines.append(f"comparator: {report['comparator']}")
+    for key in (
+        "ratio",
+        "ratio_default",
+        "tokens_ratio",
+        "mfu_measured_gemm",
+        "accuracy_difference",
+        "kd_cache_step_ratio",
+        "kd_self_step_ratio",
+    ):
         if report.get(key) is not None:
             lines.append(f"{key}: {report[key]:.3f}")
     return "\n".join(lines)
@@ -730,7 +1016,8 @@ def format_report(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scalelora.bench",
-        description="Throughput of scalelora's loop against HF Trainer + PEFT on the same work.",
+        description="Throughput of scalelora's loop against HF Trainer + PEFT on the same work, against the "
+        "machine's measured matmul throughput, and time to a trained, evaluated model.",
     )
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="what to run (see --list)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -739,7 +1026,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="alternating repeats; medians are reported")
     parser.add_argument("--epochs", type=float, help="train whole epochs instead of --steps (accuracy check)")
     parser.add_argument("--max-train-samples", type=int, help="a seeded subset of the training split")
-    parser.add_argument("--sides", help=f"comma-separated subset of {HF},{SCALELORA},{KD_CACHE},{KD_SELF}")
+    parser.add_argument("--sides", help=f"comma-separated subset of {','.join(ALL_SIDES)}")
     parser.add_argument(
         "--set",
         action="append",
@@ -750,6 +1037,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads in each side (default: torch's choice, all cores)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile on both sides (scalelora train.compile=true, HF torch_compile=True)",
+    )
+    parser.add_argument(
+        "--gemm-seconds",
+        type=float,
+        default=1.0,
+        help="seconds per matmul shape of the GEMM measurement (0: skip it)",
+    )
+    parser.add_argument(
+        "--time-to-result",
+        action="store_true",
+        help="time whole quickstart runs (command start to a saved, evaluated model) against the HF script",
+    )
+    parser.add_argument("--note", help="a free-text note stored in the JSON (e.g. what else the machine ran)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     parser.add_argument(
         "--smoke",
@@ -759,6 +1063,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Raise ConfigError for a non-positive count."""
+    for flag in ("steps", "warmup", "repeats", "max_train_samples", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ConfigError(f"--epochs must be positive, got {args.epochs}")
+    if args.gemm_seconds < 0:
+        raise ConfigError(f"--gemm-seconds must be >= 0, got {args.gemm_seconds}")
+
+
+def compiles(overrides: list[str]) -> bool:
+    """Whether scalelora compiles with these overrides on this machine (train.compile resolved)."""
+    import torch
+
+    from scalelora.config import load_config
+    from scalelora.runtime import compile_enabled
+
+    setting = load_config("quickstart", overrides).train.compile
+    return compile_enabled(setting, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def plan(args: argparse.Namespace) -> tuple[Scenario, dict[str, Any]]:
@@ -774,21 +1101,15 @@ def plan(args: argparse.Namespace) -> tuple[Scenario, dict[str, Any]]:
         scenario = replace(scenario, steps=2, warmup=1, batch_size=8, max_length=min(scenario.max_length, 32))
         if not torch.cuda.is_available():
             scenario = replace(scenario, precision="no")
-    for flag in ("steps", "warmup", "repeats", "max_train_samples", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    if args.epochs is not None and args.epochs <= 0:
-        raise ConfigError(f"--epochs must be positive, got {args.epochs}")
+    check_counts(args)
     sides = scenario.sides
     if args.sides:
         sides = [s.strip() for s in args.sides.split(",") if s.strip()]
-        unknown = [s for s in sides if s not in (HF, SCALELORA, KD_CACHE, KD_SELF)]
+        unknown = [s for s in sides if s not in ALL_SIDES]
         if unknown:
-            raise ConfigError(
-                f"--sides: unknown side(s) {unknown}; choose from {HF},{SCALELORA},{KD_CACHE},{KD_SELF}"
-            )
+            raise ConfigError(f"--sides: unknown side(s) {unknown}; choose from {','.join(ALL_SIDES)}")
     scenario = replace(scenario, sides=sides)
+    overrides = (["data.max_eval_samples=64"] if args.smoke else []) + list(args.set)
     spec: dict[str, Any] = {
         "model_path": scenario.model,
         "data_path": "rotten_tomatoes",
@@ -803,10 +1124,38 @@ def plan(args: argparse.Namespace) -> tuple[Scenario, dict[str, Any]]:
         "warmup": scenario.warmup if args.warmup is None else args.warmup,
         "epochs": args.epochs,
         "max_train_samples": args.max_train_samples or (64 if args.smoke else None),
-        "overrides": (["data.max_eval_samples=64"] if args.smoke else []) + list(args.set),
+        "overrides": overrides,
         "threads": args.threads,
+        # when scalelora compiles (--compile, or train.compile set through --set), HF compiles too
+        "compile": args.compile or compiles(overrides),
     }
     return scenario, spec
+
+
+def measure_machine(
+    spec: dict[str, Any], runs: list[dict[str, Any]], workdir: Path, seconds: float
+) -> dict[str, Any] | None:
+    """The GEMM measurement, in a child with the sides' threads, at the real tokens per step they saw."""
+    if seconds <= 0:
+        return None
+    per_step = [r["tokens"] / r["timed_steps"] for r in runs if r.get("timed_steps")]
+    hidden, ffn = layer_widths(spec["model_path"])
+    gemm_spec = {
+        **spec,
+        "side": GEMM,
+        "gemm_tokens": max(8, round(statistics.median(per_step))),
+        "hidden": hidden,
+        "ffn": ffn,
+        "gemm_seconds": seconds,
+    }
+    print("scalelora.bench: measuring GEMM throughput at the model's shapes", file=sys.stderr, flush=True)
+    return run_side(gemm_spec, workdir, len(runs))
+
+
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 @exit_on_user_error
@@ -817,6 +1166,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for name, scenario in SCENARIOS.items():
             print(f"{name:16s} {scenario.description}")
+        return 0
+    started = environment()
+    if args.time_to_result:
+        check_counts(args)
+        with tempfile.TemporaryDirectory(prefix="scalelora-ttr-") as tmp:
+            report = time_to_result(args, Path(tmp))
+        report["environment"] = {**started, "load_average_end": list(os.getloadavg()), "note": args.note}
+        print(format_time_to_result(report))
+        write_report(report, args.out)
         return 0
     if not args.scenario:
         print("scalelora: error: --scenario NAME is required (see --list)", file=sys.stderr)
@@ -854,11 +1212,12 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 runs.append(run_side({**spec, "side": side}, workdir, len(runs)))
-        report = summarize(scenario, runs, spec, args.smoke)
+        seconds = min(args.gemm_seconds, 0.05) if args.smoke else args.gemm_seconds
+        gemm = measure_machine(spec, runs, workdir, seconds)
+        report = summarize(scenario, runs, spec, args.smoke, count_step_flops(spec), gemm)
+    report["environment"] = {**started, "load_average_end": list(os.getloadavg()), "note": args.note}
     print(format_report(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     return 0
 
 

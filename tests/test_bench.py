@@ -1,6 +1,7 @@
-"""The benchmark: it runs both sides end to end in smoke mode and writes its JSON; its pieces (shapes
-of the GPU scenarios' models, the timing window, the ratios, the teacher cache) are right. No timings
-are asserted: they depend on the machine."""
+"""The benchmark: it runs every side end to end in smoke mode and writes its JSON; its pieces (shapes
+of the GPU scenarios' models, the timing window, the comparator and ratios, the FLOP counter, the
+teacher cache) are right; the trainer's own timing it reads (summary.json's steady_state and
+phase_seconds) and the lazy imports it measures. No timings are asserted: they depend on the machine."""
 
 from __future__ import annotations
 
@@ -14,31 +15,43 @@ from benchmarks import bench
 from conftest import ROOT, run_cli, tiny_overrides
 
 
-def test_smoke_runs_both_sides_and_writes_json(tmp_path: Path) -> None:
+def test_smoke_runs_every_side_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    # one whole epoch of 32 rows (4 steps of 8: 1 warm-up, 3 timed), so both sides also report accuracy
+    # one whole epoch of 32 rows (4 steps of 8: 1 warm-up, 3 timed), so every side also reports accuracy
     args = ["--scenario", "cpu-minilm-rt", "--smoke", "--epochs", "1", "--max-train-samples", "32"]
-    done = run_cli("scalelora.bench", [*args, "--out", str(out)])
+    sides = [bench.HF, bench.HF_GROUPED, bench.SCALELORA, bench.SCALELORA_NOGROUP]
+    done = run_cli("scalelora.bench", [*args, "--sides", ",".join(sides), "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["scenario"] == "cpu-minilm-rt" and report["smoke"] is True
-    assert set(report["sides"]) == {bench.HF, bench.SCALELORA}
+    assert set(report["sides"]) == set(sides)
     for side in report["sides"].values():
         run = side["repeats"][0]
         assert run["timed_steps"] == 3 and run["warmup_steps"] == 1 and run["optimizer_steps"] == 4
         assert run["samples"] == 3 * 8  # three timed steps of batch 8
-        assert 0 < run["tokens"] <= run["padded_tokens"]
+        assert 0 < run["tokens"] <= run["padded_tokens"] and run["token_pairs"] >= run["tokens"]
         assert side["samples_per_second"] > 0 and side["peak_memory_bytes"] > 0
         assert side["peak_memory_kind"] == "rss"
         assert 0.0 <= side["validation_accuracy"] <= 1.0
-    # both sides train the same weights: LoRA on query/value plus the classifier head
-    hf_run = report["sides"][bench.HF]["repeats"][0]
-    ours = report["sides"][bench.SCALELORA]["repeats"][0]
-    assert hf_run["trainable_params"] == ours["trainable_params"]
-    assert report["ratio"] == pytest.approx(
-        ours["samples_per_second"] / hf_run["samples_per_second"], rel=1e-9
-    )
-    assert "ratio:" in done.stdout
+        # useful LoRA FLOP/s against the machine's measured matmul throughput at the model's shapes
+        assert side["achieved_gflops"] > 0 and side["mfu_measured_gemm"] > 0
+    # every side trains the same weights: LoRA on query/value plus the classifier head
+    trainable = {side["repeats"][0]["trainable_params"] for side in report["sides"].values()}
+    assert len(trainable) == 1
+    # scalelora is measured against the faster HF configuration, and against HF's defaults
+    speeds = {name: report["sides"][name]["samples_per_second"] for name in bench.HF_SIDES}
+    assert report["comparator"] == max(speeds, key=speeds.get)
+    ours = report["sides"][bench.SCALELORA]["samples_per_second"]
+    assert report["ratio"] == pytest.approx(ours / speeds[report["comparator"]], rel=1e-9)
+    assert report["ratio_default"] == pytest.approx(ours / speeds[bench.HF], rel=1e-9)
+    assert report["ratios"][bench.SCALELORA_NOGROUP] > 0
+    assert report["gemm_gflops"] > 0 and report["gemm"]["dtype"] == "float32"
+    assert report["mfu_measured_gemm"] == report["sides"][bench.SCALELORA]["mfu_measured_gemm"]
+    assert report["flops_per_step"]["per_token"] > 0
+    environment = report["environment"]
+    assert environment["date"] and environment["machine"]["cores"] > 0
+    assert environment["versions"]["torch"] and len(environment["load_average_start"]) == 3
+    assert "ratio:" in done.stdout and "comparator:" in done.stdout
 
 
 @pytest.mark.slow
@@ -52,7 +65,7 @@ def test_smoke_kd_sides_train_from_cache_and_self(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert set(report["sides"]) == {bench.SCALELORA, bench.KD_CACHE, bench.KD_SELF}
     assert report["kd_cache_step_ratio"] > 0 and report["kd_self_step_ratio"] > 0
-    assert report["ratio"] is None  # no HF side asked for
+    assert report["ratio"] is None and report["comparator"] is None  # no HF side asked for
     # a few steps say nothing about accuracy: the report leaves it out rather than print noise
     assert all(side["validation_accuracy"] is None for side in report["sides"].values())
 
@@ -101,12 +114,63 @@ def bench_non_embedding(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters()) - embeddings
 
 
-def test_frozen_flops_params_leave_out_embeddings(tmp_path: Path) -> None:
-    folder = bench.build_model_folder("gpt2", tmp_path / "gpt2", smoke=True)
-    from transformers import AutoModel
+def test_flop_counter_matches_a_hand_count_for_a_tiny_bert(tiny_bert: Path) -> None:
+    """2 layers, hidden 32, FFN 64, 2 heads, LoRA r=8 on query/value, a 2-label head; 2 examples of 3 and
+    5 real tokens. FLOPs per matmul of m multiply-adds: 2m forward, +2m activation gradient (not for the
+    first layer's Q/K/V, whose input needs none), +2m weight gradient (trainable weights only)."""
+    from benchmarks.hardware import lora_model_on_meta, step_flops
+    from scalelora.config import LoraConfig
 
-    model = AutoModel.from_pretrained(folder)
-    assert bench.frozen_flops_params(str(folder)) == bench_non_embedding(model)
+    flops = step_flops(lora_model_on_meta(str(tiny_bert), LoraConfig(r=8, alpha=16, dropout=0.1), 2))
+    square, ffn, lora = 32 * 32, 32 * 64, 32 * 8  # multiply-adds per token
+    first_layer = (
+        3 * 2 * square  # Q, K, V: forward only
+        + 2 * (2 * 2 * lora + 2 * 3 * lora)  # LoRA A (no input gradient) and B on query and value
+        + 4 * square  # attention output projection: forward + activation gradient
+        + 2 * 4 * ffn  # MLP up and down
+    )
+    other_layer = 3 * 4 * square + 2 * (2 * 3 * lora + 2 * 3 * lora) + 4 * square + 2 * 4 * ffn
+    assert flops.per_token == first_layer + other_layer == 70656
+    # attention, 32 wide: forward 2 * 2 * 32 per (query, key) pair; backward twice that, except that the
+    # first layer needs no key gradient (key is frozen and its input needs none)
+    assert flops.per_pair == (2 * 32 * (2 + 1 + 0 + 1 + 1)) + (2 * 32 * 6) == 704
+    # once per example: the pooler (frozen, 32x32) and the classifier (trained, 32x2)
+    assert flops.per_example == 4 * square + 6 * 32 * 2 == 4480
+    assert not flops.causal
+    tokens, pairs = 3 + 5, 3 * 3 + 5 * 5
+    assert flops(tokens, pairs, 2) == 8 * 70656 + 34 * 704 + 2 * 4480
+
+
+def test_flop_counter_covers_the_gpu_scenario_families(tmp_path: Path) -> None:
+    from benchmarks.hardware import lora_model_on_meta, step_flops
+    from scalelora.config import LoraConfig
+
+    for kind in ("distilbert", "roberta", "gpt2", "qwen2"):
+        folder = bench.build_model_folder(kind, tmp_path / kind, smoke=True)
+        flops = step_flops(lora_model_on_meta(str(folder), LoraConfig(r=8, alpha=16, dropout=0.1), 2))
+        assert flops.per_token > 0 and flops.per_pair > 0 and flops.per_example > 0, kind
+        assert flops.causal == (kind in ("gpt2", "qwen2")), kind
+        # one example of 4 tokens: a causal model attends to (4^2 + 4) / 2 = 10 pairs, an encoder to 16
+        pairs = 10 if flops.causal else 16
+        expected = 4 * flops.per_token + pairs * flops.per_pair + flops.per_example
+        assert flops(4, 16, 1) == pytest.approx(expected), kind
+
+
+def test_gemm_measurement_reports_each_shape_and_the_layer_mix() -> None:
+    from benchmarks.hardware import measure_gemm
+
+    result = measure_gemm(tokens=16, hidden=32, ffn=64, seconds_per_shape=0.01)
+    assert set(result["shapes"]) == {"hidden_x_hidden", "hidden_x_ffn", "ffn_x_hidden"}
+    assert result["shapes"]["hidden_x_ffn"] == {
+        "m": 16,
+        "k": 32,
+        "n": 64,
+        "gflops": pytest.approx(result["shapes"]["hidden_x_ffn"]["gflops"]),
+    }
+    rates = [shape["gflops"] for shape in result["shapes"].values()]
+    # the layer mix is a time-weighted mean, so it lies between the slowest and the fastest shape
+    assert min(rates) <= result["gemm_flops"] / 1e9 <= max(rates)
+    assert result["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
 
 
 def test_step_clock_times_only_the_steps_after_warmup(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,11 +179,32 @@ def test_step_clock_times_only_the_steps_after_warmup(monkeypatch: pytest.Monkey
     clock = bench.StepClock(warmup=2, steps=3, cuda=False)
     for _ in range(5):
         clock.step_ended()  # reads the clock only after step 2 and after step 5
-    counts = [(4, torch.tensor(10), 16)] * 2 + [(4, torch.tensor(12), 16)] * 3
+    counts = [(4, torch.tensor(10), 16, torch.tensor(30))] * 2 + [
+        (4, torch.tensor(12), 16, torch.tensor(40))
+    ] * 3
     result = bench.window_result(clock, counts, cuda=False)
     assert result["timed_seconds"] == 3.0 and result["timed_steps"] == 3
     assert result["samples"] == 12 and result["tokens"] == 36 and result["padded_tokens"] == 48
+    assert result["token_pairs"] == 120
     assert result["samples_per_second"] == 4.0 and result["padding_efficiency"] == 0.75
+
+
+def test_batch_counts_sum_real_lengths_and_their_squares() -> None:
+    batch = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+    }
+    samples, tokens, padded, pairs = bench.batch_counts([batch, batch])
+    assert (samples, int(tokens), padded, int(pairs)) == (4, 10, 16, 2 * (9 + 4))
+
+
+def test_hf_grouped_side_asks_for_length_grouped_sampling(tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    grouped = TrainingArguments(output_dir=str(tmp_path), **bench.hf_sampling_arguments(True))
+    default = TrainingArguments(output_dir=str(tmp_path), **bench.hf_sampling_arguments(False))
+    assert grouped.train_sampling_strategy == "group_by_length"
+    assert default.train_sampling_strategy == "random"
 
 
 def fake_run(side: str, samples_per_second: float, step_seconds: float) -> dict:
@@ -128,6 +213,10 @@ def fake_run(side: str, samples_per_second: float, step_seconds: float) -> dict:
         "samples_per_second": samples_per_second,
         "tokens_per_second": 10 * samples_per_second,
         "step_seconds": step_seconds,
+        "timed_seconds": 2.0,
+        "samples": 2 * samples_per_second,
+        "tokens": 20 * samples_per_second,
+        "token_pairs": 200 * samples_per_second,
         "peak_memory_bytes": 1,
         "peak_memory_kind": "rss",
         "padding_efficiency": 1.0,
@@ -137,19 +226,23 @@ def fake_run(side: str, samples_per_second: float, step_seconds: float) -> dict:
     }
 
 
-def test_summary_takes_the_median_of_paired_ratios() -> None:
+def test_summary_takes_the_median_of_paired_ratios_against_the_faster_hf_configuration() -> None:
     scenario = bench.SCENARIOS["cpu-minilm-kd"]
     runs = []
-    for hf_speed, ours, plain_step in ((10, 20, 1.0), (10, 30, 1.0), (5, 20, 2.0)):
+    for hf_speed, grouped_speed, ours, plain_step in ((10, 16, 20, 1.0), (10, 15, 30, 1.0), (5, 10, 20, 2.0)):
         runs += [
             fake_run(bench.HF, hf_speed, 1.0),
+            fake_run(bench.HF_GROUPED, grouped_speed, 1.0),
             fake_run(bench.SCALELORA, ours, plain_step),
             fake_run(bench.KD_CACHE, ours, 1.04 * plain_step),
             fake_run(bench.KD_SELF, ours, 1.5 * plain_step),
         ]
     spec = {"model_path": "minilm-l6", "steps": 3, "warmup": 1}
     report = bench.summarize(scenario, runs, spec, smoke=False)
-    assert report["ratio"] == pytest.approx(3.0)  # ratios 2, 3, 4
+    assert report["comparator"] == bench.HF_GROUPED  # median 15 samples/s against 10
+    assert report["ratio"] == pytest.approx(2.0)  # ratios 20/16, 30/15, 20/10
+    assert report["ratio_default"] == pytest.approx(3.0)  # ratios 2, 3, 4
+    assert report["ratios"][bench.HF] == pytest.approx(10 / 16)  # median of 10/16, 10/15, 5/10
     assert report["kd_cache_step_ratio"] == pytest.approx(1.04)
     assert report["kd_self_step_ratio"] == pytest.approx(1.5)
     assert report["sides"][bench.HF]["samples_per_second"] == 10
@@ -178,9 +271,25 @@ def test_overrides_give_scalelora_the_same_work() -> None:
     }
     cfg = load_config("quickstart", bench.scalelora_overrides(spec, Path("/tmp/out")))
     assert cfg.train.precision == "no" and cfg.train.max_steps == 35 and cfg.data.max_length == 128
+    assert cfg.train.timing_skip_steps == 5  # the trainer's steady-state clock skips the warm-up
     assert cfg.train.weight_decay == 0.0 and cfg.train.warmup_ratio == 0.0  # TrainingArguments defaults
     assert cfg.distill.enabled and cfg.distill.teacher == "cache" and cfg.distill.cache_dir == "/tmp/cache"
     assert cfg.data.group_by_length is False and cfg.data.test_split is None
+    plain = load_config(
+        "quickstart",
+        bench.scalelora_overrides({**spec, "side": bench.SCALELORA, "overrides": []}, Path("/tmp/o")),
+    )
+    nogroup = load_config(
+        "quickstart",
+        bench.scalelora_overrides({**spec, "side": bench.SCALELORA_NOGROUP, "overrides": []}, Path("/tmp/o")),
+    )
+    assert plain.data.group_by_length is True and nogroup.data.group_by_length is False
+    assert not plain.distill.enabled and not nogroup.distill.enabled
+    compiled = load_config(
+        "quickstart",
+        bench.scalelora_overrides({**spec, "side": bench.SCALELORA, "compile": True}, Path("/tmp/o")),
+    )
+    assert compiled.train.compile is True
 
 
 def test_teacher_cache_is_read_by_cached_teacher(tmp_path: Path, toy_data: Path) -> None:
@@ -258,18 +367,65 @@ def test_vectorized_pad_collator_matches_row_by_row_padding() -> None:
         assert batch["idx"].tolist() == [r["idx"] for r in rows]
 
 
-def test_mfu_counts_a_frozen_base_at_four_flops_per_parameter_and_token(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_achieved_flops_against_measured_gemm_and_the_device_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.hardware import StepFlops
+
     monkeypatch.setattr(bench, "device_peak_flops", lambda: ("NVIDIA H100 80GB HBM3", 1e12))
-    monkeypatch.setattr(bench, "frozen_flops_params", lambda path: 1000)
+    flops = StepFlops(per_token=1000.0, per_pair=10.0, per_example=100.0, causal=False)
     runs = [fake_run(bench.HF, 10.0, 1.0), fake_run(bench.SCALELORA, 20.0, 0.5)]
+    gemm = {"gemm_flops": 2e9}
     report = bench.summarize(
-        bench.SCENARIOS["gpu-distilbert"], runs, {"model_path": "x", "steps": 1, "warmup": 1}, False
+        bench.SCENARIOS["gpu-distilbert"],
+        runs,
+        {"model_path": "x", "steps": 1, "warmup": 1},
+        False,
+        flops,
+        gemm,
     )
-    # (4 * 1000 frozen + 6 * 10 trainable) FLOPs per token * 200 tokens/s / 1e12 FLOP/s
-    assert report["sides"][bench.SCALELORA]["mfu"] == pytest.approx(4060 * 200 / 1e12)
-    assert report["sides"][bench.HF]["mfu"] == pytest.approx(4060 * 100 / 1e12)
+    # scalelora's run: 400 tokens, 4000 pairs, 40 examples in 2 s
+    achieved = (1000 * 400 + 10 * 4000 + 100 * 40) / 2.0
+    ours = report["sides"][bench.SCALELORA]
+    assert ours["achieved_gflops"] == pytest.approx(achieved / 1e9)
+    assert ours["mfu_measured_gemm"] == pytest.approx(achieved / 2e9)
+    assert ours["mfu"] == pytest.approx(achieved / 1e12)
+    assert report["mfu_measured_gemm"] == ours["mfu_measured_gemm"] and report["gemm_gflops"] == 2.0
+    assert report["sides"][bench.HF]["achieved_gflops"] == pytest.approx(achieved / 2 / 1e9)
+
+
+def test_time_to_result_report_has_both_sides_and_phases(tmp_path: Path) -> None:
+    run = {
+        "wall_seconds": 10.0,
+        "phase_seconds": dict.fromkeys(bench.PHASES, 1.0),
+        "other_seconds": 4.0,
+        "peak_rss_bytes": 1,
+        "validation_accuracy": 0.8,
+        "test_accuracy": 0.8,
+        "optimizer_steps": 2,
+    }
+    text = bench.format_time_to_result(
+        {
+            "device": "cpu",
+            "smoke": True,
+            "ratio": 1.5,
+            "sides": {bench.TTR_SCALELORA: run, bench.TTR_HF: {**run, "wall_seconds": 15.0}},
+        }
+    )
+    assert "ratio (HF script wall / scalelora wall): 1.500" in text
+
+
+@pytest.mark.slow
+def test_smoke_time_to_result_runs_both_whole_runs(tmp_path: Path) -> None:
+    out = tmp_path / "ttr.json"
+    done = run_cli("scalelora.bench", ["--time-to-result", "--smoke", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["sides"]) == {bench.TTR_SCALELORA, bench.TTR_HF} and report["ratio"] > 0
+    for side in report["sides"].values():
+        run = side["repeats"][0]
+        assert set(run["phase_seconds"]) == set(bench.PHASES)
+        assert run["wall_seconds"] >= sum(run["phase_seconds"].values()) > 0
+        assert run["optimizer_steps"] == 2  # 64 rows, the quickstart's batch of 32, 1 epoch
+        assert 0 <= run["validation_accuracy"] <= 1 and 0 <= run["test_accuracy"] <= 1
 
 
 # --- the trainer's own timing: what the benchmark reads -------------------------------------------

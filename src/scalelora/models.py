@@ -341,6 +341,16 @@ def bitsandbytes_hidden(hide: bool = True) -> Iterator[None]:
                     cached.cache_clear()
 
 
+@contextlib.contextmanager
+def quiet_peft(quantized: bool = False) -> Iterator[None]:
+    """Around PEFT imports and `get_peft_model`: bitsandbytes hidden unless the base is `quantized`
+    (`bitsandbytes_hidden`), and PEFT 0.21's read of transformers' deprecated
+    `is_gradient_checkpointing` (a FutureWarning on every run) silenced."""
+    with bitsandbytes_hidden(not quantized), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def apply_mode(
     model: nn.Module, model_cfg: ModelConfig, lora: LoraConfig, new_modules: list[str]
 ) -> nn.Module:
@@ -355,7 +365,7 @@ def apply_mode(
             getattr(model, name).requires_grad_(True)
         return model
     quantized = model_cfg.load_in_8bit or model_cfg.load_in_4bit
-    with bitsandbytes_hidden(not quantized):
+    with quiet_peft(quantized):
         from peft import LoraConfig as PeftLoraConfig
         from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
 
@@ -377,9 +387,7 @@ def apply_mode(
         modules_to_save=heads,
     )
     try:
-        with bitsandbytes_hidden(not quantized), warnings.catch_warnings():
-            # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per run)
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft(quantized):
             peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     except ValueError as err:
         linear = sorted(
