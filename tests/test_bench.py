@@ -632,3 +632,42 @@ def test_unwrap_model_removes_compile_and_ddp_like_wrappers() -> None:
     assert unwrap_model(DeepSpeedEngine(compiled)) is inner
     assert unwrap_model(DeepSpeedEngine(compiled), keep_compiled=True) is compiled
     assert list(unwrap_model(compiled).state_dict()) == ["weight", "bias"]  # no `_orig_mod.` prefix
+
+
+def test_plot_draws_the_figure_and_prints_the_table_from_the_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from benchmarks import plot
+
+    runs = [
+        fake_run(bench.HF, 10.0, 1.0),
+        fake_run(bench.HF_GROUPED, 20.0, 1.0),
+        fake_run(bench.SCALELORA, 25.0, 1.0),
+    ]
+    report = bench.summarize(
+        bench.SCENARIOS["cpu-minilm-rt"], runs, {"model_path": "minilm-l6", "steps": 1, "warmup": 1}, False
+    )
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert plot.main([str(path), "--png", str(tmp_path / "bars.png"), "--table"]) == 0
+    assert (tmp_path / "bars.png").read_bytes()[:4] == b"\x89PNG"
+    rows = capsys.readouterr().out
+    assert "| `scalelora` | 25.0 (25.0) |" in rows and "1 (comparator)" in rows and "1.250" in rows
+
+
+@pytest.mark.slow
+def test_a_compiled_run_saves_a_loadable_adapter(tiny_bert: Path, toy_data: Path, tmp_path: Path) -> None:
+    """train.compile=true: the adapter is saved from inside torch.compile's wrapper without its `_orig_mod.`
+    prefix (Accelerate's unwrap keeps the wrapper, and PEFT's save then failed with a KeyError)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from scalelora.config import load_config
+    from scalelora.trainer import run_training
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2, "train.compile": "true"})
+    assert run_training(load_config("quickstart", overrides))["compiled"] is True
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
