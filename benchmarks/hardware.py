@@ -187,6 +187,7 @@ def measure_gemm(tokens: int, hidden: int, ffn: int, seconds_per_shape: float = 
     O), @ (hidden x ffn) and (tokens x ffn) @ (ffn x hidden) (the MLP); fp32 on CPU, bf16 on a GPU.
 
     `gemm_flops` is the layer mix (4 square, 1 up, 1 down) as one number: its FLOPs over its seconds.
+    `hidden_x_3hidden` (Q, K, V fused into one matmul) is measured beside it, outside the mix.
     """
     import torch
 
@@ -202,6 +203,8 @@ def measure_gemm(tokens: int, hidden: int, ffn: int, seconds_per_shape: float = 
         "hidden_x_hidden": (tokens, hidden, hidden, 4),
         "hidden_x_ffn": (tokens, hidden, ffn, 1),
         "ffn_x_hidden": (tokens, ffn, hidden, 1),
+        # not in the layer mix: Q, K and V fused into one matmul, the ceiling of that lever
+        "hidden_x_3hidden": (tokens, hidden, 3 * hidden, 0),
     }
     per_shape, total_flops, total_seconds = {}, 0.0, 0.0
     for name, (m, k, n, count) in shapes.items():

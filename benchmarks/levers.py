@@ -219,6 +219,10 @@ def imports_lever(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "lever": "lazy imports",
         "work": "a tiny plain CPU run (2-layer BERT, 2 steps) from command start to exit",
         "before": args.before,
+        "before_commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=args.before
+        ).stdout.strip()
+        or None,
         "repeats": args.repeats,
         "wall_seconds": {name: {"median": statistics.median(v), "runs": v} for name, v in walls.items()},
         "saved_seconds": statistics.median(walls["before"]) - statistics.median(walls["after"]),

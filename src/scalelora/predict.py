@@ -71,7 +71,7 @@ def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from scalelora.config import ModelConfig
-    from scalelora.models import load_classifier
+    from scalelora.models import load_classifier, quiet_peft
 
     folder = find_model_dir(path)
     refuse_pickle(folder, allow_pickle)
@@ -79,7 +79,8 @@ def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
+        with quiet_peft():  # the base is loaded in full precision here: no bitsandbytes
+            from peft import PeftModel
 
         if not meta:
             base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -96,7 +97,8 @@ def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn
                 "pickle), which can run code when loaded: convert it to safetensors, or pass --allow-pickle "
                 "if you trust its source"
             ) from None
-        model = PeftModel.from_pretrained(base, str(folder), use_safetensors=not allow_pickle or None)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, str(folder), use_safetensors=not allow_pickle or None)
         labels = meta["labels"]
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
