@@ -13,6 +13,8 @@ python benchmarks/levers.py imports --before /path/to/old/checkout/src --out ben
 - `threads`: the same eager run with 1 and with 2 torch threads (`python -m scalelora.bench` sides).
 - `imports`: a tiny plain CPU run (2 steps) in fresh processes with this checkout and with `--before`
   (an older `src/`), alternating, plus what importing DeepSpeed and bitsandbytes costs on its own.
+- `profile`: where a steady-state scalelora step's time goes (torch.profiler self CPU time: matmuls,
+  attention, everything else), the first thing to look at before kernel work.
 (Length grouping is a side of the benchmark itself: `--sides scalelora,scalelora_nogroup`.)
 """
 
@@ -231,13 +233,74 @@ def imports_lever(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+
+
+def profile_lever(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Where a steady-state scalelora step spends its time: torch.profiler's self CPU time per operator
+    over `--steps` steps after `--skip` warm-up steps, grouped into matmuls, attention and the rest."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from scalelora.config import load_config
+    from scalelora.runtime import reset_accelerate_state
+    from scalelora.trainer import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = rt_spec(args.skip + args.steps, args.threads)
+    cfg = load_config("quickstart", bench.scalelora_overrides(spec, workdir / "profile"))
+    reset_accelerate_state()
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        stream = trainer.micro_batches()
+        for _ in range(args.skip):
+            trainer.train_step([next(stream)])
+        batches = [next(stream) for _ in range(args.steps)]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        started = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches:
+                trainer.train_step([batch])
+        wall = time.perf_counter() - started
+    finally:
+        trainer.close()
+        reset_accelerate_state()
+    by_op: dict[str, float] = {}
+    for event in prof.key_averages():
+        by_op[event.key] = by_op.get(event.key, 0.0) + event.self_cpu_time_total / 1e6
+    total = sum(by_op.values())
+    groups = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for name, seconds in by_op.items():
+        if name in GEMM_OPS:
+            groups["matmul"] += seconds
+        elif "scaled_dot_product" in name or "flash_attention" in name:
+            groups["attention"] += seconds
+        else:
+            groups["other"] += seconds
+    top = sorted(by_op.items(), key=lambda item: -item[1])[:15]
+    return {
+        "lever": "profile",
+        "work": "cpu-minilm-rt, scalelora side, eager, steps after the warm-up (data already loaded)",
+        "steps": args.steps,
+        "skipped_steps": args.skip,
+        "threads": args.threads,
+        "tokens": tokens,
+        "wall_seconds_under_profiler": wall,
+        "self_seconds_total": total,
+        "share": {name: seconds / total for name, seconds in groups.items()},
+        "top_ops": [{"op": name, "seconds": seconds, "share": seconds / total} for name, seconds in top],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("lever", choices=["compile", "threads", "imports"])
+    parser.add_argument("lever", choices=["compile", "threads", "imports", "profile"])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--skip", type=int, default=10, help="compile: steps left out of the steady state")
+    parser.add_argument("--skip", type=int, default=10, help="compile, profile: warm-up steps left out")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch threads (compile, imports)")
+    parser.add_argument("--threads", type=int, help="torch threads (compile, imports, profile)")
     parser.add_argument("--before", help="imports: an older checkout's src/ folder to compare with")
     parser.add_argument("--note", help="free text stored in the JSON (what else the machine ran)")
     parser.add_argument("--out", type=Path)
@@ -246,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("imports needs --before OLD_CHECKOUT/src")
     environment = bench.environment()
     with tempfile.TemporaryDirectory(prefix="scalelora-levers-") as tmp:
-        lever = {"compile": compile_lever, "threads": threads_lever, "imports": imports_lever}[args.lever]
+        levers = {
+            "compile": compile_lever,
+            "threads": threads_lever,
+            "imports": imports_lever,
+            "profile": profile_lever,
+        }
+        lever = levers[args.lever]
         report = lever(args, Path(tmp))
     report["environment"] = {**environment, "load_average_end": list(os.getloadavg()), "note": args.note}
     text = json.dumps(report, indent=2) + "\n"
