@@ -137,7 +137,7 @@ def throughput_table(report: dict[str, Any]) -> list[str]:
         "peak RSS MiB",
         "GFLOP/s",
         "of GEMM",
-        f"x {comparator}",
+        f"x {comparator}" if comparator else "x comparator",
     ]
     return table(header, rows)
 
