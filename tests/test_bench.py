@@ -605,6 +605,7 @@ def test_hidden_bitsandbytes_is_importable_again_afterwards() -> None:
         pytest.skip("bitsandbytes is not installed")
     import peft.import_utils
 
+    assert peft.import_utils.is_bnb_available() is True  # an answer cached before the block
     saved = sys.modules.pop("bitsandbytes", None)
     try:
         with bitsandbytes_hidden():

@@ -317,8 +317,9 @@ def bitsandbytes_hidden(hide: bool = True) -> Iterator[None]:
     PEFT imports bitsandbytes when PEFT is first imported and at every `get_peft_model` (to offer its
     quantized LoRA layers), quantized base or not: about a second of a plain run's start-up, and a line
     about optional CPU kernels. A model without 8/4-bit layers needs none of it. PEFT's and
-    transformers' cached answers to "is bitsandbytes installed?" are forgotten on the way out, so an
-    8/4-bit model later in the same process still gets bitsandbytes layers. (PEFT's
+    transformers' cached answers to "is bitsandbytes installed?" are forgotten on the way in (else PEFT
+    would import it anyway, and fail) and on the way out, so an 8/4-bit model later in the same
+    process still gets bitsandbytes layers. (PEFT's
     `find_kappa_target_modules` helper, which scalelora does not use, keeps `bnb = None` when PEFT was
     first imported here.)
     """
@@ -326,19 +327,25 @@ def bitsandbytes_hidden(hide: bool = True) -> Iterator[None]:
         yield  # asked for, or already imported: nothing to save
         return
     sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # makes `import bitsandbytes` raise ImportError
+    forget_bitsandbytes_checks()  # an answer cached before would still say "installed"
     try:
         yield
     finally:
         if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
             del sys.modules["bitsandbytes"]
-        for module, names in (
-            ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
-            ("transformers.utils.import_utils", ("is_bitsandbytes_available",)),
-        ):
-            for name in names:
-                cached = getattr(sys.modules.get(module), name, None)
-                if hasattr(cached, "cache_clear"):
-                    cached.cache_clear()
+        forget_bitsandbytes_checks()
+
+
+def forget_bitsandbytes_checks() -> None:
+    """Clear PEFT's and transformers' cached "is bitsandbytes installed?" answers (where imported)."""
+    for module, names in (
+        ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+        ("transformers.utils.import_utils", ("is_bitsandbytes_available",)),
+    ):
+        for name in names:
+            cached = getattr(sys.modules.get(module), name, None)
+            if hasattr(cached, "cache_clear"):
+                cached.cache_clear()
 
 
 @contextlib.contextmanager
