@@ -1111,6 +1111,24 @@ def plan(args: argparse.Namespace) -> tuple[Scenario, dict[str, Any]]:
     scenario = replace(scenario, sides=sides)
     overrides = (["data.max_eval_samples=64"] if args.smoke else []) + list(args.set)
     spec: dict[str, Any] = {
+        **scenario_spec(
+            scenario,
+            steps=args.steps or scenario.steps,
+            warmup=scenario.warmup if args.warmup is None else args.warmup,
+            threads=args.threads,
+        ),
+        "epochs": args.epochs,
+        "max_train_samples": args.max_train_samples or (64 if args.smoke else None),
+        "overrides": overrides,
+        # when scalelora compiles (--compile, or train.compile set through --set), HF compiles too
+        "compile": args.compile or compiles(overrides),
+    }
+    return scenario, spec
+
+
+def scenario_spec(scenario: Scenario, steps: int, warmup: int, threads: int | None) -> dict[str, Any]:
+    """The part of a worker's spec every side shares: the scenario's model, data and training settings."""
+    return {
         "model_path": scenario.model,
         "data_path": "rotten_tomatoes",
         "batch_size": scenario.batch_size,
@@ -1120,16 +1138,10 @@ def plan(args: argparse.Namespace) -> tuple[Scenario, dict[str, Any]]:
         "lora_r": scenario.lora_r,
         "lora_alpha": scenario.lora_alpha,
         "lora_dropout": scenario.lora_dropout,
-        "steps": args.steps or scenario.steps,
-        "warmup": scenario.warmup if args.warmup is None else args.warmup,
-        "epochs": args.epochs,
-        "max_train_samples": args.max_train_samples or (64 if args.smoke else None),
-        "overrides": overrides,
-        "threads": args.threads,
-        # when scalelora compiles (--compile, or train.compile set through --set), HF compiles too
-        "compile": args.compile or compiles(overrides),
+        "steps": steps,
+        "warmup": warmup,
+        "threads": threads,
     }
-    return scenario, spec
 
 
 def measure_machine(

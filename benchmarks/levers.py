@@ -40,22 +40,8 @@ from benchmarks import bench  # noqa: E402
 
 def rt_spec(steps: int, threads: int | None) -> dict[str, Any]:
     """The work of `cpu-minilm-rt` for the scalelora side, as the benchmark builds it."""
-    scenario = bench.SCENARIOS["cpu-minilm-rt"]
-    return {
-        "model_path": scenario.model,
-        "data_path": "rotten_tomatoes",
-        "batch_size": scenario.batch_size,
-        "max_length": scenario.max_length,
-        "precision": scenario.precision,
-        "lr": scenario.lr,
-        "lora_r": scenario.lora_r,
-        "lora_alpha": scenario.lora_alpha,
-        "lora_dropout": scenario.lora_dropout,
-        "steps": steps,
-        "warmup": 0,
-        "side": bench.SCALELORA,
-        "threads": threads,
-    }
+    spec = bench.scenario_spec(bench.SCENARIOS["cpu-minilm-rt"], steps=steps, warmup=0, threads=threads)
+    return {**spec, "side": bench.SCALELORA}
 
 
 def train_run(overrides: list[str], workdir: Path, name: str, threads: int | None) -> dict[str, Any]:
