@@ -4,14 +4,13 @@ from the README; every key of config.py is documented."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import typing
 import unicodedata
 from pathlib import Path
 
 import pytest
 
+from config_keys import config_keys
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -95,18 +94,6 @@ def test_every_docs_page_is_reachable_from_the_readme():
                 todo.append(path)
     orphans = [str(p.relative_to(ROOT)) for p in PAGES if p not in reached]
     assert not orphans, f"pages no link leads to from README.md: {orphans}"
-
-
-def config_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key of the config tree (a nested dataclass is a section, not a key)."""
-    hints = typing.get_type_hints(cls)
-    keys = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
 
 
 def test_every_config_key_is_documented():

@@ -16,22 +16,12 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from config_keys import config_keys
 from scalelora.config import DataConfig, RunConfig, load_config
 from scalelora.data import load_splits
 from scalelora.errors import ConfigError, DataError
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-
-
-def config_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
 
 
 KEYS = config_keys()
