@@ -312,13 +312,15 @@ def write_self_teacher(spec: dict[str, Any], folder: Path) -> Path:
 
 class StepClock:
     """End-of-step timestamps for the HF side (read from a TrainerCallback), the device synchronized
-    only at the two steps that bound the timed window."""
+    only at the two steps that bound the timed window; the peak memory is read as the last timed step
+    ends, the point where scalelora's `steady_state.peak_memory_bytes` is read."""
 
     def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
         self.warmup, self.last = warmup, warmup + steps
         self.cuda = cuda
         self.stamps: dict[int, float] = {}
         self.done = 0
+        self.peak_memory: dict[str, int | None] | None = None
 
     def step_ended(self) -> None:
         self.done += 1
@@ -328,6 +330,8 @@ class StepClock:
 
                 torch.cuda.synchronize()
             self.stamps[self.done] = time.perf_counter()
+        if self.done == self.last:
+            self.peak_memory = peak_memory_bytes()
 
     def seconds(self) -> float:
         return self.stamps[self.last] - self.stamps[self.warmup]
@@ -346,8 +350,9 @@ def batch_counts(batches: list[dict[str, Any]]) -> tuple[int, Any, int, Any]:
     return samples, real, padded, pairs
 
 
-def peak_memory(cuda: bool) -> tuple[int, str]:
-    memory = peak_memory_bytes()
+def peak_memory(cuda: bool, memory: dict[str, int | None] | None = None) -> tuple[int, str]:
+    """(bytes, kind) of `memory` (a `peak_memory_bytes()` reading; now when None): CUDA on a GPU."""
+    memory = memory or peak_memory_bytes()
     return (memory["gpu"], "cuda_max_allocated") if cuda else (memory["host"], "rss")
 
 
@@ -416,7 +421,10 @@ def run_scalelora(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
             f"side {spec['side']}: no optimizer step after the {spec['warmup']} warm-up step(s); "
             "raise --steps or --epochs"
         )
-    memory, memory_kind = peak_memory(torch.cuda.is_available())
+    # training's peak, read by the trainer as the last timed step ended (the HF side reads it there too);
+    # the whole run's, with the final evaluation and report, is kept beside it
+    memory, memory_kind = peak_memory(torch.cuda.is_available(), steady["peak_memory_bytes"])
+    run_memory, _ = peak_memory(torch.cuda.is_available())
     phases = summary["phase_seconds"]
     return {
         "timed_steps": steady["steps"],
@@ -432,6 +440,7 @@ def run_scalelora(spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         "tokens_per_second": steady["tokens_per_second"],
         "peak_memory_bytes": memory,
         "peak_memory_kind": memory_kind,
+        "run_peak_memory_bytes": run_memory,
         "setup_seconds": phases["data"] + phases["model"],
         "phase_seconds": phases,
         "compiled": summary["compiled"],
@@ -449,7 +458,7 @@ def window_result(clock: StepClock, counts: list[tuple[int, Any, int, Any]], cud
     tokens = int(sum(c[1] for c in timed))
     padded = sum(c[2] for c in timed)
     pairs = int(sum(c[3] for c in timed))
-    memory, memory_kind = peak_memory(cuda)
+    memory, memory_kind = peak_memory(cuda, clock.peak_memory)
     return {
         "timed_steps": clock.last - clock.warmup,
         "warmup_steps": clock.warmup,
@@ -777,6 +786,8 @@ def summarize(
         "ratio": paired(SCALELORA, comparator, "samples_per_second"),
         "ratio_default": paired(SCALELORA, HF, "samples_per_second"),
         "tokens_ratio": paired(SCALELORA, comparator, "tokens_per_second"),
+        # peak memory through training (read as the last timed step ends on both sides) / the comparator's
+        "memory_ratio": paired(SCALELORA, comparator, "peak_memory_bytes"),
         "ratios": {
             side: paired(side, comparator, "samples_per_second") for side in sides if side != comparator
         },
@@ -1003,6 +1014,7 @@ def format_report(report: dict[str, Any]) -> str:
         "ratio",
         "ratio_default",
         "tokens_ratio",
+        "memory_ratio",
         "mfu_measured_gemm",
         "accuracy_difference",
         "kd_cache_step_ratio",

@@ -45,6 +45,12 @@ def test_smoke_runs_every_side_and_writes_json(tmp_path: Path) -> None:
     assert report["ratio"] == pytest.approx(ours / speeds[report["comparator"]], rel=1e-9)
     assert report["ratio_default"] == pytest.approx(ours / speeds[bench.HF], rel=1e-9)
     assert report["ratios"][bench.SCALELORA_NOGROUP] > 0
+    # peak memory through training, read on both sides as the last timed step ends; scalelora's whole run
+    # (final evaluation and report included) is kept beside it
+    memories = {name: report["sides"][name]["peak_memory_bytes"] for name in sides}
+    assert report["memory_ratio"] == pytest.approx(memories[bench.SCALELORA] / memories[report["comparator"]])
+    ours_run = report["sides"][bench.SCALELORA]["repeats"][0]
+    assert ours_run["run_peak_memory_bytes"] >= ours_run["peak_memory_bytes"]
     assert report["gemm_gflops"] > 0 and report["gemm"]["dtype"] == "float32"
     assert report["mfu_measured_gemm"] == report["sides"][bench.SCALELORA]["mfu_measured_gemm"]
     assert report["flops_per_step"]["per_token"] > 0
@@ -237,9 +243,14 @@ def test_summary_takes_the_median_of_paired_ratios_against_the_faster_hf_configu
             fake_run(bench.KD_CACHE, ours, 1.04 * plain_step),
             fake_run(bench.KD_SELF, ours, 1.5 * plain_step),
         ]
+    ours_memory = iter((3, 2, 5))
+    for run in runs:
+        if run["side"] in (bench.SCALELORA, bench.HF_GROUPED):
+            run["peak_memory_bytes"] = next(ours_memory) if run["side"] == bench.SCALELORA else 4
     spec = {"model_path": "minilm-l6", "steps": 3, "warmup": 1}
     report = bench.summarize(scenario, runs, spec, smoke=False)
     assert report["comparator"] == bench.HF_GROUPED  # median 15 samples/s against 10
+    assert report["memory_ratio"] == pytest.approx(3 / 4)  # paired: median of 3/4, 2/4, 5/4
     assert report["ratio"] == pytest.approx(2.0)  # ratios 20/16, 30/15, 20/10
     assert report["ratio_default"] == pytest.approx(3.0)  # ratios 2, 3, 4
     assert report["ratios"][bench.HF] == pytest.approx(10 / 16)  # median of 10/16, 10/15, 5/10
@@ -457,6 +468,10 @@ def test_summary_reports_steady_state_after_the_skipped_steps_and_phase_seconds(
     assert steady["tokens_per_second"] == pytest.approx(steady["tokens"] / steady["seconds"])
     assert steady["step_seconds"] == pytest.approx(steady["seconds"] / 4)
     assert steady["padding_efficiency"] == pytest.approx(steady["tokens"] / steady["padded_tokens"])
+    # peak memory as the last counted step ended: before the final evaluation and report, so at most
+    # the whole run's peak (host RSS only grows); no CUDA figure on CPU
+    assert steady["peak_memory_bytes"]["gpu"] is None
+    assert 0 < steady["peak_memory_bytes"]["host"] <= on_disk["peak_memory_gb"]["host"] * 2**30
     phases = on_disk["phase_seconds"]
     assert set(phases) == {"startup", "data", "model", "train", "eval", "save"}
     assert all(value is None or value >= 0 for value in phases.values())

@@ -156,6 +156,7 @@ class ThroughputClock:
         self.paused_seconds = 0.0
         self._pending_pause = 0.0  # pauses after the last counted step count once another step follows
         self._step_just_ended = False
+        self.peak_memory: dict[str, int | None] | None = None  # as the last counted step ended
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -178,6 +179,9 @@ class ThroughputClock:
         self._pending_pause = 0.0
         self.ended = self._now() if last else time.perf_counter()
         self._step_just_ended = True
+        # the process's peak through this step (a getrusage call; on CUDA a host-side counter): training's
+        # peak without the final evaluation, calibration and report that follow the loop
+        self.peak_memory = peak_memory_bytes(self.device)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -212,6 +216,7 @@ class ThroughputClock:
             "tokens_per_second": tokens / seconds,
             "step_seconds": seconds / self.steps,
             "padding_efficiency": tokens / max(self.padded_tokens, 1),
+            "peak_memory_bytes": self.peak_memory,
         }
 
 
