@@ -114,6 +114,11 @@ def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys):
     assert [r["test"] for r in again if r["run"] != "head_only"] == [
         r["test"] for r in rows if r["run"] != "head_only"
     ]
+    # editing one run's line of the recipe's `pipeline:` section retrains that run only
+    edited = [*tiny(tiny_bert), "head_only:train.lr=1e-2", "pipeline={lora_base_kd: [train.lr=1e-2]}"]
+    Pipeline("rotten_tomatoes", out, edited).run()
+    err = capsys.readouterr().err
+    assert err.count("reusing the finished run") == 8 and "lora_base_kd: training" in err
 
 
 def test_pipeline_cli_errors(tmp_path, capsys):

@@ -217,15 +217,25 @@ class Pipeline:
 
     # --- reuse of finished runs -----------------------------------------------------------------
 
+    @staticmethod
+    def _comparable(stamp: dict[str, Any]) -> dict[str, Any]:
+        """The stamp without the recipe's `pipeline:` section: a run's own line is already applied to its
+        resolved settings, so editing another run's line must not make this one retrain."""
+        settings = stamp.get("settings")
+        if isinstance(settings, dict) and "pipeline" in settings:
+            stamp = {**stamp, "settings": {k: v for k, v in settings.items() if k != "pipeline"}}
+        return stamp
+
     def _stamp(self, settings: Any) -> dict[str, Any]:
-        return {"recipe": self.recipe, "settings": settings}
+        return self._comparable({"recipe": self.recipe, "settings": settings})
 
     def _reusable(self, run: str, stamp: dict[str, Any]) -> dict[str, Any] | None:
         path = self.out / run / "pipeline_row.json"
         if self.fresh or not path.is_file():
             return None
         saved = json.loads(path.read_text())
-        return saved["row"] if saved.get("stamp") == stamp else None
+        # rows saved before the pipeline section left the stamp compare the same way
+        return saved["row"] if self._comparable(saved.get("stamp") or {}) == stamp else None
 
     def _save_row(self, run: str, stamp: dict[str, Any], row: dict[str, Any]) -> None:
         from scalelora.checkpoint import atomic_write_json
