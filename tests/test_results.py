@@ -143,6 +143,30 @@ def test_goemotions_is_its_shipped_recipe_against_tfidf_scored_under_tuned_thres
     assert [c["met"] for c in missed] == [False]
 
 
+def test_the_bar_figure_has_a_bar_for_every_run_a_dataset_has_goemotions_recipe_included():
+    def row(dataset, run, f1):
+        test = (
+            {"macro_f1": f1, "tuned": {"macro_f1": f1 + 0.1}} if dataset == "goemotions" else {"macro_f1": f1}
+        )
+        return {"dataset": dataset, "run": run, "test": test}
+
+    rows = [
+        row("emotion", "teacher_full", 0.89),
+        row("emotion", "lora_on_teacher", 0.88),
+        row("emotion", "tfidf_lr", 0.82),
+        row("goemotions", "recipe", 0.39),
+        row("goemotions", "tfidf_lr", 0.38),
+    ]
+    datasets, width, bars = results.bar_layout(rows)
+    assert datasets == ["emotion", "goemotions"] and width == pytest.approx(0.4)
+    # the baseline is the dashed line, not a bar; each dataset's bars are centred on its tick
+    assert bars == [
+        ("teacher_full", pytest.approx(-0.2), 0.89),
+        ("lora_on_teacher", pytest.approx(0.2), 0.88),
+        ("recipe", pytest.approx(1.0), pytest.approx(0.49)),  # multi-label: under the tuned thresholds
+    ]
+
+
 def test_vectorised_macro_f1_equals_scikit_learn():
     import numpy as np
     from sklearn.metrics import f1_score

@@ -276,32 +276,40 @@ def write_all(results_dir: Path, data: dict[str, Any], notes: str) -> None:
     atomic_write_text(results_dir / "RESULTS.md", render(data, figures, notes))
 
 
+def bar_layout(rows: list[dict[str, Any]]) -> tuple[list[str], float, list[tuple[str, float, float]]]:
+    """The bar figure's datasets, its bar width, and one (run, x, test macro-F1) per bar: every run a
+    dataset has (the pipeline's runs in their order, then others such as the shipped `recipe`), the
+    baseline aside (it is the dashed line), each dataset's bars centred on its tick."""
+    from scalelora.study.pipeline import RUNS
+
+    datasets = [d for d in DATASETS if any(r["dataset"] == d and r.get("test") for r in rows)]
+    order = [run for run in RUNS if run != BASELINE]
+    order += list(dict.fromkeys(r["run"] for r in rows if r["run"] not in RUNS))
+    present = {
+        d: {r["run"]: r for r in rows if r["dataset"] == d and r["run"] in order and r.get("test")}
+        for d in datasets
+    }
+    width = 0.8 / max([1] + [len(have) for have in present.values()])
+    bars = []
+    for j, d in enumerate(datasets):
+        runs = [run for run in order if run in present[d]]
+        for i, run in enumerate(runs):
+            bars.append((run, j + (i - (len(runs) - 1) / 2) * width, test_macro_f1(present[d][run])))
+    return datasets, width, bars
+
+
 def plot_results(rows: list[dict[str, Any]], results_dir: Path) -> dict[str, str]:
     """The grouped-bar figure of test macro-F1 and a confusion-matrix image per code-mixed set."""
     from scalelora.report import figure
 
     made: dict[str, str] = {}
-    datasets = [d for d in DATASETS if any(r["dataset"] == d and r.get("test") for r in rows)]
+    datasets, width, bars = bar_layout(rows)
     if datasets:
-        from scalelora.study.pipeline import RUNS
-
-        runs = [run for run in RUNS if run != BASELINE]  # the baseline is the dashed line
         path = results_dir / "test_macro_f1.png"
         with figure(path, figsize=(11, 4.4)) as (fig, (ax,)):
-            width = 0.8 / len(runs)
-            for i, run in enumerate(runs):
-                values = [
-                    next(
-                        (
-                            test_macro_f1(r)
-                            for r in rows
-                            if r["dataset"] == d and r["run"] == run and r.get("test")
-                        ),
-                        np.nan,
-                    )
-                    for d in datasets
-                ]
-                ax.bar(np.arange(len(datasets)) + (i - (len(runs) - 1) / 2) * width, values, width, label=run)
+            for i, run in enumerate(dict.fromkeys(run for run, _, _ in bars)):
+                mine = [(x, v) for r, x, v in bars if r == run]
+                ax.bar([x for x, _ in mine], [v for _, v in mine], width, label=run, color=f"C{i % 10}")
             for j, d in enumerate(datasets):
                 base = next(
                     (test_macro_f1(r) for r in rows if r["dataset"] == d and r["run"] == BASELINE), None
@@ -325,7 +333,13 @@ def plot_results(rows: list[dict[str, Any]], results_dir: Path) -> dict[str, str
             )
             ax.set_ylim(max(0.0, low - 0.05), 1.0)
             ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=7, ncol=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+            ax.legend(
+                fontsize=7,
+                ncol=min(10, 1 + len({run for run, _, _ in bars})),
+                loc="upper center",
+                bbox_to_anchor=(0.5, -0.1),
+                frameon=False,
+            )
             ax.set_title("test macro-F1 per dataset and run (full splits, MiniLM-L6)")
         made["bars"] = path.name
     for dataset in CODE_MIXED:
