@@ -609,6 +609,24 @@ def test_a_plain_cpu_run_imports_neither_deepspeed_nor_bitsandbytes(
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_the_trainer_imports_scikit_learn_only_when_it_first_evaluates() -> None:
+    """scikit-learn (about 37 MiB of resident memory, most of a second to import) is loaded by the first
+    evaluation, so it is not part of a training step's memory or of start-up."""
+    import subprocess
+    import sys
+
+    code = "import sys, scalelora.trainer, scalelora.evaluation; print('sklearn' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"
+    import numpy as np
+
+    from scalelora.evaluation import classification_metrics
+
+    metrics = classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"])
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and "sklearn" in sys.modules
+
+
 def test_hidden_bitsandbytes_is_importable_again_afterwards() -> None:
     """An 8/4-bit model later in the same process still finds bitsandbytes (PEFT's cached answer is reset)."""
     import importlib.util

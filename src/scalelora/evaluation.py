@@ -1,6 +1,8 @@
 """Metrics (accuracy, macro-F1, per-class report, confusion matrix, calibration) and gathered prediction.
 
 The built-in metrics come from scikit-learn: they need no download and run no code but the library's.
+scikit-learn is imported at the first evaluation, not with the trainer (it costs about 37 MiB of resident
+memory and most of a second of start-up).
 Users add metrics of the `evaluate` library by name (`eval.extra_metrics`): hub modules or local
 folders/scripts, which are Python code, hence `eval.trust_remote_code`.
 """
@@ -14,13 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import (
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    multilabel_confusion_matrix,
-    precision_recall_fscore_support,
-)
 
 from scalelora.calibration import (
     MULTI_LABEL,
@@ -50,6 +45,8 @@ def classification_metrics(
     predictions: np.ndarray, labels: np.ndarray, label_names: list[str], probs: np.ndarray | None = None
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, micro-F1, per-class precision/recall/f1/support and the confusion matrix (rows: gold)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
     ids = list(range(len(label_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=ids, zero_division=0
@@ -73,6 +70,13 @@ def multi_label_metrics(
     """For N x K 0/1 `predictions` and `labels`: `accuracy` is the subset accuracy (every label of the
     row right), macro-F1 the mean of the per-label F1s, micro-F1 pooled over all label decisions;
     per-label precision/recall/f1/support and `confusion_per_label` ({label: tp, fp, fn, tn})."""
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        multilabel_confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
     predictions = np.asarray(predictions, dtype=np.int64)
     labels = np.asarray(labels).astype(np.int64)
     precision, recall, f1, support = precision_recall_fscore_support(
