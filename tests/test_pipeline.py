@@ -120,6 +120,19 @@ def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("reusing the finished run") == 8 and "lora_base_kd: training" in err
 
+    # a setting added to scalelora after a run finished (absent from its saved stamp) keeps the run when it
+    # holds its default, and retrains it otherwise
+    saved_row = out / "teacher_full" / "pipeline_row.json"
+    saved = json.loads(saved_row.read_text())
+    del saved["stamp"]["settings"]["train"]["timing_skip_steps"]
+    saved_row.write_text(json.dumps(saved))
+    Pipeline("rotten_tomatoes", out, edited, ("teacher_full",)).run()
+    assert "teacher_full: reusing the finished run" in capsys.readouterr().err
+    Pipeline(
+        "rotten_tomatoes", out, [*edited, "teacher_full:train.timing_skip_steps=3"], ("teacher_full",)
+    ).run()
+    assert "teacher_full: training" in capsys.readouterr().err
+
 
 def test_pipeline_cli_errors(tmp_path, capsys):
     assert main(["--config", "rotten_tomatoes", "--out", str(tmp_path), "studnet:train.lr=1"]) == 2

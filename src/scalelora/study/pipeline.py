@@ -154,6 +154,23 @@ def load_average() -> float | None:
         return None
 
 
+def _same_settings(saved: Any, now: Any, defaults: Any) -> bool:
+    """Whether a finished run's saved stamp still describes `now`. A key missing from the saved one is a
+    setting added to scalelora after that run (every key is saved): it matches when `now` holds its
+    default, which by the rule for new keys is the old behaviour."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key, value in now.items():
+            if key in saved:
+                if not _same_settings(
+                    saved[key], value, defaults.get(key) if isinstance(defaults, dict) else None
+                ):
+                    return False
+            elif not (isinstance(defaults, dict) and key in defaults and defaults[key] == value):
+                return False
+        return set(saved) <= set(now)
+    return saved == now
+
+
 class Pipeline:
     """Runs the study for one recipe into `out`; see the module docstring."""
 
@@ -233,9 +250,12 @@ class Pipeline:
         path = self.out / run / "pipeline_row.json"
         if self.fresh or not path.is_file():
             return None
+        from scalelora.config import RunConfig
+
         saved = json.loads(path.read_text())
         # rows saved before the pipeline section left the stamp compare the same way
-        return saved["row"] if self._comparable(saved.get("stamp") or {}) == stamp else None
+        old = self._comparable(saved.get("stamp") or {})
+        return saved["row"] if _same_settings(old, stamp, {"settings": to_dict(RunConfig())}) else None
 
     def _save_row(self, run: str, stamp: dict[str, Any], row: dict[str, Any]) -> None:
         from scalelora.checkpoint import atomic_write_json
