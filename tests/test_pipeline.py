@@ -54,7 +54,7 @@ def tiny(model: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys):
+def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys, monkeypatch):
     out = tmp_path / "rt"
     rows = Pipeline("rotten_tomatoes", out, tiny(tiny_bert)).run()
     assert [r["run"] for r in rows] == ROWS
@@ -128,10 +128,23 @@ def test_pipeline_end_to_end_on_real_data(tiny_bert, tmp_path, capsys):
     saved_row.write_text(json.dumps(saved))
     Pipeline("rotten_tomatoes", out, edited, ("teacher_full",)).run()
     assert "teacher_full: reusing the finished run" in capsys.readouterr().err
-    Pipeline(
-        "rotten_tomatoes", out, [*edited, "teacher_full:train.timing_skip_steps=3"], ("teacher_full",)
-    ).run()
+    skip3 = [*edited, "teacher_full:train.timing_skip_steps=3"]
+    Pipeline("rotten_tomatoes", out, skip3, ("teacher_full",)).run()
     assert "teacher_full: training" in capsys.readouterr().err
+    # a teacher whose weights are gone (an interrupted retraining overwrote its folder) trains again
+    (out / "teacher_full" / "model" / "model.safetensors").unlink()
+    Pipeline("rotten_tomatoes", out, skip3, ("teacher_full",)).run()
+    assert "teacher_full: training" in capsys.readouterr().err
+    # and a retraining removes the old row first, so an interrupted one leaves nothing to reuse
+    import scalelora.trainer
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scalelora.trainer, "run_training", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline("rotten_tomatoes", out, [*edited, "teacher_full:train.lr=1e-2"], ("teacher_full",)).run()
+    assert not (out / "teacher_full" / "pipeline_row.json").exists()
 
 
 def test_pipeline_cli_errors(tmp_path, capsys):

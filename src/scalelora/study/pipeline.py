@@ -274,12 +274,16 @@ class Pipeline:
             stamp["teacher_mtime"] = (self.teacher_dir / "model.safetensors").stat().st_mtime
         if run in KD_RUNS:
             stamp["cache"] = json.loads((self.cache_dir / "manifest.json").read_text())["teacher"]
-        reused = self._reusable(run, stamp)
+        # the teacher is reused only with its weights: the runs after it train on them
+        has_weights = run != "teacher_full" or (self.teacher_dir / "model.safetensors").is_file()
+        reused = self._reusable(run, stamp) if has_weights else None
         if reused is not None:
             self.log(f"{run}: reusing the finished run in {self.out / run}")
             return reused
         command = shlex.join(["python", "-m", "scalelora.train", "--config", recipe, *overrides])
         self.log(f"{run}: training ({command})")
+        # the run folder is overwritten: a retraining that is interrupted must not leave the old row reusable
+        (self.out / run / "pipeline_row.json").unlink(missing_ok=True)
         started, load_before = time.time(), load_average()
         summary = run_training(cfg)  # resets Accelerate's process-wide state: stages may differ in precision
         # the config as the run used it (the auto recipe fills in values chosen from the data)
