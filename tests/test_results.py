@@ -167,6 +167,27 @@ def test_the_bar_figure_has_a_bar_for_every_run_a_dataset_has_goemotions_recipe_
     ]
 
 
+def test_versions_come_from_metadata_without_importing_peft():
+    """Importing peft imports bitsandbytes, which prints a kernel line on CPU: the study reads versions instead."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json; from scalelora.study.results import versions; v = versions(); "
+        "print(json.dumps([v, 'peft' in sys.modules, 'bitsandbytes' in sys.modules]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found, peft_loaded, bnb_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not peft_loaded and not bnb_loaded
+    import accelerate
+    import peft
+    import transformers
+
+    assert found["torch"] == torch.__version__ and found["peft"] == peft.__version__
+    assert found["transformers"] == transformers.__version__ and found["accelerate"] == accelerate.__version__
+
+
 def test_vectorised_macro_f1_equals_scikit_learn():
     import numpy as np
     from sklearn.metrics import f1_score

@@ -239,16 +239,17 @@ def _check(dataset: str, what: str, value: float, bar: float, row: dict[str, Any
 
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import peft
+    """The versions a dataset ran with. Read from the installed metadata, not by importing the packages:
+    importing peft imports bitsandbytes, which prints its kernel line on a CPU machine."""
+    from importlib.metadata import version
+
     import torch
-    import transformers
 
     return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
+        "torch": torch.__version__,  # with its build tag (2.13.0+cpu), as every row so far records it
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "accelerate": version("accelerate"),
         "python": sys.version.split()[0],
     }
 
