@@ -134,24 +134,17 @@ def lora_model_on_meta(model_path: str, lora_cfg: Any, num_labels: int) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from scalelora.models import head_modules, lora_targets, quiet_peft, resolve_model_path
+    from scalelora.models import head_modules, peft_lora_config, quiet_peft, resolve_model_path
 
     with quiet_peft():
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import get_peft_model
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_path), num_labels=num_labels)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    peft_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=lora_targets(model, lora_cfg),
-        modules_to_save=head_modules(model, []),
-    )
+    peft_config = peft_lora_config(model, lora_cfg, head_modules(model, []))
     with quiet_peft():
         return get_peft_model(model, peft_config)
 

@@ -358,6 +358,25 @@ def quiet_peft(quantized: bool = False) -> Iterator[None]:
         yield
 
 
+def peft_lora_config(model: nn.Module, lora: LoraConfig, heads: list[str], quantized: bool = False) -> Any:
+    """PEFT's LoraConfig for scalelora's `lora` settings on `model` (sequence classification). `heads`
+    (the head, and e.g. DistilBERT's pre_classifier) are trained and saved with the adapter, so a reloaded
+    adapter predicts exactly as before saving. The benchmark's FLOP count builds its model with it too."""
+    with quiet_peft(quantized):
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import TaskType
+
+    return PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(model, lora),
+        bias=lora.bias,
+        modules_to_save=heads,
+    )
+
+
 def apply_mode(
     model: nn.Module, model_cfg: ModelConfig, lora: LoraConfig, new_modules: list[str]
 ) -> nn.Module:
@@ -373,8 +392,7 @@ def apply_mode(
         return model
     quantized = model_cfg.load_in_8bit or model_cfg.load_in_4bit
     with quiet_peft(quantized):
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import TaskType, get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -382,17 +400,7 @@ def apply_mode(
             use_gradient_checkpointing=model_cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    peft_config = PeftLoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora_targets(model, lora),
-        bias=lora.bias,
-        # the head (and e.g. DistilBERT's pre_classifier) is trained and saved with the adapter, so a
-        # reloaded adapter predicts exactly as before saving
-        modules_to_save=heads,
-    )
+    peft_config = peft_lora_config(model, lora, heads, quantized)
     try:
         with quiet_peft(quantized):
             peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
