@@ -615,16 +615,18 @@ def test_the_trainer_imports_scikit_learn_only_when_it_first_evaluates() -> None
     import subprocess
     import sys
 
-    code = "import sys, scalelora.trainer, scalelora.evaluation; print('sklearn' in sys.modules)"
+    code = (
+        "import sys, json, numpy as np, scalelora.trainer\n"
+        "from scalelora.evaluation import classification_metrics\n"
+        "before = 'sklearn' in sys.modules\n"
+        "metrics = classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), ['a', 'b'])\n"
+        "print(json.dumps([before, 'sklearn' in sys.modules, metrics['accuracy']]))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
-    import numpy as np
-
-    from scalelora.evaluation import classification_metrics
-
-    metrics = classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"])
-    assert metrics["accuracy"] == pytest.approx(2 / 3) and "sklearn" in sys.modules
+    before, after, accuracy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before is False and after is True
+    assert accuracy == pytest.approx(2 / 3)
 
 
 def test_hidden_bitsandbytes_is_importable_again_afterwards() -> None:
