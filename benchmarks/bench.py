@@ -37,11 +37,12 @@ HF = "hf_trainer"
 HF_GROUPED = "hf_trainer_grouped"
 SCALELORA = "scalelora"
 SCALELORA_NOGROUP = "scalelora_nogroup"
+SCALELORA_TORCH_DROPOUT = "scalelora_torch_dropout"  # train.mask_dropout=false: torch's own dropout
 KD_CACHE = "scalelora_kd_cache"
 KD_SELF = "scalelora_kd_self"
 GEMM = "gemm"  # not a side: the child that measures the machine's matmul throughput
 HF_SIDES = (HF, HF_GROUPED)
-ALL_SIDES = (HF, HF_GROUPED, SCALELORA, SCALELORA_NOGROUP, KD_CACHE, KD_SELF)
+ALL_SIDES = (HF, HF_GROUPED, SCALELORA, SCALELORA_NOGROUP, SCALELORA_TORCH_DROPOUT, KD_CACHE, KD_SELF)
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU, matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -392,6 +393,8 @@ def scalelora_overrides(spec: dict[str, Any], out: Path) -> list[str]:
         values["data.max_eval_samples"] = 64
     if spec["side"] == SCALELORA_NOGROUP:
         values["data.group_by_length"] = "false"
+    if spec["side"] == SCALELORA_TORCH_DROPOUT:
+        values["train.mask_dropout"] = "false"
     if spec["side"] in (KD_CACHE, KD_SELF):
         values.update({"distill.enabled": "true", "distill.weight": 0.5, "distill.temperature": 2.0})
         values["distill.teacher"] = "cache" if spec["side"] == KD_CACHE else "self"

@@ -30,6 +30,7 @@ LABELS = {
     "hf_trainer_grouped": "HF Trainer\n(group_by_length)",
     "scalelora": "scalelora",
     "scalelora_nogroup": "scalelora\n(no grouping)",
+    "scalelora_torch_dropout": "scalelora\n(torch dropout)",
     "scalelora_kd_cache": "scalelora\nKD from cache",
     "scalelora_kd_self": "scalelora\nKD from self",
     "scalelora_script": "scalelora",

@@ -295,6 +295,14 @@ def test_overrides_give_scalelora_the_same_work() -> None:
         bench.scalelora_overrides({**spec, "side": bench.SCALELORA_NOGROUP, "overrides": []}, Path("/tmp/o")),
     )
     assert plain.data.group_by_length is True and nogroup.data.group_by_length is False
+    torch_dropout = load_config(
+        "quickstart",
+        bench.scalelora_overrides(
+            {**spec, "side": bench.SCALELORA_TORCH_DROPOUT, "overrides": []}, Path("/tmp/o")
+        ),
+    )
+    assert plain.train.mask_dropout is True and torch_dropout.train.mask_dropout is False
+    assert nogroup.train.mask_dropout is True and torch_dropout.data.group_by_length is True
     assert not plain.distill.enabled and not nogroup.distill.enabled
     compiled = load_config(
         "quickstart",

@@ -152,3 +152,89 @@ def test_minilm_alias_is_the_real_22m_model():
     assert new == ["classifier"]
     assert 22_000_000 < sum(p.numel() for p in model.parameters()) < 23_000_000
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
+
+
+# --- MaskDropout: torch.rand masks kept as 1 byte (train.mask_dropout) ---------------------------------
+
+
+def saved_by_backward(fn, x: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors autograd keeps for backward while `fn(x)` runs."""
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(x)
+    return saved
+
+
+def test_mask_dropout_drops_with_p_scales_and_keeps_a_one_byte_mask():
+    from scalelora.models import MaskDropout
+
+    torch.manual_seed(0)
+    p = 0.3
+    x = torch.ones(400, 500, requires_grad=True)
+    layer = MaskDropout(p).train()
+    y = layer(x)
+    dropped = (y == 0).float().mean().item()
+    # 200,000 draws: the standard error of the dropped share is 0.001
+    assert abs(dropped - p) < 0.005
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    y.backward(torch.full_like(y, 2.0))
+    torch.testing.assert_close(x.grad, 2.0 * y.detach())  # the same mask, the same scale
+    saved = saved_by_backward(layer, x)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]
+    # what it replaces keeps a 4-byte float mask
+    assert [t.dtype for t in saved_by_backward(torch.nn.Dropout(p).train(), x)] == [torch.float32]
+
+
+def test_mask_dropout_under_bf16_keeps_p():
+    from scalelora.models import MaskDropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 500, dtype=torch.bfloat16)
+    dropped = (MaskDropout(0.1).train()(x) == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005  # the mask does not depend on x's dtype (bf16 rounds p to 1/256ths)
+
+
+def test_keep_mask_uses_every_lane_of_its_random_draws():
+    from scalelora.models import keep_mask
+
+    torch.manual_seed(0)
+    keep = keep_mask(torch.Size([1001, 997]), 0.25)  # not a multiple of 4: the last draw is cut
+    assert keep.dtype == torch.bool and keep.shape == (1001, 997)
+    lanes = (~keep).flatten()[: 1001 * 996].view(-1, 4).float().mean(0)
+    # each 64-bit draw gives four elements; a draw with a fixed sign bit would leave one lane never dropped
+    torch.testing.assert_close(lanes, torch.full((4,), 0.25), atol=0.004, rtol=0)
+    assert keep_mask(torch.Size([3]), 0.0).all()
+
+
+def test_mask_dropout_is_nn_dropout_in_eval_at_p0_and_with_a_seed():
+    from scalelora.models import MaskDropout
+
+    x = torch.randn(8, 16)
+    assert torch.equal(MaskDropout(0.5).eval()(x), x)
+    assert torch.equal(MaskDropout(0.0).train()(x), x)
+    torch.manual_seed(3)
+    first = MaskDropout(0.5).train()(x)
+    torch.manual_seed(3)
+    assert torch.equal(MaskDropout(0.5).train()(x), first)
+
+
+def test_use_mask_dropout_swaps_the_base_and_lora_dropouts(tiny_bert):
+    from torch import nn
+
+    from scalelora.models import MaskDropout, use_mask_dropout
+
+    model = build_model(ModelConfig(name=str(tiny_bert)), LoraConfig(r=2, dropout=0.2), LABELS)
+    keys = set(model.state_dict())
+    before = [name for name, m in model.named_modules() if type(m) is nn.Dropout]
+    assert any("lora_dropout" in name for name in before) and any("attention" in name for name in before)
+    assert use_mask_dropout(model) == len(before)
+    after = {name: m for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    assert sorted(after) == sorted(before)
+    assert all(type(m) is MaskDropout for m in after.values())
+    assert {m.p for name, m in after.items() if "lora_dropout" in name} == {0.2}
+    assert set(model.state_dict()) == keys  # adapters save and load as before

@@ -634,6 +634,27 @@ def test_fused_adamw_is_decided_on_parameters_prepare_has_placed(tiny_bert, toy_
     assert not defaults["fused"]  # CPU
 
 
+@pytest.mark.parametrize("setting", ["true", "false"])
+def test_train_mask_dropout_chooses_the_dropout_of_a_cpu_run(tiny_bert, toy_data, tmp_path, setting):
+    from scalelora.models import MaskDropout
+
+    cfg = load_config(
+        "quickstart",
+        tiny_overrides(tiny_bert, toy_data, tmp_path / "out", **{"train.mask_dropout": setting}),
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        kinds = {
+            type(m).__name__
+            for name, m in trainer.model.named_modules()
+            if isinstance(m, torch.nn.Dropout) and ("lora_dropout" in name or "attention" in name)
+        }
+    finally:
+        trainer.close()
+    assert kinds == ({MaskDropout.__name__} if setting == "true" else {"Dropout"})
+
+
 @pytest.mark.gpu
 def test_fused_adamw_on_cuda(tiny_bert, toy_data, tmp_path):
     if not torch.cuda.is_available():

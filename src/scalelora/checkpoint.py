@@ -481,6 +481,7 @@ RESUME_IDENTITY_KEYS = (
     "train.loss",
     "train.focal_gamma",
     "train.label_smoothing",
+    "train.mask_dropout",  # another random stream for the dropout masks
     "eval.metric",
     "eval.load_best_at_end",
     # the tuned rule decides which evaluation is the best checkpoint, as eval.metric does

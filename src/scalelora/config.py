@@ -158,6 +158,12 @@ class TrainConfig:
     """torch.compile the model (shapes bounded by padding to multiples of 8). `auto`: on where it pays,
     which is on CUDA; off on CPU, where a compiled MiniLM LoRA step ran at 0.89x eager after 65 s of
     compiling (docs/performance.md)."""
+    mask_dropout: bool = True
+    """On CPU, the model's and LoRA's dropout layers draw their masks four elements per 64-bit random draw
+    and keep them as 1 byte an element for backward (`models.MaskDropout`; the drop probability is
+    rounded to a multiple of 1/65536), not with torch's `bernoulli_` and a 4-byte float mask: faster and
+    smaller (docs/performance.md). CUDA keeps torch's fused dropout, which already keeps 1-byte masks;
+    false keeps torch's dropout everywhere."""
     timing_skip_steps: int = 2
     """Optimizer steps left out of `summary.json`'s `steady_state` throughput (warm-up: allocator,
     kernel selection, compilation); 0 counts every step."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import sys
 import warnings
@@ -478,3 +479,55 @@ def count_params(model: nn.Module) -> ParamCount:
 
 def is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A boolean mask of `shape`, each element False (dropped) with probability `p` rounded to a multiple
+    of 1/65536 (0.1 -> 0.1000061): 64 random bits per `random_` draw, read as four 16-bit lanes, so one
+    draw serves four elements (torch's CPU `bernoulli_` and `rand` draw once per element)."""
+    count = math.prod(shape)
+    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    threshold = -(2**15) + round(p * 2**16)
+    return (bits.view(torch.int16)[:count] >= threshold).view(shape)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """`x * keep / (1 - p)` for a boolean `keep` mask, which is all backward keeps (1 byte an element)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep.to(x.dtype)).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep.to(grad.dtype)).mul_(ctx.scale), None, None
+
+
+class MaskDropout(nn.Dropout):
+    """nn.Dropout whose CPU training forward draws its mask with `keep_mask` (a quarter of the random
+    draws of torch's `bernoulli_`) and keeps it as 1 byte an element for backward (torch's CPU dropout
+    keeps a float mask, 4 bytes). Elsewhere (CUDA, where torch's fused kernel already keeps a 1-byte
+    mask; eval; p = 0; in-place) it is nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or self.inplace or x.device.type != "cpu":
+            return super().forward(x)
+        if self.p == 1.0:
+            return x * 0.0
+        return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), 1.0 / (1.0 - self.p))
+
+
+def use_mask_dropout(model: nn.Module) -> int:
+    """Make every nn.Dropout of `model` (the base's and LoRA's) a `MaskDropout`; return how many."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if type(child) is nn.Dropout:
+                replacement = MaskDropout(child.p, child.inplace)
+                replacement.train(child.training)
+                parent._modules[name] = replacement
+                swapped += 1
+    return swapped

@@ -54,6 +54,7 @@ from scalelora.models import (
     load_tokenizer,
     max_positions,
     untrained_head,
+    use_mask_dropout,
 )
 from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
@@ -419,6 +420,8 @@ class Trainer:
         self.echo(
             f"scalelora: {cfg.model.name} mode={cfg.model.mode} labels={self.label_names}; {self.params.line()}"
         )
+        if cfg.train.mask_dropout and acc.device.type == "cpu":
+            use_mask_dropout(model)
         self.compiled = compile_enabled(cfg.train.compile, acc.device)
         if self.compiled:
             model = torch.compile(model)
