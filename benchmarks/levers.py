@@ -15,7 +15,7 @@ python benchmarks/levers.py imports --before /path/to/old/checkout/src --out ben
   (an older `src/`), alternating, plus what importing DeepSpeed and bitsandbytes costs on its own.
 - `profile`: where a steady-state scalelora step's time goes (torch.profiler self CPU time: matmuls,
   attention, everything else), the first thing to look at before kernel work.
-(Length grouping is a side of the benchmark itself: `--sides scalelora,scalelora_nogroup`.)
+(Length grouping and the dropout kernel are sides of the benchmark itself: `--sides scalelora,scalelora_nogroup,scalelora_torch_dropout`.)
 """
 
 from __future__ import annotations

@@ -117,3 +117,28 @@ def test_every_config_key_is_documented():
         if not in_table and not re.search(rf"`{re.escape(key)}(?![\w.])", text):
             undocumented.append(key)
     assert not undocumented, f"config keys no page documents: {undocumented}"
+
+
+def test_performance_page_quotes_the_committed_benchmark_json():
+    """The headline numbers of docs/performance.md are the committed JSON's, rounded as printed."""
+    import json
+
+    results = ROOT / "benchmarks" / "results"
+    page = (ROOT / "docs" / "performance.md").read_text()
+    rt = json.loads((results / "cpu-minilm-rt.json").read_text())
+    kd = json.loads((results / "cpu-minilm-kd.json").read_text())
+    ttr = json.loads((results / "cpu-minilm-ttr.json").read_text())
+    quoted = {
+        "`ratio` = {:.3f}": rt["ratio"],
+        "`ratio_default` = {:.3f}": rt["ratio_default"],
+        "`tokens_ratio` = {:.3f}": rt["tokens_ratio"],
+        "`memory_ratio` = {:.3f}": rt["memory_ratio"],
+        "`gemm_gflops` = {:.1f}": rt["gemm_gflops"],
+        "`mfu_measured_gemm` = {:.1f}%": 100 * rt["mfu_measured_gemm"],
+        "`kd_cache_step_ratio` = {:.3f}": kd["kd_cache_step_ratio"],
+        "`kd_self_step_ratio` = {:.3f}": kd["kd_self_step_ratio"],
+    }
+    missing = [form.format(value) for form, value in quoted.items() if form.format(value) not in page]
+    assert not missing, f"docs/performance.md does not quote the committed JSON: {missing}"
+    assert f"`ratio` = {ttr['ratio']:.3f}" in page  # time to result
+    assert rt["comparator"] == "hf_trainer_grouped" and f"`comparator` = `{rt['comparator']}`" in page
