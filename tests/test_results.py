@@ -83,6 +83,11 @@ def test_datasets_merge_into_results_and_a_finished_dataset_is_reused(tiny_bert,
     assert results.main(["--results-dir", str(out), "--render-only"]) == 0
     page = (out / "RESULTS.md").read_text()
     assert "Versions: torch 0.0-older." in page and f"torch {torch.__version__}," in page
+    # the invocation's wall time, and the rows' own (reused rows are not retrained, so they differ)
+    from scalelora.report import fmt
+
+    minutes = sum(r["wall_seconds"] for r in tamil) / 60
+    assert f"the rows' own wall times add up to {fmt(minutes, 1)} min" in page
     data = json.loads((out / "results.json").read_text())
 
     # the first again, by folder name and by recipe name: reused, nothing trains

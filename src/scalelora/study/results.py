@@ -401,7 +401,10 @@ def render(data: dict[str, Any], figures: dict[str, str], notes: str) -> str:
             f"## {dataset} (`--config {recipe_of(dataset)}`, data `{ds_rows[0]['data']}`)",
             "",
             f"Machine: {ds_rows[0].get('machine')}; finished {info.get('finished', '?')}, "
-            f"{fmt(info.get('wall_seconds', 0) / 60, 1)} min in all; max_length {ds_rows[0].get('max_length')} "
+            f"{fmt(info.get('wall_seconds', 0) / 60, 1)} min for its last `make results` (runs finished "
+            f"before are reused, not retrained; the rows' own wall times add up to "
+            f"{fmt(sum(r.get('wall_seconds') or 0 for r in ds_rows) / 60, 1)} min); "
+            f"max_length {ds_rows[0].get('max_length')} "
             f"(token lengths of the training split: {info.get('lengths', '?')}).",
             "",
             "Versions: "
