@@ -588,9 +588,12 @@ print(json.dumps({"code": code, "loaded": sorted(m for m in ("deepspeed", "bitsa
 """
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
 def test_a_plain_cpu_run_imports_neither_deepspeed_nor_bitsandbytes(
-    tiny_bert: Path, toy_data: Path, tmp_path: Path
+    tiny_bert: Path, toy_data: Path, tmp_path: Path, mode: str
 ) -> None:
+    """LoRA and full fine-tuning (a full model saves through transformers' `save_pretrained`, which unwraps
+    through accelerate, which imports DeepSpeed when installed; its scheduler import pulls in PEFT)."""
     import os
     import subprocess
     import sys
@@ -598,7 +601,7 @@ def test_a_plain_cpu_run_imports_neither_deepspeed_nor_bitsandbytes(
     args = [
         "--config",
         "quickstart",
-        *tiny_overrides(tiny_bert, toy_data, tmp_path / "run", **{"checkpoint.every": 3}),
+        *tiny_overrides(tiny_bert, toy_data, tmp_path / "run", **{"checkpoint.every": 3, "model.mode": mode}),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     done = subprocess.run(
@@ -614,7 +617,8 @@ def test_a_plain_cpu_run_imports_neither_deepspeed_nor_bitsandbytes(
     assert result == {"code": 0, "loaded": []}
     for noise in ("Setting accelerator to CPU", "FutureWarning", "gemm_4bit_forward", "real_accelerator"):
         assert noise not in done.stderr, done.stderr[-3000:]
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    saved = "adapter/adapter_model.safetensors" if mode == "lora" else "model/model.safetensors"
+    assert (tmp_path / "run" / saved).is_file()
 
 
 def test_the_trainer_imports_scikit_learn_only_when_it_first_evaluates() -> None:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from scalelora import signing
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
-from scalelora.runtime import is_deepspeed, model_state_dict, unwrap_model, zero_stage
+from scalelora.runtime import deepspeed_hidden, is_deepspeed, model_state_dict, unwrap_model, zero_stage
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -337,13 +337,14 @@ def save_model_dir(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
-            unwrapped.save_pretrained(
-                str(tmp),
-                state_dict=state_dict,
-                is_main_process=True,
-                save_function=accelerator.save,
-                safe_serialization=True,
-            )
+            with deepspeed_hidden(not is_deepspeed(accelerator)):
+                unwrapped.save_pretrained(
+                    str(tmp),
+                    state_dict=state_dict,
+                    is_main_process=True,
+                    save_function=accelerator.save,
+                    safe_serialization=True,
+                )
             tokenizer.save_pretrained(str(tmp))
             for name, data in extra_files.items():
                 atomic_write_json(tmp / name, data)

@@ -3,8 +3,11 @@ and the stop signal (preemption, SIGTERM, Ctrl-C) that every rank agrees on in t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -229,3 +232,21 @@ class StopSignal:
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+@contextlib.contextmanager
+def deepspeed_hidden(hide: bool = True) -> Iterator[None]:
+    """Inside the block `import deepspeed` fails, and Accelerate's `is_deepspeed_available()` (not
+    cached) says no (with `hide`, unless DeepSpeed is already imported). transformers' `save_pretrained`
+    unwraps the model through Accelerate's `extract_model_from_parallel`, which imports DeepSpeed whenever
+    it is installed only to test `isinstance` against its engine: a run without DeepSpeed would pay its
+    import and print "Setting accelerator to CPU"."""
+    if not hide or sys.modules.get("deepspeed") is not None:
+        yield
+        return
+    sys.modules["deepspeed"] = None  # type: ignore[assignment]  # makes `import deepspeed` raise ImportError
+    try:
+        yield
+    finally:
+        if "deepspeed" in sys.modules and sys.modules["deepspeed"] is None:
+            del sys.modules["deepspeed"]

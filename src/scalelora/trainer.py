@@ -53,6 +53,7 @@ from scalelora.models import (
     load_classifier,
     load_tokenizer,
     max_positions,
+    quiet_peft,
     untrained_head,
     use_mask_dropout,
 )
@@ -326,11 +327,14 @@ def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_linear_schedule_with_warmup,
-    )
+    # transformers.optimization imports its trainer utilities, which import PEFT (and PEFT bitsandbytes)
+    # when installed: a full fine-tune that never imported PEFT gets it here, quiet as in models
+    with quiet_peft(cfg.model.load_in_8bit or cfg.model.load_in_4bit):
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
 
     warmup = (
         cfg.train.warmup_steps
