@@ -185,3 +185,17 @@ def test_pipeline_on_multi_label_data(tiny_bert, toy_multilabel, tmp_path):
     as_hot = lambda sets: [[int(n in s) for n in names] for s in sets]  # noqa: E731
     again = multi_label_metrics(as_hot(by["head_only"]["predictions"]), as_hot(gold), names)
     assert again["macro_f1"] == pytest.approx(by["head_only"]["test"]["tuned"]["macro_f1"])
+
+
+def test_recorded_commands_name_each_key_once(tmp_path):
+    from scalelora.study.pipeline import last_of_each_key
+
+    assert last_of_each_key(["a=1", "b=x=y", "a=2", "c=3"]) == ["b=x=y", "a=2", "c=3"]
+    pipeline = Pipeline("results_emotion", tmp_path, [])
+    for run in ("teacher_full", "lora_on_teacher_kd", "lora_base_kd", "auto_default"):
+        _, overrides = pipeline.run_config(run)
+        keys = [item.split("=", 1)[0] for item in overrides]
+        assert len(keys) == len(set(keys)), overrides
+    _, teacher = pipeline.run_config("teacher_full")
+    # the recipe's line for the run wins over the pipeline's defaults for that stage, as before
+    assert "train.lr=1e-4" in teacher and "train.epochs=3" in teacher and "train.lr=0.0001" not in teacher

@@ -100,6 +100,13 @@ ON_TEACHER = ("lora_on_teacher", "lora_on_teacher_kd")
 AUTO_DATA_KEYS = ("data.path", "data.root", "data.keep_labels")
 
 
+def last_of_each_key(overrides: list[str]) -> list[str]:
+    """`key=value` overrides with only the last one of each key kept, where it stands: the same config
+    (the last one wins anyway), and a recorded command that reads as it runs."""
+    last = {item.split("=", 1)[0]: index for index, item in enumerate(overrides)}
+    return [item for index, item in enumerate(overrides) if last[item.split("=", 1)[0]] == index]
+
+
 def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """Separate `key=value` (every run) from `RUN:key=value` (one run). Raises ConfigError on an unknown RUN."""
     common: list[str] = []
@@ -224,7 +231,7 @@ class Pipeline:
         if run in KD_RUNS:
             fixed["distill.teacher"] = "cache"
             fixed["distill.cache_dir"] = self.cache_dir
-        return self.recipe, (
+        return self.recipe, last_of_each_key(
             [f"{k}={_value(v)}" for k, v in STAGE_DEFAULTS[run].items()]
             + list(self.base_cfg.pipeline.get(run, []))
             + self.common
