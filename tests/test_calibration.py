@@ -218,11 +218,17 @@ def test_tuned_biases_are_stored_and_predict_reproduces_the_runs_tuned_test_metr
     assert again["accuracy"] == pytest.approx(test["tuned"]["accuracy"], abs=1e-12)
     assert again["macro_f1"] == pytest.approx(test["tuned"]["macro_f1"], abs=1e-12)
     # probabilities: softmax(logits / T) of the reloaded adapter (raw softmax with eval.calibrate=false)
-    logits = raw_logits(out / "adapter", [r["text"] for r in rows[:8]])
+    logits = raw_logits(out / "adapter", [r["text"] for r in rows])
     expected = softmax(logits / (stored["temperature"] or 1.0))
-    got = np.array([[p["probs"]["neg"], p["probs"]["pos"]] for p in predicted[:8]])
+    got = np.array([[p["probs"]["neg"], p["probs"]["pos"]] for p in predicted])
     np.testing.assert_allclose(got, expected, atol=2e-6)
-    # the label follows the stored threshold on p(pos), not the argmax
-    assert [p["label"] for p in predicted[:8]] == [
-        "pos" if q >= stored["binary_threshold"] else "neg" for q in expected[:, 1]
+    # the label follows the stored threshold on p(pos), not the argmax (the rule itself: test_binary_* above).
+    # The tuned threshold lies between two validation scores, which for the tiny model can be within 1e-6
+    # of each other, so rows closer to it than two forward passes (batched differently) agree are left out
+    threshold = stored["binary_threshold"]
+    decided = [
+        (p["label"], "pos" if q >= threshold else "neg")
+        for p, q in zip(predicted, expected[:, 1])
+        if abs(q - threshold) > 2e-6
     ]
+    assert all(label == rule for label, rule in decided)

@@ -354,6 +354,9 @@ def test_two_processes_train_evaluate_without_duplicates_and_resume(tiny_bert, t
         "checkpoint.every": 7,
         "train.lr": 2e-2,
         "model.mode": "full",
+        # the 0.15 accuracy tolerance below was set on torch's dropout stream: full fine-tuning at lr 2e-2
+        # on 96 examples is noisy enough that another stream (train.mask_dropout) landed 0.375 apart
+        "train.mask_dropout": "false",
     }
     result = run_cli(
         "scalelora.train",
