@@ -666,6 +666,37 @@ def test_hidden_bitsandbytes_is_importable_again_afterwards() -> None:
             sys.modules["bitsandbytes"] = saved
 
 
+HIDE_DEEPSPEED = """
+import json, sys
+from accelerate.utils import is_deepspeed_available
+from scalelora.runtime import deepspeed_hidden
+seen = []
+with deepspeed_hidden():
+    try:
+        import deepspeed
+        seen.append("imported")
+    except ImportError:
+        seen.append("hidden")
+    seen.append(bool(is_deepspeed_available()))
+seen += ["deepspeed" in sys.modules, bool(is_deepspeed_available())]
+print(json.dumps(seen))
+"""
+
+
+def test_hidden_deepspeed_is_importable_again_afterwards() -> None:
+    """The same `hidden_package` hides DeepSpeed around a full model's save; afterwards Accelerate sees it
+    again (a fresh process: the test session itself has DeepSpeed imported already)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    done = subprocess.run([sys.executable, "-c", HIDE_DEEPSPEED], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["hidden", False, False, True]
+
+
 def test_unwrap_model_removes_compile_and_ddp_like_wrappers() -> None:
     from scalelora.runtime import unwrap_model
 

@@ -311,30 +311,20 @@ def head_modules(model: nn.Module, new_modules: list[str]) -> list[str]:
     return heads
 
 
-@contextlib.contextmanager
-def bitsandbytes_hidden(hide: bool = True) -> Iterator[None]:
-    """Inside the block `import bitsandbytes` fails, so PEFT leaves it alone (with `hide`).
+def bitsandbytes_hidden(hide: bool = True) -> contextlib.AbstractContextManager[None]:
+    """`hidden_package("bitsandbytes")`, so PEFT leaves it alone (with `hide`).
 
     PEFT imports bitsandbytes when PEFT is first imported and at every `get_peft_model` (to offer its
     quantized LoRA layers), quantized base or not: about a second of a plain run's start-up, and a line
     about optional CPU kernels. A model without 8/4-bit layers needs none of it. PEFT's and
-    transformers' cached answers to "is bitsandbytes installed?" are forgotten on the way in (else PEFT
-    would import it anyway, and fail) and on the way out, so an 8/4-bit model later in the same
-    process still gets bitsandbytes layers. (PEFT's
-    `find_kappa_target_modules` helper, which scalelora does not use, keeps `bnb = None` when PEFT was
-    first imported here.)
+    transformers' cached answers to "is bitsandbytes installed?" are forgotten on the way in and out
+    (`forget_bitsandbytes_checks`), so an 8/4-bit model later in the same process still gets bitsandbytes
+    layers. (PEFT's `find_kappa_target_modules` helper, which scalelora does not use, keeps `bnb = None`
+    when PEFT was first imported here.)
     """
-    if not hide or sys.modules.get("bitsandbytes") is not None:
-        yield  # asked for, or already imported: nothing to save
-        return
-    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # makes `import bitsandbytes` raise ImportError
-    forget_bitsandbytes_checks()  # an answer cached before would still say "installed"
-    try:
-        yield
-    finally:
-        if "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
-            del sys.modules["bitsandbytes"]
-        forget_bitsandbytes_checks()
+    from scalelora.runtime import hidden_package
+
+    return hidden_package("bitsandbytes", hide, forget=forget_bitsandbytes_checks)
 
 
 def forget_bitsandbytes_checks() -> None:

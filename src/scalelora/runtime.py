@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -235,18 +235,29 @@ class StopSignal:
 
 
 @contextlib.contextmanager
-def deepspeed_hidden(hide: bool = True) -> Iterator[None]:
-    """Inside the block `import deepspeed` fails, and Accelerate's `is_deepspeed_available()` (not
-    cached) says no (with `hide`, unless DeepSpeed is already imported). transformers' `save_pretrained`
-    unwraps the model through Accelerate's `extract_model_from_parallel`, which imports DeepSpeed whenever
-    it is installed only to test `isinstance` against its engine: a run without DeepSpeed would pay its
-    import and print "Setting accelerator to CPU"."""
-    if not hide or sys.modules.get("deepspeed") is not None:
-        yield
+def hidden_package(name: str, hide: bool = True, forget: Callable[[], None] | None = None) -> Iterator[None]:
+    """Inside the block `import <name>` raises ImportError (with `hide`, unless the package is already
+    imported): libraries that import an optional package only to offer or test for it skip it. `forget`
+    clears the libraries' cached "is it installed?" answers, on the way in (a cached yes would import it
+    anyway, and fail) and on the way out (a later use in the same process finds it again)."""
+    if not hide or sys.modules.get(name) is not None:
+        yield  # asked for, or already imported: nothing to save
         return
-    sys.modules["deepspeed"] = None  # type: ignore[assignment]  # makes `import deepspeed` raise ImportError
+    sys.modules[name] = None  # type: ignore[assignment]  # makes `import <name>` raise ImportError
+    if forget is not None:
+        forget()
     try:
         yield
     finally:
-        if "deepspeed" in sys.modules and sys.modules["deepspeed"] is None:
-            del sys.modules["deepspeed"]
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+        if forget is not None:
+            forget()
+
+
+def deepspeed_hidden(hide: bool = True) -> contextlib.AbstractContextManager[None]:
+    """`hidden_package("deepspeed")`: Accelerate's `is_deepspeed_available()` (not cached) then says no.
+    transformers' `save_pretrained` unwraps the model through Accelerate's `extract_model_from_parallel`,
+    which imports DeepSpeed whenever it is installed only to test `isinstance` against its engine: a run
+    without DeepSpeed would pay its import and print "Setting accelerator to CPU"."""
+    return hidden_package("deepspeed", hide)
