@@ -187,7 +187,11 @@ def test_tuned_biases_are_stored_and_predict_reproduces_the_runs_tuned_test_metr
     extra = {
         "eval.tune_thresholds": "macro_f1",
         "eval.calibrate": str(calibrate).lower(),
-        "train.max_steps": 4,
+        # enough training (24 steps at lr 0.05) that the test rows' p(pos) spread away from the tuned
+        # threshold: after 4 steps at 5e-3 the calibrated scores all sat within 1e-6 of it, and the label
+        # check below skipped every row
+        "train.max_steps": 24,
+        "train.lr": 0.05,
     }
     assert main(["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **extra)]) == 0
     summary = read_summary(out)
@@ -231,4 +235,6 @@ def test_tuned_biases_are_stored_and_predict_reproduces_the_runs_tuned_test_metr
         for p, q in zip(predicted, expected[:, 1])
         if abs(q - threshold) > 2e-6
     ]
+    assert len(decided) >= 30, f"only {len(decided)} of 40 test rows lie clear of the threshold"
+    assert {rule for _, rule in decided} == {"neg", "pos"}, "the threshold put every clear row on one side"
     assert all(label == rule for label, rule in decided)
