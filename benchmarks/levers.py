@@ -4,6 +4,8 @@
 python benchmarks/levers.py compile --steps 30 --threads 1 --out benchmarks/results/levers-compile.json
 python benchmarks/levers.py threads --steps 20 --out benchmarks/results/levers-threads.json
 python benchmarks/levers.py imports --before /path/to/old/checkout/src --out benchmarks/results/levers-imports.json
+python benchmarks/levers.py adamw --steps 40 --out benchmarks/results/levers-adamw.json
+python benchmarks/levers.py adamw --steps 80 --max-length 48 --out benchmarks/results/levers-adamw-48.json
 ```
 
 - `compile`: scalelora on `cpu-minilm-rt`'s work (MiniLM-L6, rotten_tomatoes, max_length 128, batch 32)
@@ -13,6 +15,9 @@ python benchmarks/levers.py imports --before /path/to/old/checkout/src --out ben
 - `threads`: the same eager run with 1 and with 2 torch threads (`python -m scalelora.bench` sides).
 - `imports`: a tiny plain CPU run (2 steps) in fresh processes with this checkout and with `--before`
   (an older `src/`), alternating, plus what importing DeepSpeed and bitsandbytes costs on its own.
+- `adamw`: a full fine-tune (`model.mode=full`) on the same work with `train.fused_adamw=false` (torch's
+  multi-tensor AdamW) and `true` (fused), each in a fresh process, plus `optimizer.step()` alone on
+  MiniLM-L6's 22.7M weights with each kernel (median of 20 after 3 warm-up steps).
 - `profile`: where a steady-state scalelora step's time goes (torch.profiler self CPU time: matmuls,
   attention, everything else), the first thing to look at before kernel work.
 (Length grouping and the dropout kernel are sides of the benchmark itself: `--sides scalelora,scalelora_nogroup,scalelora_torch_dropout`.)
@@ -112,6 +117,58 @@ def compile_lever(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "steady_step_seconds": {"eager": t_e, "compiled": t_c},
         "steady_speedup": t_e / t_c,
         "break_even_steps": break_even,
+    }
+
+
+def adamw_step_seconds(fused: bool, repeats: int = 20) -> float:
+    """Median seconds of one AdamW step over MiniLM-L6's parameters, random gradients in place."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from scalelora.config import ModelConfig
+    from scalelora.models import resolve_model_path
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(ModelConfig().name), num_labels=2
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused or None, foreach=None if fused else True)
+    times = []
+    for k in range(repeats + 3):
+        started = time.perf_counter()
+        optimizer.step()
+        if k >= 3:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def adamw_lever(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    spec = rt_spec(args.steps, args.threads)
+    if args.max_length:
+        spec["max_length"] = args.max_length
+    base = bench.scalelora_overrides(spec, workdir / "unused")
+    base = [o for o in base if not o.startswith(("output_dir=", "train.timing_skip_steps="))]
+    base += [f"train.timing_skip_steps={args.skip}", "model.mode=full", "train.lr=1e-4"]
+    runs = {}
+    for name, flag in (("foreach", "false"), ("fused", "true")):
+        print(f"levers: adamw: {name}", file=sys.stderr, flush=True)
+        runs[name] = train_run([*base, f"train.fused_adamw={flag}"], workdir, name, args.threads)
+    steady = {name: run["steady_state"]["step_seconds"] for name, run in runs.items()}
+    alone = {"foreach": adamw_step_seconds(False), "fused": adamw_step_seconds(True)}
+    return {
+        "lever": "adamw",
+        "work": f"cpu-minilm-rt's data (MiniLM-L6, rotten_tomatoes, max_length {spec['max_length']}, batch 32, "
+        "fp32), model.mode=full (22.7M trainable), lr 1e-4, scalelora side",
+        "steps": args.steps,
+        "steady_state_skipped_steps": args.skip,
+        "threads": args.threads,
+        "runs": runs,
+        "steady_step_seconds": steady,
+        "steady_speedup": steady["foreach"] / steady["fused"],
+        "optimizer_step_seconds": alone,
+        "optimizer_step_speedup": alone["foreach"] / alone["fused"],
     }
 
 
@@ -282,12 +339,13 @@ def profile_lever(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("lever", choices=["compile", "threads", "imports", "profile"])
+    parser.add_argument("lever", choices=["compile", "threads", "imports", "profile", "adamw"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--skip", type=int, default=10, help="compile, profile: warm-up steps left out")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (compile, imports, profile)")
     parser.add_argument("--before", help="imports: an older checkout's src/ folder to compare with")
+    parser.add_argument("--max-length", type=int, help="adamw: data.max_length (default: the scenario's 128)")
     parser.add_argument("--note", help="free text stored in the JSON (what else the machine ran)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -300,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": threads_lever,
             "imports": imports_lever,
             "profile": profile_lever,
+            "adamw": adamw_lever,
         }
         lever = levers[args.lever]
         report = lever(args, Path(tmp))

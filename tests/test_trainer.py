@@ -640,7 +640,55 @@ def test_fused_adamw_is_decided_on_parameters_prepare_has_placed(tiny_bert, toy_
     finally:
         trainer.close()
     assert seen == [True], "fused AdamW was decided before prepare placed the parameters"
-    assert not defaults["fused"]  # CPU
+    assert defaults["fused"]  # train.fused_adamw=auto: on for a CPU run as for a CUDA one
+
+
+@pytest.mark.parametrize("setting", ["auto", "true", "false"])
+def test_fused_adamw_setting_chooses_the_kernel_and_fused_makes_the_same_update(
+    tiny_bert, toy_data, tmp_path, setting
+):
+    """`train.fused_adamw` picks torch's fused or multi-tensor AdamW; both make the same update (weight-decay
+    groups and the head learning rate included) within float rounding, over steps with clipping-sized grads."""
+    from scalelora.models import build_model
+    from scalelora.trainer import build_optimizer
+
+    def optimizer_for(value: str):
+        overrides = {"model.mode": "full", "train.head_lr": 0.02, "train.fused_adamw": value}
+        cfg = load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path, **overrides))
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.lora, ["neg", "pos"])
+        return model, build_optimizer(model, cfg)
+
+    model, optimizer = optimizer_for(setting)
+    assert bool(optimizer.defaults["fused"]) == (setting != "false")
+    reference, foreach = optimizer_for("false")
+    assert not foreach.defaults["fused"]
+    before = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(model.parameters(), reference.parameters()):
+            grad = torch.randn(a.shape, generator=generator) * 0.1
+            a.grad, b.grad = grad.clone(), grad.clone()
+        optimizer.step()
+        foreach.step()
+    for (name, a), b, start in zip(model.named_parameters(), reference.parameters(), before):
+        assert float((a - start).abs().max()) > 1e-3, f"{name} did not move"
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_fused_adamw_true_is_refused_where_it_cannot_run(tiny_bert, toy_data, tmp_path):
+    from scalelora.errors import UserError
+    from scalelora.models import build_model
+    from scalelora.trainer import build_optimizer
+
+    cfg = load_config(
+        "quickstart",
+        tiny_overrides(tiny_bert, toy_data, tmp_path, **{"model.mode": "full", "train.fused_adamw": "true"}),
+    )
+    model = build_model(cfg.model, cfg.lora, ["neg", "pos"])
+    model.classifier.to("meta")  # trainable tensors on two devices: no single fused kernel runs them
+    with pytest.raises(UserError, match="train.fused_adamw=true needs every trainable tensor on one"):
+        build_optimizer(model, cfg)
 
 
 @pytest.mark.parametrize("setting", ["true", "false"])

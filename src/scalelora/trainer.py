@@ -295,16 +295,28 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     ]
     if not param_groups:
         raise UserError("nothing to train: every parameter is frozen (check model.mode and model.train_head)")
-    fused = use_fused_adamw(p for g in param_groups for p in g["params"])
+    setting = cfg.train.fused_adamw
+    params = [p for g in param_groups for p in g["params"]]
+    possible = use_fused_adamw(params)
+    fused = possible if setting == "auto" else bool(setting)
+    if fused and not possible:
+        devices = sorted({str(p.device) for p in params})
+        raise UserError(
+            f"train.fused_adamw=true needs every trainable tensor on one CUDA device or on the CPU "
+            f"(they are on {', '.join(devices)}); set train.fused_adamw=auto or false"
+        )
     return torch.optim.AdamW(param_groups, lr=cfg.train.lr, fused=fused or None)
 
 
 def use_fused_adamw(params: Iterable[torch.nn.Parameter]) -> bool:
-    """Fused AdamW (one kernel for all tensors) when every floating-point parameter is on CUDA.
+    """Whether torch's fused AdamW (one kernel for all tensors) can run: every trainable tensor is a
+    float on one device, and that device is the CPU or CUDA.
 
     Ask only once `prepare` has placed the model: before that every parameter is on the CPU.
     """
-    return torch.cuda.is_available() and all(p.is_cuda or not p.is_floating_point() for p in params)
+    devices = {p.device for p in params}
+    floats = all(p.is_floating_point() for p in params)
+    return floats and len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
 
 
 def nonfinite_reaches_gradients(loss: torch.Tensor) -> torch.Tensor:
