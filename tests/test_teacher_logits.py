@@ -201,3 +201,28 @@ def test_two_processes_write_disjoint_shards_matching_one_process(teacher, toy_d
     assert torch.equal(idx1, idx2)
     torch.testing.assert_close(logits1, logits2, atol=1e-5, rtol=1e-5)
     assert json.loads((two / "manifest.json").read_text())["splits"]["train"]["complete"] is True
+
+
+def test_shard_logits_batches_by_length_and_returns_the_rows_in_order(teacher):
+    """Texts of mixed lengths (shortest last): batched by length, each row still gets its own logits."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = ["good " * n + "film" for n in (9, 1, 14, 4, 0, 7, 2)]
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    tok = AutoTokenizer.from_pretrained(teacher)
+    padded_to: list[int] = []
+    real_call = type(tok).__call__
+
+    def recording(self, *args, **kwargs):
+        encoded = real_call(self, *args, **kwargs)
+        padded_to.append(int(encoded["input_ids"].shape[1]))
+        return encoded
+
+    type(tok).__call__ = recording
+    try:
+        got = teacher_logits.shard_logits(model, tok, texts, None, 32, 3, torch.device("cpu"))
+    finally:
+        type(tok).__call__ = real_call
+    torch.testing.assert_close(got, direct_logits(teacher, texts), rtol=0, atol=1e-5)
+    # sorted: the 3 shortest texts (0, 1, 2 repeats + "film") come first, padded to the longest of them
+    assert padded_to[0] == len(tok(texts[6])["input_ids"])

@@ -99,20 +99,30 @@ def shard_logits(
     batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Logits of the frozen teacher (eval mode, no grad) for `texts`, in order."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(
-            texts[start : start + batch_size],
-            pairs[start : start + batch_size] if pairs is not None else None,
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits
-        out.append(logits.float().cpu())
-    return torch.cat(out)
+    """Logits of the frozen teacher (eval mode, no grad) for `texts`, in order.
+
+    Batches are made of texts of similar length (sorted by characters), so each is padded to little more
+    than its own length; the rows are put back in `texts`' order.
+    """
+    sizes = [len(t) + (len(pairs[i]) if pairs is not None else 0) for i, t in enumerate(texts)]
+    order = sorted(range(len(texts)), key=sizes.__getitem__)
+    out: torch.Tensor | None = None
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            chunk = order[start : start + batch_size]
+            encoded = tokenizer(
+                [texts[i] for i in chunk],
+                [pairs[i] for i in chunk] if pairs is not None else None,
+                truncation=True,
+                max_length=max_length,
+                padding=True,
+                return_tensors="pt",
+            )
+            logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits.float().cpu()
+            if out is None:
+                out = torch.empty((len(texts), *logits.shape[1:]), dtype=torch.float32)
+            out[torch.tensor(chunk)] = logits
+    return out if out is not None else torch.empty((0,))
 
 
 def build_cache(
