@@ -142,3 +142,20 @@ def test_performance_page_quotes_the_committed_benchmark_json():
     assert not missing, f"docs/performance.md does not quote the committed JSON: {missing}"
     assert f"`ratio` = {ttr['ratio']:.3f}" in page  # time to result
     assert rt["comparator"] == "hf_trainer_grouped" and f"`comparator` = `{rt['comparator']}`" in page
+
+
+def test_performance_page_quotes_the_fused_adamw_measurements():
+    """The fused-AdamW row of docs/performance.md gives the committed levers-adamw JSONs' numbers."""
+    import json
+
+    page = (ROOT / "docs" / "performance.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| fused AdamW"))
+    for name, digits in (("levers-adamw", 1), ("levers-adamw-48", 0)):
+        report = json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+        steady, alone = report["steady_step_seconds"], report["optimizer_step_seconds"]
+        assert f"[{name}](../benchmarks/results/{name}.json)" in row
+        assert f"**{report['steady_speedup']:.2f}x**" in row
+        assert f"{steady['foreach']:.3f} → {steady['fused']:.3f} s" in row
+        assert f"{alone['foreach'] * 1000:.{digits}f} → {alone['fused'] * 1000:.{digits}f} ms" in row
+    report = json.loads((ROOT / "benchmarks" / "results" / "levers-adamw.json").read_text())
+    assert f"**{report['optimizer_step_speedup']:.1f}x**" in row
