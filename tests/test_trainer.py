@@ -647,8 +647,8 @@ def test_fused_adamw_is_decided_on_parameters_prepare_has_placed(tiny_bert, toy_
 def test_fused_adamw_setting_chooses_the_kernel_and_fused_makes_the_same_update(
     tiny_bert, toy_data, tmp_path, setting
 ):
-    """`train.fused_adamw` picks torch's fused or multi-tensor AdamW; both make the same update (weight-decay
-    groups and the head learning rate included) within float rounding, over steps with clipping-sized grads."""
+    """`train.fused_adamw` picks torch's fused AdamW or its default (a loop over tensors on the CPU); both
+    make the same update (weight-decay groups and the head learning rate included) within float rounding."""
     from scalelora.models import build_model
     from scalelora.trainer import build_optimizer
 

@@ -166,9 +166,10 @@ class TrainConfig:
     false keeps torch's dropout everywhere."""
     fused_adamw: bool | Literal["auto"] = "auto"
     """AdamW as one fused kernel over all tensors (`torch.optim.AdamW(fused=True)`), the same update as
-    torch's default multi-tensor (`foreach`) AdamW up to float rounding. `auto`: on when every trainable
-    tensor sits on one CUDA device or on the CPU (on the CPU a full fine-tune's optimizer step over MiniLM-L6's
-    22.7M weights took 24.6 ms fused against 102 ms foreach: docs/performance.md); false: torch's default."""
+    torch's default AdamW (multi-tensor on CUDA, a loop over tensors on the CPU) up to float rounding.
+    `auto`: on when every trainable tensor sits on one CUDA device or on the CPU (where a full fine-tune's
+    optimizer step over MiniLM-L6's 22.7M weights is several times faster: docs/performance.md); `true`:
+    on, refused where it cannot run; `false`: torch's default."""
     timing_skip_steps: int = 2
     """Optimizer steps left out of `summary.json`'s `steady_state` throughput (warm-up: allocator,
     kernel selection, compilation); 0 counts every step."""
