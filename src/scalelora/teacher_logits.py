@@ -106,7 +106,7 @@ def shard_logits(
     """
     sizes = [len(t) + (len(pairs[i]) if pairs is not None else 0) for i, t in enumerate(texts)]
     order = sorted(range(len(texts)), key=sizes.__getitem__)
-    out: torch.Tensor | None = None
+    out = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             chunk = order[start : start + batch_size]
@@ -118,11 +118,11 @@ def shard_logits(
                 padding=True,
                 return_tensors="pt",
             )
-            logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits.float().cpu()
-            if out is None:
-                out = torch.empty((len(texts), *logits.shape[1:]), dtype=torch.float32)
-            out[torch.tensor(chunk)] = logits
-    return out if out is not None else torch.empty((0,))
+            out.append(model(**{k: v.to(device) for k, v in encoded.items()}).logits.float().cpu())
+    by_length = torch.cat(out)
+    restored = torch.empty_like(by_length)
+    restored[torch.tensor(order)] = by_length  # row order[j] of `texts` is row j of `by_length`
+    return restored
 
 
 def build_cache(

@@ -165,7 +165,6 @@ def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def pooled_features(
     model: torch.nn.Module, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 128
 ) -> np.ndarray:
