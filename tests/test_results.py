@@ -231,3 +231,18 @@ def test_paired_bootstrap_intervals_contain_the_point_and_see_a_clear_gap():
     assert intervals["teacher_full"]["macro_f1_ci"] == [1.0, 1.0]
     low, high = intervals["student"]["vs_teacher_ci"]
     assert high < -0.5  # the student is far worse on every resample
+
+
+def test_committed_results_are_reused_by_the_shipped_recipes():
+    """Every dataset in results/results.json carries the stamp its shipped recipe resolves to today, so
+    `make results` on a fresh clone reuses it instead of retraining for hours. A new config key changes
+    every stamp: this test makes that a decision (restamp, and say so in docs/results.md, or retrain)."""
+    from pathlib import Path
+
+    from scalelora.study.pipeline import RUNS
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "results" / "results.json").read_text())
+    for dataset in data["datasets"]:
+        stamp = results.recipe_stamp(dataset, [], results.DATASET_RUNS.get(dataset, RUNS))
+        stamps = {r["recipe_stamp"] for r in data["results"] if r["dataset"] == dataset}
+        assert stamps == {stamp}, f"{dataset}: rows stamped {stamps}, the recipe resolves to {stamp}"
