@@ -155,7 +155,7 @@ def test_performance_page_quotes_the_fused_adamw_measurements():
         steady, alone = report["steady_step_seconds"], report["optimizer_step_seconds"]
         assert f"[{name}](../benchmarks/results/{name}.json)" in row
         assert f"**{report['steady_speedup']:.2f}x**" in row
-        assert f"{steady['foreach']:.3f} → {steady['fused']:.3f} s" in row
-        assert f"{alone['foreach'] * 1000:.{digits}f} → {alone['fused'] * 1000:.{digits}f} ms" in row
+        assert f"{steady['default']:.3f} → {steady['fused']:.3f} s" in row
+        assert f"{alone['default'] * 1000:.{digits}f} → {alone['fused'] * 1000:.{digits}f} ms" in row
     report = json.loads((ROOT / "benchmarks" / "results" / "levers-adamw.json").read_text())
     assert f"**{report['optimizer_step_speedup']:.1f}x**" in row
