@@ -676,6 +676,26 @@ def test_fused_adamw_setting_chooses_the_kernel_and_fused_makes_the_same_update(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_adamw_state_saved_by_one_kernel_resumes_in_the_other():
+    """`train.fused_adamw` is free to change on resume: the optimizer state torch's default AdamW saves
+    loads into the fused one (and back) and the next step is the same."""
+    import copy
+
+    for first, second in ((None, True), (True, None)):
+        a = torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))
+        saved_by = torch.optim.AdamW([a], lr=0.1, fused=first)
+        a.grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+        saved_by.step()
+        b = torch.nn.Parameter(a.detach().clone())
+        resumed = torch.optim.AdamW([b], lr=0.1, fused=second)
+        resumed.load_state_dict(copy.deepcopy(saved_by.state_dict()))
+        a.grad, b.grad = torch.ones(5, 3), torch.ones(5, 3)
+        saved_by.step()
+        resumed.step()
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        assert float(resumed.state[b]["step"]) == 2.0
+
+
 def test_fused_adamw_true_is_refused_where_it_cannot_run(tiny_bert, toy_data, tmp_path):
     from scalelora.errors import UserError
     from scalelora.models import build_model

@@ -515,6 +515,7 @@ RESUME_FREE_KEYS = (
     "train.on_nonfinite",
     "train.max_nonfinite",
     "train.compile",
+    "train.fused_adamw",  # the same AdamW state either way (tested): a resume may switch kernels
     "train.timing_skip_steps",
     "eval.every",
     "eval.early_stopping_patience",
