@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# point -> (module, attribute path, when): "before" acts on entry, "after" once the call returned
+# point -> (module, attribute path, when): "before" acts on entry, "after" once the call returned. A
+# function imported by name is patched where it is looked up: "a+b" patches it in modules a and b alike.
 POINTS: dict[str, tuple[str, str, str]] = {
     "forward": ("scalelora.trainer", "Trainer.compute_loss", "after"),  # mid optimizer step
     "optimizer_step": ("torch.optim.AdamW", "step", "before"),
@@ -37,7 +38,8 @@ POINTS: dict[str, tuple[str, str, str]] = {
     "torch_save": ("torch", "save", "after"),  # optimizer/scheduler/RNG state of a checkpoint
     "json_write": ("scalelora.checkpoint", "atomic_write_json", "before"),
     "manifest": ("scalelora.checkpoint", "write_manifest", "before"),
-    "renamed": ("scalelora.checkpoint", "fsync_dir", "before"),  # just after an os.replace
+    # just after an os.replace: in files.py's atomic writes and folder swaps, and in save_checkpoint
+    "renamed": ("scalelora.files+scalelora.checkpoint", "fsync_dir", "before"),
     "prune": ("shutil", "rmtree", "before"),
     "adapter_swap": ("scalelora.checkpoint", "replace_dir", "before"),
 }
@@ -93,9 +95,10 @@ def install(faults: list[str], count_all: bool = False) -> Counter[str]:
     counts: Counter[str] = Counter()
     points = set(POINTS) if count_all else {p for p, _, _ in wanted}
     for point in points:
-        module_name, attr_path, when = POINTS[point]
-        owner, name = resolve(module_name, attr_path)
-        original = getattr(owner, name)
+        module_names, attr_path, when = POINTS[point]
+        owners = [resolve(module_name, attr_path) for module_name in module_names.split("+")]
+        original = getattr(*owners[0])
+        assert all(getattr(owner, name) is original for owner, name in owners), f"{point}: not one function"
         mine = [(n, a) for p, n, a in wanted if p == point]
 
         def make(original: Callable, point: str, when: str, mine: list[tuple[int, str]]) -> Callable:
@@ -127,7 +130,9 @@ def install(faults: list[str], count_all: bool = False) -> Counter[str]:
 
             return wrapper
 
-        setattr(owner, name, make(original, point, when, mine))
+        patched = make(original, point, when, mine)
+        for owner, name in owners:
+            setattr(owner, name, patched)
     return counts
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_overrides
 from scalelora import checkpoint as ckpt
-from scalelora import signing
+from scalelora import files, signing
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError
 from scalelora.train import main
 
@@ -82,7 +82,7 @@ def test_resume_auto_takes_the_newest_valid_checkpoint_and_says_so(tmp_path):
     for step in (2, 4):
         folder = tmp_path / "checkpoints" / f"step-{step}"
         folder.mkdir(parents=True)
-        ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": step})
+        files.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": step})
         ckpt.write_manifest(folder)
     (tmp_path / "checkpoints" / "step-4" / ckpt.TRAINER_STATE).write_text("{}")  # damaged after its manifest
     keeper, lines = checkpointer(tmp_path, resume="auto")
@@ -99,7 +99,7 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path):
         "lora": {"r": 8, "target_modules": None},
         "data": {"path": "d", "keep_labels": None},
     }
-    ckpt.atomic_write_json(
+    files.atomic_write_json(
         folder / ckpt.TRAINER_STATE, {"identity": ckpt.resume_identity(config, ["a", "b"])}
     )
     config["lora"]["r"] = 16
@@ -130,7 +130,7 @@ def test_every_config_key_is_either_part_of_the_resume_identity_or_free_to_chang
 def identity_checkpoint(tmp_path: Path, identity: dict) -> Path:
     folder = tmp_path / "checkpoints" / "step-2"
     folder.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"identity": identity})
+    files.atomic_write_json(folder / ckpt.TRAINER_STATE, {"identity": identity})
     return folder
 
 
@@ -206,14 +206,14 @@ def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):
 
 def test_atomic_write_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
-    ckpt.atomic_write_json(path, {"v": 1})
+    files.atomic_write_json(path, {"v": 1})
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "fsync", fail)
+    monkeypatch.setattr(files.os, "fsync", fail)
     with pytest.raises(CheckpointError, match="no space left"):
-        ckpt.atomic_write_json(path, {"v": 2})
+        files.atomic_write_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left behind
 
@@ -285,14 +285,14 @@ def test_a_manifest_is_signed_and_one_without_this_users_signature_is_refused(tm
     ckpt.verify_manifest(folder, trust_unsigned=True)  # the files still match: integrity holds
 
     unsigned = {k: v for k, v in json.loads((folder / ckpt.MANIFEST).read_text()).items() if k != "signature"}
-    ckpt.atomic_write_json(folder / ckpt.MANIFEST, unsigned)  # as written before manifests were signed
+    files.atomic_write_json(folder / ckpt.MANIFEST, unsigned)  # as written before manifests were signed
     with pytest.raises(UntrustedCheckpointError, match=r"is not signed.*checkpoint.trust_unsigned=true"):
         ckpt.verify_manifest(folder)
 
     ckpt.write_manifest(folder)
     manifest = json.loads((folder / ckpt.MANIFEST).read_text())
     manifest["files"]["optimizer.bin"]["sha256"] = "0" * 64  # edited after signing, by hand
-    ckpt.atomic_write_json(folder / ckpt.MANIFEST, manifest)
+    files.atomic_write_json(folder / ckpt.MANIFEST, manifest)
     with pytest.raises(UntrustedCheckpointError, match="altered after it was signed"):
         ckpt.verify_manifest(folder)
 
@@ -303,7 +303,7 @@ def test_resume_auto_refuses_an_unsigned_newest_checkpoint_instead_of_falling_ba
     for step in (2, 4):
         folder = tmp_path / "checkpoints" / f"step-{step}"
         folder.mkdir(parents=True)
-        ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": step})
+        files.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": step})
         ckpt.write_manifest(folder)
     forge_manifest(tmp_path / "checkpoints" / "step-4", monkeypatch, tmp_path / "attacker.key")
     keeper, _ = checkpointer(tmp_path, resume="auto")
@@ -326,7 +326,7 @@ def test_another_node_verifies_the_checkpoint_it_loads(tmp_path, monkeypatch):
 
     folder = tmp_path / "checkpoints" / "step-2"
     folder.mkdir(parents=True)
-    ckpt.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": 2})
+    files.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": 2})
     ckpt.write_manifest(folder)
     keeper = ckpt.Checkpointer(OtherNode(), tmp_path, None, False, None, 2, echo=print)
     monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})

@@ -10,7 +10,6 @@ complete by construction, and one whose signature verifies was written by this u
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -27,68 +26,12 @@ from safetensors.torch import load_file
 
 from scalelora import signing
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
+from scalelora.files import atomic_write_json, atomic_write_text, fsync_dir, raise_disk_error, replace_dir
 from scalelora.runtime import deepspeed_hidden, is_deepspeed, model_state_dict, unwrap_model, zero_stage
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-# --- small atomic file helpers ---------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file + fsync + rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise_disk_error(path, err)
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def raise_disk_error(path: Path, err: OSError) -> None:
-    """Raise CheckpointError naming the file being written (err.filename when known, else `path`)."""
-    where = err.filename or path
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise CheckpointError(
-            f"no space left on the device while writing {where}; free space there and resume with resume=auto"
-        ) from None
-    raise CheckpointError(f"cannot write {where}: {err.strerror or err}") from None
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place, replacing an older one."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 # --- manifest --------------------------------------------------------------------------------------

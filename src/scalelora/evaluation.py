@@ -25,6 +25,7 @@ from scalelora.calibration import (
     negative_log_likelihood,
     probabilities,
 )
+from scalelora.files import atomic_write_text
 
 CALIBRATION_BINS = 15
 
@@ -265,8 +266,6 @@ def write_predictions(
     of the split file), written atomically. `predicted` and `probs` are the raw model's (argmax; p >= 0.5
     per label for multi-label, where `label` and `predicted` are lists of names); with a tuned decision
     rule, `tuned` is its prediction (what `predict` prints)."""
-    from scalelora.checkpoint import atomic_write_text
-
     multi = problem_type == MULTI_LABEL
     probs = probabilities(outputs.logits, problem_type)
 

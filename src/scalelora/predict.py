@@ -22,6 +22,7 @@ import torch
 
 from scalelora.calibration import MULTI_LABEL, SINGLE_LABEL, Calibration, read_calibration
 from scalelora.errors import DataError, UnsafeWeightsError, UserError, exit_on_user_error
+from scalelora.files import atomic_write_text
 
 
 def find_model_dir(path: Path) -> Path:
@@ -215,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:
-        from scalelora.checkpoint import atomic_write_text
-
         atomic_write_text(args.output, lines)
     else:
         sys.stdout.write(lines)

@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from scalelora.checkpoint import atomic_write_json
 from scalelora.config import ModelConfig, RunConfig, load_config
 from scalelora.errors import DataError, UserError, exit_on_user_error
+from scalelora.files import atomic_write_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1

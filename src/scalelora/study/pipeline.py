@@ -45,6 +45,7 @@ import yaml
 
 from scalelora.config import AUTO_RECIPE, load_config, parse_overrides, to_dict
 from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
+from scalelora.files import atomic_write_json
 from scalelora.report import RUN_COLUMNS, fmt, table
 
 TRAINED_RUNS = (
@@ -265,8 +266,6 @@ class Pipeline:
         return saved["row"] if _same_settings(old, stamp, {"settings": to_dict(RunConfig())}) else None
 
     def _save_row(self, run: str, stamp: dict[str, Any], row: dict[str, Any]) -> None:
-        from scalelora.checkpoint import atomic_write_json
-
         atomic_write_json(self.out / run / "pipeline_row.json", {"stamp": stamp, "row": row})
 
     # --- the runs -------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from scalelora.errors import UserError, exit_on_user_error
+from scalelora.files import atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository: src/scalelora/study/results.py
 DATASETS = ("emotion", "rotten_tomatoes", "sst2", "codemix_tamil", "codemix_hindi", "goemotions")
@@ -264,8 +265,6 @@ def load_results(path: Path) -> dict[str, Any]:
 
 def write_all(results_dir: Path, data: dict[str, Any], notes: str) -> None:
     """results.json, RESULTS.md and the figures from `data` (rows already merged)."""
-    from scalelora.checkpoint import atomic_write_json, atomic_write_text
-
     rows = data["results"]
     order = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     rows.sort(key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else 99, r.get("order", 0)))
@@ -532,8 +531,6 @@ def run_dataset(
         row["order"] = order
         row.update(intervals.get(row["run"], {}))
         row["confusion"] = confusion(gold, runs.get(row["run"])) if dataset in CODE_MIXED else None
-    from scalelora.checkpoint import atomic_write_json
-
     atomic_write_json(results_dir / "predictions" / f"{dataset}.json", {"gold": gold, "runs": runs})
     facts = {
         "finished": time.strftime("%Y-%m-%d %H:%M"),
