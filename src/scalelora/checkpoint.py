@@ -27,7 +27,15 @@ from safetensors.torch import load_file
 from scalelora import signing
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
 from scalelora.files import atomic_write_json, atomic_write_text, fsync_dir, raise_disk_error, replace_dir
-from scalelora.runtime import deepspeed_hidden, is_deepspeed, model_state_dict, unwrap_model, zero_stage
+from scalelora.runtime import (
+    check_on_each_node,
+    decide_on_main,
+    deepspeed_hidden,
+    is_deepspeed,
+    model_state_dict,
+    unwrap_model,
+    zero_stage,
+)
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -299,12 +307,6 @@ def save_model_dir(
     accelerator.wait_for_everyone()
 
 
-def error_class(name: str) -> type[UserError]:
-    """The UserError subclass named `name` (errors cross process boundaries by name)."""
-    known = {cls.__name__: cls for cls in (UserError, CheckpointError, UntrustedCheckpointError)}
-    return known.get(name, UserError)
-
-
 # --- one run per output_dir ------------------------------------------------------------------------
 
 
@@ -574,21 +576,8 @@ class Checkpointer:
     def claim(self) -> Path | None:
         """Collective. Take the lock and decide where to resume from (None: a fresh start, outputs
         cleared). The main process decides; every rank gets the answer or the same error."""
-        acc = self.accelerator
-        answer: list[Any] = [None]
-        if acc.is_main_process:
-            try:
-                answer[0] = ("ok", self._decide())
-            except UserError as err:
-                answer[0] = ("error", str(err), type(err).__name__)
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(answer, from_process=0)
-        if answer[0][0] == "error":
-            raise error_class(answer[0][2])(answer[0][1])
-        found = answer[0][1]
-        acc.wait_for_everyone()
+        found = decide_on_main(self.accelerator, self._decide)
+        self.accelerator.wait_for_everyone()
         if found is None and self.resume_setting == "auto":
             self.echo("scalelora: resume=auto found no complete checkpoint; starting fresh")
         return Path(found) if found else None
@@ -678,19 +667,9 @@ class Checkpointer:
         """Collective. One process per node verifies the checkpoint (signature and files) as that node
         sees it, since each rank loads its own files; the main process did when it chose it. Every rank
         raises the first error any of them found, so none is left waiting in a collective."""
-        acc = self.accelerator
-        error: tuple[str, str] | None = None
-        if acc.is_local_main_process and not acc.is_main_process:
-            try:
-                verify_manifest(path, self.trust_unsigned)
-            except CheckpointError as err:
-                error = (type(err).__name__, str(err))
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            error = next((found for found in gather_object([error]) if found), None)
-        if error is not None:
-            raise error_class(error[0])(error[1])
+        check_on_each_node(
+            self.accelerator, lambda: verify_manifest(path, self.trust_unsigned), skip_main=True
+        )
 
     def _trim_metrics(self, step: int) -> None:
         """Drop metric lines logged after the checkpoint, so a resumed run never repeats or goes back in steps."""

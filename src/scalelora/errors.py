@@ -47,6 +47,20 @@ class TrainingHalted(UserError):
     exit_code = 3
 
 
+def error_class(name: str) -> type[UserError]:
+    """The UserError subclass named `name`, or UserError itself for a name it does not know.
+
+    Errors cross process boundaries by class name (the exception objects stay on the rank that raised
+    them), so every rank raises the same class: the same exit code, the same `except` clauses.
+    """
+    todo, known = [UserError], {}
+    while todo:
+        cls = todo.pop()
+        known[cls.__name__] = cls
+        todo.extend(cls.__subclasses__())
+    return known.get(name, UserError)
+
+
 def one_line(message: object, limit: int | None = None) -> str:
     """`message` (an error or text) on one line, cut to `limit` characters when given."""
     text = " ".join(str(message).split())

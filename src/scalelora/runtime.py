@@ -1,5 +1,7 @@
 """The Accelerator (precision, accumulation, gloo on CPU, DeepSpeed from the launch config), seeding,
-and the stop signal (preemption, SIGTERM, Ctrl-C) that every rank agrees on in the same step."""
+the stop signal (preemption, SIGTERM, Ctrl-C) that every rank agrees on in the same step, and the
+decisions one process makes for all (`decide_on_main`, `check_on_each_node`), whose errors every rank
+raises."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -21,10 +23,11 @@ from accelerate.utils import (
 )
 
 from scalelora.config import RunConfig
-from scalelora.errors import ConfigError
+from scalelora.errors import ConfigError, UserError, error_class
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; slurm/preemptible.sbatch requeues on it
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
+T = TypeVar("T")
 
 
 def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accelerator:
@@ -232,6 +235,57 @@ class StopSignal:
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def decide_on_main(accelerator: Any, decide: Callable[[], T], share_value: bool = True) -> T | None:
+    """Collective: the main process runs `decide`; every rank returns its value or raises its error.
+
+    A UserError raised by `decide` is raised on every rank, of the same class and with the same message,
+    so no rank is left waiting in a collective for one that gave up. Anything else (a bug) propagates
+    on the main process alone, with its traceback, and the launcher ends the others. With `share_value`
+    false the value stays on the main process and the others get None (for values too large to send).
+    `accelerator`: an Accelerator or a PartialState.
+    """
+    outcome: list[Any] = [None]
+    raised: UserError | None = None
+    value: T | None = None
+    if accelerator.is_main_process:
+        try:
+            value = decide()
+        except UserError as err:
+            raised = err
+            outcome[0] = ("error", type(err).__name__, str(err))
+        else:
+            outcome[0] = ("value", value if share_value else None)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    if raised is not None:
+        raise raised  # the original, traceback and all
+    if outcome[0][0] == "error":
+        raise error_class(outcome[0][1])(outcome[0][2])
+    return value if accelerator.is_main_process else outcome[0][1]
+
+
+def check_on_each_node(accelerator: Any, check: Callable[[], None], skip_main: bool = False) -> None:
+    """Collective: one process per node (its local main) runs `check`, on the files as that node sees
+    them; every rank raises the first UserError any of them raised (in rank order), of the same class
+    and with the same message. `skip_main`: the main process has checked already. Anything else (a bug)
+    propagates on its own rank, as in `decide_on_main`.
+    """
+    error: tuple[str, str] | None = None
+    if accelerator.is_local_main_process and not (skip_main and accelerator.is_main_process):
+        try:
+            check()
+        except UserError as err:
+            error = (type(err).__name__, str(err))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        error = next((found for found in gather_object([error]) if found), None)
+    if error is not None:
+        raise error_class(error[0])(error[1])
 
 
 @contextlib.contextmanager

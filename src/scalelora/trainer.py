@@ -62,6 +62,7 @@ from scalelora.runtime import (
     StopSignal,
     build_accelerator,
     compile_enabled,
+    decide_on_main,
     deepspeed_summary,
     is_deepspeed,
     peak_memory_bytes,
@@ -500,22 +501,22 @@ class Trainer:
 
     def _load_data(self) -> tuple[data_lib.Splits, dict[str, Any]]:
         cfg, acc = self.cfg, self.accelerator
-        error: UserError | None = None
-        with acc.main_process_first():  # hub downloads happen once; others then read the cache
-            try:
-                splits = data_lib.load_splits(cfg.data, cfg.seed)
-                if cfg.recipe == AUTO_RECIPE:
-                    self._choose_from_data(splits)
-                tokenized = {
-                    name: data_lib.tokenize_split(ds, self.tokenizer, cfg.data)
-                    for name, ds in (("train", splits.train), ("eval", splits.eval), ("test", splits.test))
-                    if ds is not None
-                }
-            except UserError as err:
-                error = err  # raised after the barrier, so no rank waits forever
-        if error is not None:
-            raise error
-        return splits, tokenized
+
+        def load() -> tuple[data_lib.Splits, dict[str, Any]]:
+            splits = data_lib.load_splits(cfg.data, cfg.seed)
+            if cfg.recipe == AUTO_RECIPE:
+                self._choose_from_data(splits)
+            tokenized = {
+                name: data_lib.tokenize_split(ds, self.tokenizer, cfg.data)
+                for name, ds in (("train", splits.train), ("eval", splits.eval), ("test", splits.test))
+                if ds is not None
+            }
+            return splits, tokenized
+
+        # the main process first: hub downloads happen once, and its data error is every rank's; the
+        # others then load from the cache it filled (each rank keeps its own copy: too large to send)
+        loaded = decide_on_main(acc, load, share_value=False)
+        return loaded if acc.is_main_process else load()
 
     def _choose_from_data(self, splits: data_lib.Splits) -> None:
         """The `auto` recipe: pick the data-dependent settings (autoconfig.py) before tokenizing, and log them."""
