@@ -34,6 +34,7 @@ import torch
 from scalelora.config import ModelConfig, RunConfig, load_config
 from scalelora.errors import DataError, UserError, exit_on_user_error
 from scalelora.files import atomic_write_json
+from scalelora.runtime import decide_on_main
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -125,52 +126,56 @@ def shard_logits(
     return restored
 
 
-def build_cache(
-    cfg: RunConfig,
-    teacher: str,
-    out: Path,
-    splits: tuple[str, ...] = ("train",),
-    shard_size: int = 2048,
-    batch_size: int = 64,
-    overwrite: bool = False,
-    log: Any = None,
-) -> dict[str, Any]:
-    """Compute (or finish) the cache in `out`; returns the manifest. Collective under accelerate launch.
-
-    Raises DataError for a cache built for other data / another teacher (unless `overwrite`), and
-    UserError when the teacher has no trained head for the data's labels.
-    """
+def process_state() -> Any:
+    """Accelerate's PartialState for this build: one process, or one of those `accelerate launch` started."""
     from accelerate import PartialState
-    from safetensors.torch import save_file
-
-    from scalelora import data as data_lib
-    from scalelora.models import load_classifier, load_tokenizer
 
     no_cuda = not torch.cuda.is_available()
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # as runtime.build_accelerator: torchrun-launched CPU processes need cpu=True and gloo, or each
     # process silently believes it is alone (and all of them would compute every shard)
-    state = PartialState(cpu=no_cuda, **({"backend": "gloo"} if no_cuda and multi else {}))
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if state.is_main_process else None)
-    loaded = data_lib.load_splits(cfg.data, cfg.seed)
-    datasets_by_split = {"train": loaded.train, "eval": loaded.eval, "test": loaded.test}
+    return PartialState(cpu=no_cuda, **({"backend": "gloo"} if no_cuda and multi else {}))
+
+
+def load_frozen_teacher(
+    cfg: RunConfig, teacher: str, label_names: list[str], problem_type: str, device: torch.device
+) -> tuple[torch.nn.Module, Any, float | None]:
+    """The teacher in eval mode without gradients, its tokenizer, and its fitted temperature (None: none).
+
+    Raises UserError when the teacher has no trained head for `label_names`.
+    """
+    from scalelora.models import load_classifier, load_tokenizer
+    from scalelora.teacher import model_folder_facts
+
     teacher_cfg = ModelConfig(
         name=teacher,
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
     )
-    model, new_modules = load_classifier(teacher_cfg, loaded.label_names, problem_type=loaded.problem_type)
+    model, new_modules = load_classifier(teacher_cfg, label_names, problem_type=problem_type)
     if new_modules:
         raise UserError(
-            f"--teacher {teacher} has no trained classification head for labels {loaded.label_names} "
+            f"--teacher {teacher} has no trained classification head for labels {label_names} "
             f"(newly initialised: {', '.join(new_modules)}); train a teacher with model.mode=full first"
         )
-    model = model.to(state.device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False)
     tokenizer = load_tokenizer(teacher_cfg, cfg.data.truncation_side)
-    from scalelora.teacher import model_folder_facts
+    _, temperature = model_folder_facts(teacher, label_names)
+    return model, tokenizer, temperature
 
-    _, temperature = model_folder_facts(teacher, loaded.label_names)
+
+def expected_manifest(
+    cfg: RunConfig,
+    teacher: str,
+    loaded: Any,
+    datasets_by_split: dict[str, Any],
+    splits: tuple[str, ...],
+    shard_size: int,
+    temperature: float | None,
+) -> dict[str, Any]:
+    """The manifest this build writes (every split still incomplete): what identifies the cache, and
+    the shards each split is cut into. Raises UserError for a split the config has no data for."""
     expected: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "teacher": teacher_identity(teacher),
@@ -197,61 +202,117 @@ def build_cache(
             "shards": [shard_name(split, k) for k in range(num_shards)],
             "complete": False,
         }
+    return expected
 
+
+def claim_cache_dir(out: Path, expected: dict[str, Any], shard_size: int, overwrite: bool) -> None:
+    """Keep a cache on disk built for the same teacher and data (its finished shards are reused), or clear
+    it with `overwrite`; then write the expected manifest, so the identity is recorded before any shard.
+
+    Raises DataError for a cache built for something else or with another shard size (unless `overwrite`).
+    """
     manifest_path = out / MANIFEST
-    error: str | None = None
-    if state.is_main_process:
-        try:
-            if manifest_path.is_file() and not overwrite:
-                existing = json.loads(manifest_path.read_text())
-                check_compatible(existing, expected, out)
-                for split, info in existing.get("splits", {}).items():
-                    if split in expected["splits"] and info.get("shard_size") != shard_size:
-                        raise DataError(
-                            f"teacher-logit cache {out} uses --shard-size {info.get('shard_size')}; "
-                            "rerun with that size or pass --overwrite"
-                        )
-            elif out.exists() and overwrite:
-                for stale in list(out.glob("*.safetensors")) + [manifest_path]:
-                    if stale.exists():
-                        stale.unlink()
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(manifest_path, expected)  # records the identity before any shard exists
-        except UserError as err:
-            error = str(err)
-    flag = [error]
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    if manifest_path.is_file() and not overwrite:
+        existing = json.loads(manifest_path.read_text())
+        check_compatible(existing, expected, out)
+        for split, info in existing.get("splits", {}).items():
+            if split in expected["splits"] and info.get("shard_size") != shard_size:
+                raise DataError(
+                    f"teacher-logit cache {out} uses --shard-size {info.get('shard_size')}; "
+                    "rerun with that size or pass --overwrite"
+                )
+    elif out.exists() and overwrite:
+        for stale in list(out.glob("*.safetensors")) + [manifest_path]:
+            if stale.exists():
+                stale.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(manifest_path, expected)
 
-        broadcast_object_list(flag, from_process=0)
-    if flag[0] is not None:
-        raise DataError(flag[0])
 
+def compute_missing_shards(
+    state: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ds: Any,
+    info: dict[str, Any],
+    out: Path,
+    max_length: int,
+    batch_size: int,
+) -> tuple[int, int]:
+    """Compute and write this rank's shards of one split (shard k on rank k % N) that are not on disk
+    yet, each to a temporary name and renamed. Returns (shards computed, shards kept from an earlier build)."""
+    from safetensors.torch import save_file
+
+    shard_size = info["shard_size"]
+    done = computed = 0
+    for k, name in enumerate(info["shards"]):
+        if k % state.num_processes != state.process_index:
+            continue
+        path = out / name
+        if path.is_file():
+            done += 1
+            continue  # finished by an earlier (interrupted) build
+        rows = ds.select(range(k * shard_size, min(len(ds), (k + 1) * shard_size)))
+        logits = shard_logits(
+            model,
+            tokenizer,
+            list(rows["text"]),
+            list(rows["text_pair"]) if "text_pair" in rows.column_names else None,
+            max_length,
+            batch_size,
+            state.device,
+        )
+        tmp = path.with_name(f".{name}.tmp")
+        save_file({"idx": torch.tensor(rows["idx"], dtype=torch.long), "logits": logits}, str(tmp))
+        os.replace(tmp, path)
+        computed += 1
+    return computed, done
+
+
+def write_final_manifest(out: Path, expected: dict[str, Any]) -> None:
+    """Mark each split complete when all its shards are on disk, and write the manifest."""
+    for info in expected["splits"].values():
+        info["complete"] = all((out / shard).is_file() for shard in info["shards"])
+    atomic_write_json(out / MANIFEST, expected)
+
+
+def build_cache(
+    cfg: RunConfig,
+    teacher: str,
+    out: Path,
+    splits: tuple[str, ...] = ("train",),
+    shard_size: int = 2048,
+    batch_size: int = 64,
+    overwrite: bool = False,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Compute (or finish) the cache in `out`; returns the manifest. Collective under accelerate launch.
+
+    Raises DataError for a cache built for other data / another teacher (unless `overwrite`), and
+    UserError when the teacher has no trained head for the data's labels.
+    """
+    from scalelora import data as data_lib
+
+    state = process_state()
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if state.is_main_process else None)
+    loaded = data_lib.load_splits(cfg.data, cfg.seed)
+    datasets_by_split = {"train": loaded.train, "eval": loaded.eval, "test": loaded.test}
+    model, tokenizer, temperature = load_frozen_teacher(
+        cfg, teacher, loaded.label_names, loaded.problem_type, state.device
+    )
+    expected = expected_manifest(cfg, teacher, loaded, datasets_by_split, splits, shard_size, temperature)
+    decide_on_main(state, lambda: claim_cache_dir(out, expected, shard_size, overwrite))
     for split in splits:
-        ds = datasets_by_split[split]
-        info = expected["splits"][split]
-        done = computed = 0
-        for k, name in enumerate(info["shards"]):
-            if k % state.num_processes != state.process_index:
-                continue
-            path = out / name
-            if path.is_file():
-                done += 1
-                continue  # finished by an earlier (interrupted) build
-            rows = ds.select(range(k * shard_size, min(len(ds), (k + 1) * shard_size)))
-            logits = shard_logits(
-                model,
-                tokenizer,
-                list(rows["text"]),
-                list(rows["text_pair"]) if "text_pair" in rows.column_names else None,
-                cfg.data.max_length,
-                batch_size,
-                state.device,
-            )
-            tmp = path.with_name(f".{name}.tmp")
-            save_file({"idx": torch.tensor(rows["idx"], dtype=torch.long), "logits": logits}, str(tmp))
-            os.replace(tmp, path)
-            computed += 1
+        computed, done = compute_missing_shards(
+            state,
+            model,
+            tokenizer,
+            datasets_by_split[split],
+            expected["splits"][split],
+            out,
+            cfg.data.max_length,
+            batch_size,
+        )
         print(
             f"scalelora: teacher_logits rank {state.process_index}: split {split}: {computed} shard(s) computed, "
             f"{done} kept from an earlier build",
@@ -260,10 +321,7 @@ def build_cache(
         )
     state.wait_for_everyone()
     if state.is_main_process:
-        for split in splits:
-            missing = [s for s in expected["splits"][split]["shards"] if not (out / s).is_file()]
-            expected["splits"][split]["complete"] = not missing
-        atomic_write_json(manifest_path, expected)
+        write_final_manifest(out, expected)
         log(f"scalelora: teacher logits of {teacher} for {', '.join(splits)} -> {out}")
     state.wait_for_everyone()
     return expected
