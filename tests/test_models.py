@@ -97,6 +97,23 @@ def test_lora_weights_stay_fp32_on_a_bf16_base_under_autocast(tiny_bert):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+def test_trainable_weights_take_the_dtype_of_a_base_built_under_zero_init(tiny_bert):
+    """A base built under deepspeed.zero.Init (its parameters carry `ds_id`) is in DeepSpeed's bf16, and
+    DeepSpeed casts nothing of such a model: LoRA and the head must be bf16 too (DeepSpeed keeps their
+    float32 masters). Stand-in for the 2-process run in test_deepspeed.py: `ds_id` set by hand."""
+    from scalelora.models import finish_model, trainable_dtype
+
+    cfg = ModelConfig(name=str(tiny_bert), dtype="bfloat16")
+    base, new_modules = load_classifier(cfg, LABELS)
+    for i, param in enumerate(base.parameters()):
+        param.ds_id = i
+    model = finish_model(base, new_modules, cfg, LoraConfig(r=2))
+    assert trainable_dtype(model) == torch.bfloat16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.bfloat16}
+    assert trainable_dtype(torch.nn.Linear(2, 2)) == torch.float32
+
+
 def test_saved_adapter_with_head_reloads_to_identical_logits(tiny_bert, tmp_path):
     from peft import PeftModel
 

@@ -430,15 +430,29 @@ def untrained_head(model: nn.Module, new_modules: list[str]) -> list[str]:
 def finish_model(
     model: nn.Module, new_modules: list[str], model_cfg: ModelConfig, lora: LoraConfig
 ) -> nn.Module:
-    """Gradient checkpointing, the training mode (LoRA, full, head only) and float32 trainable weights."""
+    """Gradient checkpointing, the training mode (LoRA, full, head only) and the trainable weights' dtype:
+    float32, or under ZeRO-3 the dtype `deepspeed.zero.Init` built the base in (`trainable_dtype`)."""
     if model_cfg.gradient_checkpointing and not (model_cfg.load_in_8bit or model_cfg.load_in_4bit):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_mode(model, model_cfg, lora, new_modules)
+    dtype = trainable_dtype(model)
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            # optimizer updates of LoRA and head weights are lost in bf16/fp16 rounding; keep them fp32
-            param.data = param.data.float()
+        if param.requires_grad and param.dtype != dtype:
+            param.data = param.data.to(dtype)
     return model
+
+
+def trainable_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the trainable weights (LoRA, the head) must have to train in `model`.
+
+    float32 by default: optimizer updates of LoRA and head weights are lost in bf16/fp16 rounding, and
+    autocast (or DeepSpeed's module cast, with its float32 master weights) runs the forward. A base built
+    under `deepspeed.zero.Init` (ZeRO-3, `zero3_init_flag`; its parameters carry `ds_id`) is already in
+    DeepSpeed's dtype, and DeepSpeed skips its own module cast for such a model while nothing autocasts:
+    the trainable weights take that dtype here, as ZeRO-2's module cast gives them, and DeepSpeed's
+    optimizer keeps their float32 master copies.
+    """
+    return next((p.dtype for p in model.parameters() if hasattr(p, "ds_id")), torch.float32)
 
 
 def max_positions(model: nn.Module, tokenizer: Any) -> int | None:
