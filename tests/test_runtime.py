@@ -22,6 +22,7 @@ from scalelora.runtime import (
     deepspeed_summary,
     is_deepspeed,
     peak_memory_bytes,
+    without_zero3_init,
     zero_stage,
 )
 from scalelora.trainer import run_training
@@ -185,3 +186,26 @@ def test_two_processes_share_the_main_decision_and_the_first_error(tmp_path):
     assert result.returncode != 0
     assert "KeyError: 'a bug on rank 0'" in result.stderr, result.stderr[-3000:]
     assert len(seen[0]) == len(seen[1]) == 5
+
+
+def test_without_zero3_init_switches_transformers_zero3_flag_off_for_the_block_only():
+    """transformers builds every model under deepspeed.zero.Init while its ZeRO-3 flag is on; a teacher
+    loaded inside the block is built whole (the 2-process run: test_deepspeed.py)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    with without_zero3_init():  # no DeepSpeed config at all: nothing to do
+        assert not is_deepspeed_zero3_enabled()
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with without_zero3_init():
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+        with pytest.raises(RuntimeError), without_zero3_init():
+            raise RuntimeError("restored on the way out of an error too")
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        del config
+        unset_hf_deepspeed_config()

@@ -200,6 +200,28 @@ def reset_accelerate_state() -> None:
     unset_hf_deepspeed_config()
 
 
+@contextlib.contextmanager
+def without_zero3_init() -> Iterator[None]:
+    """Inside the block transformers builds models whole on every rank, not partitioned by
+    `deepspeed.zero.Init`: for a model never handed to DeepSpeed (a frozen teacher), whose partitioned
+    weights nothing would gather. Under ZeRO-3 transformers reads its flag from a weak reference to the
+    HfDeepSpeedConfig Accelerate keeps alive; it is cleared for the block and restored after it.
+    (Accelerate's `zero3_init_context_manager(enable=False)` re-creates that config with the same
+    ZeRO stage, so transformers still builds under zero.Init.)"""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = held() if held is not None else None  # kept alive through the block
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
 class StopSignal:
     """Turns SIGUSR1/SIGTERM/SIGINT into a flag the trainer checks once per optimizer step.
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from scalelora.calibration import read_calibration
 from scalelora.config import ModelConfig, RunConfig
 from scalelora.errors import ConfigError, DataError
-from scalelora.runtime import unwrap_model
+from scalelora.runtime import unwrap_model, without_zero3_init
 
 CACHE_MANIFEST = "manifest.json"
 
@@ -93,7 +93,10 @@ class ModelTeacher:
                 f"distill.teacher={cfg.distill.teacher} uses another tokenizer than model.name={cfg.model.name}; "
                 "use distill.teacher=cache with logits from python -m scalelora.teacher_logits"
             )
-        model, new_modules = load_classifier(teacher_cfg, label_names)
+        # whole on every rank, in teacher_cfg.dtype: under ZeRO-3 transformers would partition it with
+        # zero.Init, and as the teacher is never handed to DeepSpeed nothing would gather its weights
+        with without_zero3_init():
+            model, new_modules = load_classifier(teacher_cfg, label_names)
         if new_modules:
             raise ConfigError(
                 f"distill.teacher={cfg.distill.teacher} has no trained classification head for these labels "
