@@ -150,13 +150,14 @@ def save_tiny_classifier(
     hidden: int = 32,
     labels: tuple[str, ...] = ("neg", "pos"),
     tokenizer=None,
+    seed: int = 1,
 ) -> Path:
     """A random 2-layer BERT sequence classifier with a saved head for `labels`: a stand-in teacher."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

@@ -377,6 +377,138 @@ def test_shipped_zero3_configs_evaluate_mid_training_and_distill_from_self(
     assert check_adapter_weights(out / "adapter", r=8) > 0
 
 
+# --- ZeRO-3 in bf16, distilling from a separate teacher model ----------------------------------------------
+
+BF16_KD_RUN = {
+    **RUN,
+    "train.max_steps": 2,
+    "eval.every": 2,
+    "checkpoint.every": 2,
+    "train.precision": "bf16",
+    "distill.enabled": "true",
+    "train.lr": 2e-2,  # LoRA moves the probabilities by more than the bf16 tolerance below
+    "eval.calibrate": "false",  # raw probabilities: a fitted temperature would flatten their differences
+}
+# a probability computed from bf16 logits against the same one in float32: bf16 keeps 8 significant bits
+BF16_PROB_TOLERANCE = 2**-8
+# the trainer on each rank, its ModelTeacher recording the first batch it sees and its logits for it
+RECORD_TEACHER = """\
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from scalelora import teacher, train
+
+record = Path(sys.argv[1]) / f"teacher-rank{os.environ['RANK']}.safetensors"
+call = teacher.ModelTeacher.__call__
+
+
+def recording(self, model, batch, idx, want_hidden):
+    out = call(self, model, batch, idx, want_hidden)
+    if not record.exists():
+        tensors = {**batch, "teacher_logits": out.logits}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(record))
+    return out
+
+
+teacher.ModelTeacher.__call__ = recording
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def zero3_bf16_kd(tiny_classifier, tiny_bert, toy_data, tmp_path_factory, ds_env):
+    """One 2-step run under ZeRO-3 with LoRA partitioned too, train.precision=bf16, distilling from a
+    teacher folder (another classifier): the student's base is built under zero.Init in bf16."""
+    root = tmp_path_factory.mktemp("zero3-bf16-kd")
+    teacher = save_tiny_classifier(root / "teacher", tiny_bert, seed=2)
+    script = root / "record_teacher.py"
+    script.write_text(RECORD_TEACHER)
+    out = root / "run"
+    args = tiny_overrides(tiny_classifier, toy_data, out, **BF16_KD_RUN, **{"distill.teacher": teacher})
+    done = subprocess.run(
+        [*launcher(sharded_variant("zero3", root)), str(script), str(root), "--config", "quickstart", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **ds_env},
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"out": out, "teacher": teacher, "records": sorted(root.glob("teacher-rank*.safetensors"))}
+
+
+def test_zero3_bf16_trains_lora_with_fp32_masters_and_its_adapter_reloads_in_fp32(zero3_bf16_kd):
+    """DeepSpeed casts no module built under zero.Init (it is already in bf16), and the LoRA and head
+    weights were float32: the first forward failed ("mat1 and mat2 must have the same dtype, but got
+    BFloat16 and Float"). They now train in bf16, as under ZeRO-2, with DeepSpeed's float32 master
+    copies; the bf16 adapter, reloaded into a float32 base in one process, gives the run's predictions."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = zero3_bf16_kd["out"]
+    summary = read_summary(out)
+    assert summary["global_step"] == 2 and summary["precision"] == "bf16"
+    assert summary["deepspeed"]["zero_stage"] == 3 and summary["deepspeed"]["bf16"]
+    assert check_adapter_weights(out / "adapter", r=8) > 0
+    tensors = adapter(out)
+    assert {v.dtype for v in tensors.values()} == {torch.bfloat16}
+    assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_B" in k), "no training step"
+    # each rank's float32 partition of the trainable weights (a checkpoint this test's run wrote)
+    masters = [
+        torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]["fp32_flat_groups"]
+        for path in sorted(out.rglob("*optim_states.pt"))
+    ]
+    assert len(masters) == 2 and {t.dtype for rank in masters for t in rank} == {torch.float32}
+    assert sum(t.numel() for rank in masters for t in rank) == summary["trainable_params"]
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
+    base_path = json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    rows = summary["sample_predictions"]
+    encoded = tokenizer(
+        [r["text"] for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        probs = torch.softmax(model(**encoded).logits, dim=-1)
+    # the run computed them in bf16, the reload in float32 (2e-4 apart here; 1.2e-2 without the LoRA weights)
+    for i, row in enumerate(rows):
+        predicted = summary["labels"].index(row["after"])
+        assert int(probs[i].argmax()) == predicted
+        assert abs(float(probs[i, predicted]) - row["after_confidence"]) < BF16_PROB_TOLERANCE
+
+
+def test_model_teacher_under_zero3_is_whole_and_gives_its_single_process_logits(zero3_bf16_kd):
+    """transformers built `distill.teacher=<path>` under zero.Init, and as it is never handed to
+    DeepSpeed nothing gathered its partitioned weights ("'weight' must be 2-D" at the first step). Loaded
+    outside zero.Init, each rank's teacher gives, on the batch it saw, the logits of a single-process load
+    of the folder (float32, model.dtype, while the student runs in bf16), and the KD run finishes."""
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(
+        zero3_bf16_kd["teacher"], dtype=torch.float32
+    )
+    teacher.eval()
+    assert len(zero3_bf16_kd["records"]) == 2
+    for record in zero3_bf16_kd["records"]:
+        batch = load_file(str(record))
+        logits = batch.pop("teacher_logits")
+        assert logits.dtype == torch.float32
+        with torch.no_grad():
+            torch.testing.assert_close(logits, teacher(**batch).logits, atol=1e-5, rtol=0)
+    out = zero3_bf16_kd["out"]
+    summary = read_summary(out)
+    assert summary["global_step"] == 2
+    assert summary["distill"]["enabled"] and summary["distill"]["teacher"] == str(zero3_bf16_kd["teacher"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r["loss"] for r in records if r["split"] == "train"]
+    assert train and all(torch.isfinite(torch.tensor(loss)) for loss in train)
+
+
 # --- a planted pickle in a ZeRO-2 checkpoint -------------------------------------------------------------------
 
 
