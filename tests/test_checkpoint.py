@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from conftest import tiny_overrides
 from scalelora import checkpoint as ckpt
+from scalelora import config as config_lib
 from scalelora import files, signing
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError
 from scalelora.train import main
@@ -108,23 +110,40 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_key(tmp_path):
         keeper.resume(folder, ckpt.resume_identity(config, ["a", "b"]))
 
 
-def config_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in tree.items():
-        keys += config_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
-    return keys
-
-
 def test_every_config_key_is_either_part_of_the_resume_identity_or_free_to_change():
-    from scalelora.config import RunConfig, to_dict
+    """Derived from config.py: every key is in exactly one of the two (a key that declares no class is
+    an identity key: test_a_key_that_declares_no_resume_class_is_an_identity_key)."""
+    identity, free = set(ckpt.RESUME_IDENTITY_KEYS), set(ckpt.RESUME_FREE_KEYS)
+    assert identity | free == set(config_lib.config_keys()) and not identity & free
+    # issue 25: what picks the kept adapter or the stopping step is identity; the cadence is not
+    assert {"data.eval_split", "data.max_eval_samples", "eval.early_stopping_patience"} <= identity
+    assert {"eval.every", "checkpoint.every", "train.log_every", "tracking.wandb.project", "pipeline"} <= free
 
-    def free(key: str) -> bool:
-        return any(key == f or (f.endswith(".") and key.startswith(f)) for f in ckpt.RESUME_FREE_KEYS)
 
-    for key in config_keys(to_dict(RunConfig())):
-        assert (key in ckpt.RESUME_IDENTITY_KEYS) != free(key), (
-            f"{key}: decide whether a resume may change it (RESUME_FREE_KEYS) or not (RESUME_IDENTITY_KEYS)"
-        )
+@dataclass
+class GrownTrain(config_lib.TrainConfig):
+    new_knob: int = 1  # a key added without key(...): it declares no resume class
+
+
+@dataclass
+class GrownConfig(config_lib.RunConfig):
+    train: GrownTrain = field(default_factory=GrownTrain)
+
+
+def test_a_key_that_declares_no_resume_class_is_an_identity_key(tmp_path, monkeypatch):
+    info = config_lib.key_info("train.new_knob", GrownConfig)
+    assert (info.resume, info.declared, info.before) == ("identity", False, 1)
+    assert config_lib.key_info("train.lr", GrownConfig).declared
+    # through the resume path: a grown config whose new key changed is refused, naming it
+    monkeypatch.setattr(config_lib, "RunConfig", GrownConfig)
+    folder = identity_checkpoint(
+        tmp_path, ckpt.resume_identity(config_lib.to_dict(GrownConfig()), ["a", "b"])
+    )
+    grown = GrownConfig()
+    grown.train.new_knob = 2
+    keeper, _ = checkpointer(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape("train.new_knob: checkpoint 1, now 2")):
+        keeper.resume(folder, ckpt.resume_identity(config_lib.to_dict(grown), ["a", "b"]))
 
 
 def identity_checkpoint(tmp_path: Path, identity: dict) -> Path:
@@ -181,18 +200,60 @@ def test_a_resume_with_another_batch_size_world_size_seed_or_data_is_refused_nam
         keeper.resume(folder, identity(change))
 
 
-def test_keys_a_checkpoint_does_not_record_are_reported_not_compared(tmp_path, monkeypatch):
-    old = ckpt.resume_identity({k: v for k, v in BASE_CONFIG.items() if k != "train"}, ["a", "b"])
-    folder = identity_checkpoint(tmp_path, old)  # written before train.* and the world size were recorded
+def full_identity(**changes: object) -> dict:
+    """The resume identity of the default config with `changes` (dotted key -> value)."""
+    tree = config_lib.to_dict(config_lib.RunConfig())
+    for key, value in changes.items():
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    return ckpt.resume_identity(tree, ["a", "b"], world_size=1, train_fingerprint="f1")
+
+
+@pytest.mark.parametrize(
+    ("key", "before", "other"),
+    [
+        ("train.mask_dropout", False, True),  # before the key, torch's dropout ran
+        ("eval.tune_thresholds", "none", "auto"),
+        ("data.eval_split", "validation", "test"),  # recorded since it became an identity key
+    ],
+)
+def test_a_config_key_a_checkpoint_does_not_record_counts_as_its_before_value(
+    tmp_path, monkeypatch, key, before, other
+):
+    assert config_lib.key_info(key).before == before
+    old = full_identity(**{key: before})
+    del old[key]  # written before the key was recorded
+    folder = identity_checkpoint(tmp_path, old)
     keeper, lines = checkpointer(tmp_path)
     monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})
-    current = ckpt.resume_identity(BASE_CONFIG, ["a", "b"], world_size=1)
-    assert keeper.resume(folder, current)["global_step"] == 2
-    assert any(
-        "does not record train.batch_size, train.grad_accum, train.loss, world_size" in line for line in lines
-    ), lines
-    # a key this config lacks (another branch's, not merged here) is not recorded, so never compared
-    assert "train.class_weights" not in current and "train.loss" in current
+    expected = f"{key}: checkpoint does not record it (counts as {before!r}), now {other!r}"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        keeper.resume(folder, full_identity(**{key: other}))
+    assert keeper.resume(folder, full_identity(**{key: before}))["global_step"] == 2
+    assert not any("does not record" in line for line in lines), lines  # accepted silently
+
+
+def test_what_is_not_a_config_key_and_not_recorded_is_reported_not_compared(tmp_path, monkeypatch):
+    old = full_identity()
+    del old["world_size"]  # written before the world size was recorded
+    folder = identity_checkpoint(tmp_path, old)
+    keeper, lines = checkpointer(tmp_path)
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})
+    assert keeper.resume(folder, full_identity())["global_step"] == 2
+    assert any("does not record world_size;" in line for line in lines), lines
+
+
+def test_with_early_stopping_the_evaluation_cadence_is_part_of_the_identity(tmp_path):
+    """The patience counts evaluations: another eval.every would stop the run at another step."""
+    assert "eval.every" not in full_identity(**{"eval.every": 5})
+    stopping = {"eval.early_stopping_patience": 2}
+    folder = identity_checkpoint(tmp_path, full_identity(**stopping, **{"eval.every": 5}))
+    keeper, _ = checkpointer(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape("eval.every: checkpoint 5, now 3")):
+        keeper.resume(folder, full_identity(**stopping, **{"eval.every": 3}))
 
 
 def test_resume_drops_metric_lines_logged_after_the_checkpoint(tmp_path):

@@ -7,7 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scalelora.config import RunConfig, load_config, parse_overrides, recipe_descriptions, recipe_names
+from scalelora.config import (
+    MAPPING_KEYS,
+    RunConfig,
+    config_keys,
+    dotted_get,
+    dump_yaml,
+    key_info,
+    load_config,
+    parse_overrides,
+    recipe_descriptions,
+    recipe_names,
+    to_dict,
+)
 from scalelora.errors import ConfigError
 from scalelora.train import main
 
@@ -53,6 +65,39 @@ def test_unknown_key_names_the_key_and_closest_valid_one():
         load_config("quickstart", ["lora.rank=4"])
     with pytest.raises(ConfigError, match=r"'train\.learning_rate'; did you mean 'train\.lr'"):
         load_config("quickstart", ["train.learning_rate=1e-3"])
+
+
+def test_config_keys_are_every_field_of_every_section():
+    """config_keys() against the tree to_dict writes: a mapping is a section unless it is a key's value."""
+
+    def leaves(node: dict, prefix: str) -> list[str]:
+        keys = []
+        for name, value in node.items():
+            dotted = f"{prefix}{name}"
+            is_section = isinstance(value, dict) and dotted not in MAPPING_KEYS
+            keys += leaves(value, f"{dotted}.") if is_section else [dotted]
+        return keys
+
+    keys = config_keys()
+    assert keys == leaves(to_dict(RunConfig()), "")
+    assert "tracking.wandb.project" in keys and "pipeline" in keys and "explicit_keys" not in keys
+    for key in keys:  # each resolves on a config and on its dict, to the same value
+        assert dotted_get(RunConfig(), key) == dotted_get(to_dict(RunConfig()), key) == key_info(key).default
+
+
+def test_explicit_keys_is_not_a_config_key(tmp_path, capsys):
+    """The keys the command line set: kept on the config, never written out, never settable."""
+    cfg = load_config("quickstart", ["lora.r=4", "train.lr=1e-3"])
+    assert cfg.explicit_keys == {"lora.r", "train.lr"}
+    assert "explicit_keys" not in to_dict(cfg) and "explicit_keys" not in dump_yaml(cfg)
+    with pytest.raises(ConfigError, match=r"unknown config key 'explicit_keys'"):
+        load_config("quickstart", ["explicit_keys=[lora.r]"])
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"explicit_keys": ["lora.r"]}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'explicit_keys'"):
+        load_config(str(path))
+    assert main(["--config", "quickstart", "--print-config", "lora.r=4"]) == 0
+    assert "explicit_keys" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ DataError (a UserError: the one-line `scalelora: error:` with exit code 2), neve
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -16,8 +15,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from config_keys import config_keys
-from scalelora.config import DataConfig, RunConfig, load_config
+from scalelora.config import DataConfig, RunConfig, config_keys, key_info, load_config, to_dict
 from scalelora.data import load_splits
 from scalelora.errors import ConfigError, DataError
 
@@ -61,16 +59,8 @@ def typed_value(hint: object) -> st.SearchStrategy:
     return st.text(max_size=8)
 
 
-def key_hint(dotted: str) -> object:
-    cls: object = RunConfig
-    *sections, name = dotted.split(".")
-    for section in sections:
-        cls = typing.get_type_hints(cls)[section]
-    return typing.get_type_hints(cls)[name]
-
-
 def typed_pairs() -> st.SearchStrategy:
-    return st.sampled_from(KEYS).flatmap(lambda key: st.tuples(st.just(key), typed_value(key_hint(key))))
+    return st.sampled_from(KEYS).flatmap(lambda key: st.tuples(st.just(key), typed_value(key_info(key).hint)))
 
 
 def as_override(key: str, value: object) -> str:
@@ -86,7 +76,7 @@ def check_config(recipe: str, overrides: list[str]) -> None:
         return
     event("a valid config")
     assert isinstance(config, RunConfig)
-    tree = dataclasses.asdict(config)
+    tree = to_dict(config)
     assert all(math.isfinite(v) for v in leaves(tree) if isinstance(v, float)), tree
     yaml.safe_dump(tree)  # a valid config can always be written back
 

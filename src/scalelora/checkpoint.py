@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from scalelora import signing
+from scalelora.config import config_keys, dotted_get, key_info, resume_keys
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
 from scalelora.files import atomic_write_json, atomic_write_text, fsync_dir, raise_disk_error, replace_dir
 from scalelora.runtime import (
@@ -364,115 +365,11 @@ def pid_alive(pid: int) -> bool:
 
 # --- the run folder, as one object the loop asks ----------------------------------------------------
 
-# Config keys a checkpoint must share with the run that resumes it. A resumed run must end as an
-# uninterrupted run would; a change to any of these makes that impossible, so it is refused, naming
-# the key:
-# - what is trained and from what: model, LoRA, labels, the training data and its subset;
-# - the data order and the stream position: seed, batch size, accumulation (and the world size and
-#   the training split's fingerprint, which are not config keys: see resume_identity);
-# - the loss, including keys other branches add (class weights, loss, focal gamma, label smoothing,
-#   class-balanced sampling, problem type, label separator): absent from a config, they are skipped;
-# - the optimizer and the schedule: their state is restored from the checkpoint, so a changed lr,
-#   weight decay, scheduler, warmup, epochs or max_steps would be silently ignored or would bend the
-#   learning-rate curve into one no uninterrupted run follows; precision and clipping change each step;
-# - eval.metric and eval.load_best_at_end: the best value and the saved best adapter depend on them.
-RESUME_IDENTITY_KEYS = (
-    "seed",
-    "model.name",
-    "model.mode",
-    "model.dtype",
-    "model.revision",
-    "model.train_head",
-    "model.load_in_8bit",
-    "model.load_in_4bit",
-    "model.bnb_4bit_quant_type",
-    "model.bnb_4bit_use_double_quant",
-    "model.bnb_4bit_compute_dtype",
-    "model.attn_implementation",
-    "lora.r",
-    "lora.alpha",
-    "lora.dropout",
-    "lora.target_modules",
-    "lora.bias",
-    "data.path",
-    "data.hub_config",
-    "data.train_split",
-    "data.text_column",
-    "data.text_pair_column",
-    "data.label_column",
-    "data.labels",
-    "data.keep_labels",
-    "data.max_train_samples",
-    "data.max_length",
-    "data.truncation_side",
-    "data.drop_empty",
-    "data.group_by_length",
-    "data.class_balanced",
-    "data.problem_type",
-    "data.label_separator",
-    "data.allow_empty_labels",
-    "train.batch_size",
-    "train.grad_accum",
-    "train.epochs",
-    "train.max_steps",
-    "train.lr",
-    "train.head_lr",
-    "train.weight_decay",
-    "train.scheduler",
-    "train.warmup_ratio",
-    "train.warmup_steps",
-    "train.max_grad_norm",
-    "train.precision",
-    "train.class_weights",
-    "train.loss",
-    "train.focal_gamma",
-    "train.label_smoothing",
-    "train.mask_dropout",  # another random stream for the dropout masks
-    "eval.metric",
-    "eval.load_best_at_end",
-    # the tuned rule decides which evaluation is the best checkpoint, as eval.metric does
-    "eval.tune_thresholds",
-    "distill.enabled",
-    "distill.weight",
-    "distill.temperature",
-    "distill.teacher",
-    "distill.hidden_weight",
-    "distill.calibrated_teacher",
-)
-# Keys a resume may change: the resumed run trains exactly as before (where it writes, how often it
-# evaluates, logs and checkpoints, how it loads, what it reports). `section.` covers a whole section.
-RESUME_FREE_KEYS = (
-    "recipe",
-    "description",
-    "output_dir",
-    "resume",
-    "overwrite",
-    "data.root",
-    "data.eval_split",
-    "data.test_split",
-    "data.max_eval_samples",
-    "data.num_workers",
-    "model.trust_remote_code",
-    "model.allow_pickle",
-    "model.gradient_checkpointing",
-    "train.eval_batch_size",
-    "train.log_every",
-    "train.on_nonfinite",
-    "train.max_nonfinite",
-    "train.compile",
-    "train.fused_adamw",  # the same AdamW state either way (tested): a resume may switch kernels
-    "train.timing_skip_steps",
-    "eval.every",
-    "eval.early_stopping_patience",
-    "eval.sample_predictions",
-    "eval.extra_metrics",
-    "eval.trust_remote_code",
-    "eval.save_predictions",
-    "eval.calibrate",  # fitted after training, from the final weights: training is the same either way
-    "distill.cache_dir",
-    "checkpoint.",
-    "tracking.",
-)
+# Config keys a checkpoint must share with the run that resumes it, and keys a resume may change:
+# each key declares its class in config.py (`key(..., resume=...)`, the reasons are there); these are
+# derived from it. A key that declares none is an identity key.
+RESUME_IDENTITY_KEYS = resume_keys("identity")
+RESUME_FREE_KEYS = resume_keys("free")
 # What a finished or interrupted run leaves in output_dir; a fresh start removes all of it.
 ARTIFACTS = (
     "checkpoints",
@@ -493,19 +390,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
 
-_RAISE = object()
 ABSENT = object()
-
-
-def dotted_get(tree: dict[str, Any], key: str, default: Any = _RAISE) -> Any:
-    """`tree["a"]["b"]` for key "a.b"; `default` when a part is missing (KeyError when none is given)."""
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            if default is _RAISE:
-                raise KeyError(key)
-            return default
-        tree = tree[part]
-    return tree
 
 
 def resume_identity(
@@ -514,14 +399,16 @@ def resume_identity(
     world_size: int | None = None,
     train_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """What a checkpoint must share with this run to be resumed by it (see RESUME_IDENTITY_KEYS).
+    """What a checkpoint must share with this run to be resumed by it: the identity keys of config.py
+    (see RESUME_IDENTITY_KEYS) and what is not a config key (labels, world size, the training data).
 
-    Keys absent from `config` (added by a later version) are left out, so they are never compared
-    against a checkpoint that could not record them. Values are as JSON stores them.
+    Keys absent from `config` are left out. Values are as JSON stores them.
     """
-    identity = {
-        key: value for key in RESUME_IDENTITY_KEYS if (value := dotted_get(config, key, ABSENT)) is not ABSENT
-    }
+    keys = list(resume_keys("identity"))
+    if dotted_get(config, "eval.early_stopping_patience", 0):
+        # the patience counts evaluations: at another cadence the run stops at another step
+        keys.append("eval.every")
+    identity = {key: value for key in keys if (value := dotted_get(config, key, ABSENT)) is not ABSENT}
     identity["labels"] = list(label_names)
     if world_size is not None:
         identity["world_size"] = world_size  # the stream is sharded by rank, and the loss normalized over all
@@ -531,13 +418,25 @@ def resume_identity(
 
 
 def compare_identity(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(what changed, as "key: checkpoint X, now Y"; keys the checkpoint does not record)."""
-    changed = [
-        f"{key}: checkpoint {saved[key]!r}, now {value!r}"
-        for key, value in current.items()
-        if key in saved and saved[key] != value
-    ]
-    return changed, [key for key in current if key not in saved]
+    """(what changed, as "key: checkpoint X, now Y"; keys the checkpoint does not record that cannot
+    be checked).
+
+    A config key the checkpoint does not record (written before the key existed, or before it was
+    compared on resume) counts as its declared `before` value: the behaviour before the key.
+    """
+    known = set(config_keys())
+    changed, unknown = [], []
+    for key, value in current.items():
+        if key in saved:
+            if saved[key] != value:
+                changed.append(f"{key}: checkpoint {saved[key]!r}, now {value!r}")
+        elif key in known:
+            before = json.loads(json.dumps(key_info(key).before))
+            if before != value:
+                changed.append(f"{key}: checkpoint does not record it (counts as {before!r}), now {value!r}")
+        else:
+            unknown.append(key)
+    return changed, unknown
 
 
 class Checkpointer:
@@ -651,7 +550,8 @@ class Checkpointer:
                 "(the same data, seed and number of processes), or start over with overwrite=true or another output_dir"
             )
         if unknown:
-            # written by an older scalelora: what it did not record cannot be checked, only reported
+            # written by an older scalelora; config keys it lacks were compared as their `before` values,
+            # but the world size or data fingerprint has none: it can only be reported
             self.echo(
                 f"scalelora: warning: checkpoint {path} does not record {', '.join(unknown)}; "
                 "resuming on the assumption that they did not change"

@@ -8,6 +8,7 @@ cross-section conflicts and raises them once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import math
@@ -22,51 +23,90 @@ import yaml
 
 from scalelora.errors import ConfigError, one_line
 
+# --- what a key declares -------------------------------------------------------------------------
+#
+# Each key is one dataclass field: its type (the annotation), default, doc (the string under it) and,
+# in the field's metadata, its resume class and its `before` value, all declared in one place here.
+#
+# Resume class: may a run resumed from a checkpoint have another value than the run that wrote it?
+# A resumed run must end as an uninterrupted run would, so a key is "identity" (refused on resume,
+# naming the key) when it changes what is trained and from what (model, LoRA, labels, the training
+# data and its subset), the data order and stream position (seed, batch size, accumulation), the loss,
+# the optimizer and schedule (their state comes from the checkpoint: a changed lr would be silently
+# ignored or bend the learning-rate curve), or which adapter is kept and when training stops (the
+# metric, the eval split and its subset, early stopping, load_best_at_end). It is "free" when the
+# resumed run trains exactly as before: where it writes, how often it logs and checkpoints, how it
+# loads, what it reports. A key that declares no class is "identity": forgetting to decide makes a
+# resume refuse too much, with a message naming the key, never too little.
+#
+# before: the value that reproduces the behaviour from before the key existed (default: the key's
+# default). A checkpoint that does not record an identity key counts as having this value.
+
+RESUME_CLASSES = ("identity", "free")
+DEFAULT_RESUME_CLASS = "identity"
+_SAME = object()
+
+
+def key(default: Any, *, resume: str | None = None, before: Any = _SAME) -> Any:
+    """A config key as a dataclass field: `default`, its resume class and its `before` value
+    (see above). A list or mapping default is copied for each config."""
+    if resume is not None and resume not in RESUME_CLASSES:
+        raise ValueError(f"resume={resume!r} is not one of {RESUME_CLASSES}")
+    metadata: dict[str, Any] = {}
+    if resume is not None:
+        metadata["resume"] = resume
+    if before is not _SAME:
+        metadata["before"] = before
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
 
 @dataclass
 class DataConfig:
-    path: str = "rotten_tomatoes"
+    path: str = key("rotten_tomatoes", resume="identity")
     """Hub dataset name, local folder with {train,validation,test}.{jsonl,csv,parquet}, or a dataset
     name under the data root (`root`, else $SCALELORA_DATA_DIR)."""
-    root: str | None = None
+    root: str | None = key(None, resume="free")
     """Folder holding datasets by name; default $SCALELORA_DATA_DIR."""
-    hub_config: str | None = None
+    hub_config: str | None = key(None, resume="identity")
     """Configuration name of a hub dataset (e.g. `split` for dair-ai/emotion)."""
-    text_column: str = "text"
-    text_pair_column: str | None = None
+    text_column: str = key("text", resume="identity")
+    text_pair_column: str | None = key(None, resume="identity")
     """Second text of a sentence pair (NLI-style tasks); None for single texts."""
-    label_column: str = "label"
-    problem_type: Literal["auto", "single_label", "multi_label"] = "auto"
+    label_column: str = key("label", resume="identity")
+    problem_type: Literal["auto", "single_label", "multi_label"] = key("auto", resume="identity")
     """`single_label`: one class per row (softmax); `multi_label`: a set of labels per row (one sigmoid per
     label); `auto`: multi-label when the training labels are lists (or `label_separator` is set)."""
-    label_separator: str | None = None
+    label_separator: str | None = key(None, resume="identity")
     """Multi-label data whose label column is a string (CSV): split it into label names at this
     separator, e.g. `|` for `joy|love`. Implies multi-label."""
-    allow_empty_labels: bool = False
+    allow_empty_labels: bool = key(False, resume="identity")
     """Multi-label: accept rows whose label list is empty (no label applies). Off by default: an empty
     list is more often a data error."""
-    train_split: str = "train"
-    eval_split: str = "validation"
+    train_split: str = key("train", resume="identity")
+    # identity: the eval split picks the kept adapter (load_best_at_end) and when early stopping stops
+    eval_split: str = key("validation", resume="identity")
     """Split evaluated every `eval.every` steps and used to pick the best checkpoint."""
-    test_split: str | None = "test"
+    test_split: str | None = key("test", resume="free")
     """Split evaluated once at the end (None or a missing split: skipped)."""
-    labels: list[str] | None = None
+    labels: list[str] | None = key(None, resume="identity")
     """Ordered label names; default labels.json, a ClassLabel feature, else sorted training labels."""
-    keep_labels: list[str] | None = None
+    keep_labels: list[str] | None = key(None, resume="identity")
     """Keep only rows with these labels (in this order), e.g. [Positive, Negative]."""
-    max_train_samples: int | None = None
+    max_train_samples: int | None = key(None, resume="identity")
     """A seeded random subset of the training split (never the first N: some sets are grouped by label)."""
-    max_eval_samples: int | None = None
-    max_length: int = 128
-    truncation_side: Literal["right", "left"] = "right"
-    drop_empty: bool = False
+    max_eval_samples: int | None = key(None, resume="identity")  # as eval_split
+    max_length: int = key(128, resume="identity")
+    truncation_side: Literal["right", "left"] = key("right", resume="identity")
+    drop_empty: bool = key(False, resume="identity")
     """Drop rows with empty text (counted in the summary) instead of refusing them."""
-    group_by_length: bool = True
+    group_by_length: bool = key(True, resume="identity")
     """Batch examples of similar length together (less padding), seeded and identical across ranks."""
-    class_balanced: bool = False
+    class_balanced: bool = key(False, resume="identity")
     """Draw each epoch's training examples with probability inverse to their class's frequency (with
     replacement; every class equally likely), still grouped by length and exactly resumable."""
-    num_workers: int = 0
+    num_workers: int = key(0, resume="free")
 
     def __post_init__(self) -> None:
         _check_positive("data.max_length", self.max_length)
@@ -87,41 +127,41 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "minilm-l6"
+    name: str = key("minilm-l6", resume="identity")
     """Hub name, local path, or an offline alias: `minilm-l6`, `smollm2-135m`."""
-    mode: Literal["lora", "full", "head_only"] = "lora"
+    mode: Literal["lora", "full", "head_only"] = key("lora", resume="identity")
     """lora: frozen base + LoRA adapters + trainable head; full: every weight (a teacher);
     head_only: frozen base, trainable classification head."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = key("float32", resume="identity")
     """Dtype of the frozen base weights. Trainable weights (LoRA, head; every weight in mode=full) stay
     float32; a bfloat16/float16 base needs the matching train.precision."""
-    revision: str | None = None
-    trust_remote_code: bool = False
+    revision: str | None = key(None, resume="identity")
+    trust_remote_code: bool = key(False, resume="free")
     """Run Python code shipped with a hub model. Off unless you trust the model's authors."""
-    allow_pickle: bool = False
+    allow_pickle: bool = key(False, resume="free", before=True)  # before it, pickle weights loaded
     """Load model weights stored as pickle (`pytorch_model.bin`), which can run code when loaded: the
     base of `model.name` (also as the base an adapter names) and `distill.teacher`. Off: safetensors only."""
-    train_head: bool = True
+    train_head: bool = key(True, resume="identity")
     """In lora mode, also train (and save) the classification head."""
-    gradient_checkpointing: bool = False
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    attn_implementation: str | None = None
+    gradient_checkpointing: bool = key(False, resume="free")
+    load_in_8bit: bool = key(False, resume="identity")
+    load_in_4bit: bool = key(False, resume="identity")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = key("nf4", resume="identity")
+    bnb_4bit_use_double_quant: bool = key(True, resume="identity")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = key("bfloat16", resume="identity")
+    attn_implementation: str | None = key(None, resume="identity")
     """Passed to from_pretrained (e.g. `sdpa`, `eager`); None lets transformers choose."""
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: list[str] | None = None
+    r: int = key(8, resume="identity")
+    alpha: float = key(16.0, resume="identity")
+    dropout: float = key(0.1, resume="identity")
+    target_modules: list[str] | None = key(None, resume="identity")
     """Module names to adapt; `all-linear` for every linear layer but the head; None uses the preset for
     the architecture (see models.LORA_PRESETS)."""
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Literal["none", "all", "lora_only"] = key("none", resume="identity")
 
     def __post_init__(self) -> None:
         _check_positive("lora.r", self.r)
@@ -132,57 +172,60 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 3.0
-    max_steps: int | None = None
+    epochs: float = key(3.0, resume="identity")
+    max_steps: int | None = key(None, resume="identity")
     """Optimizer steps; overrides epochs when set."""
-    batch_size: int = 32
+    batch_size: int = key(32, resume="identity")
     """Examples per micro-batch per process."""
-    eval_batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 5e-4
-    head_lr: float | None = None
+    eval_batch_size: int = key(128, resume="free")
+    grad_accum: int = key(1, resume="identity")
+    lr: float = key(5e-4, resume="identity")
+    head_lr: float | None = key(None, resume="identity")
     """Learning rate of the classification head; default `lr`."""
-    weight_decay: float = 0.01
+    weight_decay: float = key(0.01, resume="identity")
     """AdamW weight decay; never applied to biases and norm weights."""
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = 0.06
-    warmup_steps: int | None = None
-    max_grad_norm: float | None = 1.0
-    precision: Literal["no", "fp16", "bf16"] = "no"
-    log_every: int = 10
-    on_nonfinite: Literal["skip", "stop"] = "skip"
+    scheduler: Literal["linear", "cosine", "constant"] = key("linear", resume="identity")
+    warmup_ratio: float = key(0.06, resume="identity")
+    warmup_steps: int | None = key(None, resume="identity")
+    max_grad_norm: float | None = key(1.0, resume="identity")
+    precision: Literal["no", "fp16", "bf16"] = key("no", resume="identity")
+    log_every: int = key(10, resume="free")
+    on_nonfinite: Literal["skip", "stop"] = key("skip", resume="free")
     """A non-finite loss or gradient: skip the optimizer step (stop after `max_nonfinite` in a row),
     or save the last good state and stop."""
-    max_nonfinite: int = 3
-    compile: bool | Literal["auto"] = False
+    max_nonfinite: int = key(3, resume="free")
+    compile: bool | Literal["auto"] = key(False, resume="free")
     """torch.compile the model (shapes bounded by padding to multiples of 8). `auto`: on where it pays,
     which is on CUDA; off on CPU, where a compiled MiniLM LoRA step ran at 0.89x eager after 65 s of
     compiling (docs/performance.md)."""
-    mask_dropout: bool = True
+    # identity: another random stream for the dropout masks; before it, torch's dropout ran
+    mask_dropout: bool = key(True, resume="identity", before=False)
     """On CPU, the model's and LoRA's dropout layers draw their masks four elements per 64-bit random draw
     and keep them as 1 byte an element for backward (`models.MaskDropout`; the drop probability is
     rounded to a multiple of 1/65536), not with torch's `bernoulli_` and a 4-byte float mask: faster and
     smaller (docs/performance.md). CUDA keeps torch's fused dropout, which already keeps 1-byte masks;
     false keeps torch's dropout everywhere."""
-    fused_adamw: bool | Literal["auto"] = "auto"
+    # free: both kernels keep the same AdamW state (tested both ways); before it, CPU runs used torch's
+    # default AdamW (false) and CUDA runs the fused one (as auto does)
+    fused_adamw: bool | Literal["auto"] = key("auto", resume="free", before=False)
     """AdamW as one fused kernel over all tensors (`torch.optim.AdamW(fused=True)`), the same update as
     torch's default AdamW (multi-tensor on CUDA, a loop over tensors on the CPU) up to float rounding.
     `auto`: on when every trainable tensor sits on one CUDA device or on the CPU (where a full fine-tune's
     optimizer step over MiniLM-L6's 22.7M weights is several times faster: docs/performance.md); `true`:
     on, refused where it cannot run; `false`: torch's default."""
-    timing_skip_steps: int = 2
+    timing_skip_steps: int = key(2, resume="free")
     """Optimizer steps left out of `summary.json`'s `steady_state` throughput (warm-up: allocator,
     kernel selection, compilation); 0 counts every step."""
-    loss: Literal["ce", "focal"] = "ce"
+    loss: Literal["ce", "focal"] = key("ce", resume="identity")
     """Hard-label loss: cross-entropy, or focal loss `-(1 - p)^gamma log p` (Lin et al. 2017), which
     down-weights examples the model already gets right. Multi-label: `ce` is binary cross-entropy per
     label, `focal` the sigmoid focal loss, both summed over labels."""
-    focal_gamma: float = 2.0
+    focal_gamma: float = key(2.0, resume="identity")
     """The focal loss's gamma (0 gives cross-entropy)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = key(0.0, resume="identity")
     """Share of each target spread evenly over all classes (Szegedy et al. 2016); 0 disables.
     Multi-label: each label's 0/1 target becomes y (1 - eps) + eps / 2."""
-    class_weights: Literal["none", "balanced"] | dict[str, float] = "none"
+    class_weights: Literal["none", "balanced"] | dict[str, float] = key("none", resume="identity")
     """Per-class weights of the hard-label loss: `none`; `balanced` (N / (K * count of the class), on the
     training split after filtering); or a mapping `{label: weight}`, e.g. `{neg: 1, pos: 3}`. The
     loss is sum(w_i * loss_i) / sum(w_i) over the global batch; distillation terms are not weighted.
@@ -223,29 +266,35 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    metric: Literal["macro_f1", "accuracy", "micro_f1"] = "macro_f1"
+    metric: Literal["macro_f1", "accuracy", "micro_f1"] = key("macro_f1", resume="identity")
     """Metric on the eval split that picks the best checkpoint (with thresholds tuned, the tuned value).
     Multi-label: macro-F1 is the mean over labels, accuracy the subset accuracy (every label right)."""
-    every: int | None = None
+    # free: the weights at each step are the same at any cadence; with early stopping the patience
+    # counts evaluations, so there the checkpoint records it (checkpoint.resume_identity)
+    every: int | None = key(None, resume="free")
     """Evaluate every N optimizer steps; None: once per epoch. Always at the end."""
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = key(0, resume="identity")  # it decides where training stops
     """Stop after this many evaluations without improvement; 0 disables."""
-    load_best_at_end: bool = True
+    load_best_at_end: bool = key(True, resume="identity")
     """Finish with the best weights (saved as adapter/) rather than the last ones."""
-    sample_predictions: int = 8
+    sample_predictions: int = key(8, resume="free")
     """Validation texts shown with gold label and prediction before and after training."""
-    save_predictions: bool = False
+    save_predictions: bool = key(False, resume="free")
     """Also write `predictions/<split>.jsonl` (example id, gold and predicted label, probabilities) for
     the final evaluation of each split, for error analysis and paired comparisons of runs."""
-    extra_metrics: list[str] = field(default_factory=list)
+    extra_metrics: list[str] = key([], resume="free")
     """More metrics from the `evaluate` library, reported for every split: hub names (e.g.
     `matthews_correlation`; needs internet) or local folders / .py files holding a module."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = key(False, resume="free")
     """Run the code of `extra_metrics` (every evaluate module is a Python script). Off unless you trust it."""
-    calibrate: bool = True
+    # free: fitted after training, from the final weights; before it, no calibration was fitted
+    calibrate: bool = key(True, resume="free", before=False)
     """After training, fit temperature scaling on the eval split with the best weights, store it with
     the model (`calibration.json`) and apply it in predict and export; false keeps the raw probabilities."""
-    tune_thresholds: Literal["auto", "none", "macro_f1", "micro_f1"] = "auto"
+    # identity: the tuned rule decides which evaluation is the best checkpoint, as eval.metric does
+    tune_thresholds: Literal["auto", "none", "macro_f1", "micro_f1"] = key(
+        "auto", resume="identity", before="none"
+    )
     """Decision rule tuned on the eval split for this metric and stored with the model: per-label
     thresholds (multi-label) or per-class additive logit biases (single-label; a threshold for binary).
     `auto`: macro_f1 for multi-label data, none for single-label."""
@@ -258,10 +307,10 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int | None = None
+    every: int | None = key(None, resume="free")
     """Save resumable state every N optimizer steps; None: only at the end (and on preemption)."""
-    keep_last: int = 2
-    trust_unsigned: bool = False
+    keep_last: int = key(2, resume="free")
+    trust_unsigned: bool = key(False, resume="free", before=True)  # before signing, none was signed
     """Resume from a checkpoint whose manifest is not signed with this user's key (written by another
     user or machine, or before scalelora signed checkpoints). Under DeepSpeed resuming loads pickles,
     which can run code: only for checkpoints you trust."""
@@ -273,34 +322,34 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "scalelora"
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    mode: Literal["online", "offline", "disabled"] | None = None
+    project: str = key("scalelora", resume="free")
+    entity: str | None = key(None, resume="free")
+    name: str | None = key(None, resume="free")
+    group: str | None = key(None, resume="free")
+    tags: list[str] = key([], resume="free")
+    mode: Literal["online", "offline", "disabled"] | None = key(None, resume="free")
     """None: online when an API key is configured, else offline (so nothing hangs)."""
 
 
 @dataclass
 class TrackingConfig:
-    report_to: Literal["none", "wandb"] = "none"
+    report_to: Literal["none", "wandb"] = key("none", resume="free")
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class DistillConfig:
-    enabled: bool = False
-    weight: float = 0.5
+    enabled: bool = key(False, resume="identity")
+    weight: float = key(0.5, resume="identity")
     """alpha: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)."""
-    temperature: float = 2.0
-    teacher: str = "self"
+    temperature: float = key(2.0, resume="identity")
+    teacher: str = key("self", resume="identity")
     """`self` (the frozen base with adapters disabled), `cache` (precomputed logits), or a model path/name."""
-    cache_dir: str | None = None
+    cache_dir: str | None = key(None, resume="free")
     """Folder written by `python -m scalelora.teacher_logits` (teacher=cache)."""
-    hidden_weight: float = 0.0
+    hidden_weight: float = key(0.0, resume="identity")
     """Weight of an MSE loss between student and teacher pooled hidden states (0 disables)."""
-    calibrated_teacher: bool = False
+    calibrated_teacher: bool = key(False, resume="identity")
     """Distil from the teacher's temperature-calibrated logits (its `calibration.json`, recorded in a
     logits cache) instead of its raw logits."""
 
@@ -313,15 +362,15 @@ class DistillConfig:
 
 @dataclass
 class RunConfig:
-    recipe: str = ""
+    recipe: str = key("", resume="free")
     """Name of the recipe this config came from (set by the loader)."""
-    description: str = ""
-    output_dir: str | None = None
+    description: str = key("", resume="free")
+    output_dir: str | None = key(None, resume="free")
     """Where the run writes everything; default runs/<recipe>."""
-    seed: int = 42
-    resume: str | None = None
+    seed: int = key(42, resume="identity")
+    resume: str | None = key(None, resume="free")
     """`auto`: continue from the newest complete checkpoint in output_dir (or start fresh); a path: that checkpoint."""
-    overwrite: bool = False
+    overwrite: bool = key(False, resume="free")
     """Start over in an output_dir that already holds a run (its checkpoints are deleted)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -331,9 +380,12 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    pipeline: dict[str, list[str]] = field(default_factory=dict)
+    pipeline: dict[str, list[str]] = key({}, resume="free")
     """Per-run overrides for `python -m scalelora.pipeline` (run name -> [key=value, ...]), so a
     recipe carries a whole study; `python -m scalelora.train` reads the rest of the recipe only."""
+    explicit_keys: set[str] = field(default_factory=set, compare=False, repr=False, metadata={"key": False})
+    """Not a config key (not settable, not in to_dict): the dotted keys the command line set, filled by
+    load_config, so a data-driven default (recipe `auto`) never changes what the user chose."""
 
     def validate(self) -> None:
         """Raise one ConfigError listing every cross-section conflict."""
@@ -406,6 +458,93 @@ def bnb_device_problem() -> str | None:
             "pip install 'bitsandbytes>=0.50' (which runs on CPU too)"
         )
     return None
+
+
+# --- the keys ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What config.py declares about one dotted key."""
+
+    key: str
+    hint: Any
+    """The type annotation (resolved)."""
+    default: Any
+    resume: str
+    """`identity` or `free` (see RESUME_CLASSES); `identity` where none is declared."""
+    declared: bool
+    """Whether the field declares its resume class itself."""
+    before: Any
+    """The value that reproduces the behaviour from before the key existed."""
+
+
+def is_key_field(f: dataclasses.Field) -> bool:
+    """A field that is a config key or section (not bookkeeping such as RunConfig.explicit_keys)."""
+    return f.metadata.get("key", True)
+
+
+def key_infos(root: type | None = None) -> dict[str, KeyInfo]:
+    """Every dotted key of the config tree (`root`, default RunConfig), in declaration order; a nested
+    dataclass is a section, not a key."""
+
+    def walk(cls: type, prefix: str) -> dict[str, KeyInfo]:
+        hints = typing.get_type_hints(cls)
+        out: dict[str, KeyInfo] = {}
+        for f in dataclasses.fields(cls):
+            if not is_key_field(f):
+                continue
+            dotted, hint = f"{prefix}{f.name}", hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                out |= walk(hint, f"{dotted}.")
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            declared = f.metadata.get("resume")
+            before = f.metadata.get("before", default)
+            resume = declared or DEFAULT_RESUME_CLASS
+            out[dotted] = KeyInfo(dotted, hint, default, resume, declared is not None, before)
+        return out
+
+    return walk(root or RunConfig, "")
+
+
+def config_keys(root: type | None = None) -> list[str]:
+    """Every dotted key of the config tree (a nested dataclass is a section, not a key)."""
+    return list(key_infos(root))
+
+
+def key_info(dotted: str, root: type | None = None) -> KeyInfo:
+    """What config.py declares about `dotted`; KeyError for a name that is not a key."""
+    return key_infos(root)[dotted]
+
+
+def resume_keys(resume: str, root: type | None = None) -> tuple[str, ...]:
+    """The keys of one resume class (`identity` or `free`)."""
+    if resume not in RESUME_CLASSES:
+        raise ValueError(f"resume={resume!r} is not one of {RESUME_CLASSES}")
+    return tuple(k for k, info in key_infos(root).items() if info.resume == resume)
+
+
+_RAISE = object()
+
+
+def dotted_get(tree: Any, dotted: str, default: Any = _RAISE) -> Any:
+    """`tree["a"]["b"]` (a mapping such as to_dict's) or `tree.a.b` (a config) for key "a.b";
+    `default` when a part is missing (KeyError when none is given)."""
+    for part in dotted.split("."):
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif (
+            dataclasses.is_dataclass(tree)
+            and not isinstance(tree, type)
+            and any(f.name == part and is_key_field(f) for f in dataclasses.fields(tree))
+        ):
+            tree = getattr(tree, part)
+        elif default is _RAISE:
+            raise KeyError(dotted)
+        else:
+            return default
+    return tree
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -552,7 +691,7 @@ def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
             f"{section} must be a mapping, got {type(raw).__name__}; set its keys instead (e.g. {section}.KEY=VALUE)"
         )
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if is_key_field(f)]
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
@@ -646,8 +785,14 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {hint}")  # a bug in this module, not user input
 
 
-def to_dict(config: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config keys as plain data (config.yaml, summary.json, results stamps); fields that are not
+    keys (RunConfig.explicit_keys) are left out."""
+    out = {}
+    for f in filter(is_key_field, dataclasses.fields(config)):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
 
 
 def dump_yaml(config: RunConfig) -> str:

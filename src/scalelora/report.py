@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from scalelora.config import dotted_get, to_dict
 from scalelora.errors import UserError, exit_on_user_error
 
 REPORT_FILE = "report.md"
@@ -38,8 +39,6 @@ def build_summary(
     import peft
     import torch
     import transformers
-
-    from scalelora.config import to_dict
 
     before = {row["text"]: row for row in state["predictions_before"]}
     samples = [
@@ -317,9 +316,7 @@ def config_rows(config: dict[str, Any]) -> list[list[Any]]:
     ]
     rows = []
     for key in keys:
-        node: Any = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
+        node = dotted_get(config, key, None)
         if node is not None or key == "lora.target_modules":
             rows.append([f"`{key}`", f"`{node if node is not None else 'preset'}`"])
     return rows

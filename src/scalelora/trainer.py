@@ -530,7 +530,7 @@ class Trainer:
         probe = data_lib.tokenize_split(
             splits.train, self.tokenizer, replace(cfg.data, max_length=limit or 512)
         )
-        explicit = getattr(cfg, "explicit_keys", set())
+        explicit = cfg.explicit_keys
         choices = autoconfig.choose(
             len(splits.train),
             data_lib.label_counts(splits.train, len(splits.label_names)),
