@@ -67,6 +67,15 @@ def test_unknown_key_names_the_key_and_closest_valid_one():
         load_config("quickstart", ["train.learning_rate=1e-3"])
 
 
+def test_distill_alpha_points_to_distill_weight_and_lora_alpha_stays_a_key():
+    """alpha is the literature's name for the distillation weight; the nearest spelling was distill.teacher."""
+    with pytest.raises(ConfigError, match=r"'distill\.alpha'; did you mean 'distill\.weight'"):
+        load_config("quickstart", ["distill.alpha=0.3"])
+    assert load_config("quickstart", ["lora.alpha=8"]).lora.alpha == 8.0
+    with pytest.raises(ConfigError, match=r"'lora\.lora_alpha'; did you mean 'lora\.alpha'"):
+        load_config("quickstart", ["lora.lora_alpha=8"])
+
+
 def test_config_keys_are_every_field_of_every_section():
     """config_keys() against the tree to_dict writes: a mapping is a section unless it is a key's value."""
 

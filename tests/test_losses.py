@@ -45,11 +45,11 @@ TEACHER = torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.0]])
 LABELS = torch.tensor([0, 1, 1])
 
 
-def distillation_loss(student, labels, teacher, alpha, t):
-    """The objective of one batch on its own: (1 - alpha) CE / N + alpha KD / N, and the sums."""
+def distillation_loss(student, labels, teacher, kd_weight, t):
+    """The objective of one batch on its own: (1 - w) CE / N + w KD / N (w: distill.weight), and the sums."""
     hard, weight = hard_label_loss_sum(student, labels)
     kd = kd_kl_sum(student, teacher, t, labels) if teacher is not None else None
-    return combine_loss(hard, weight, count_valid(labels).float(), kd, alpha), {"ce": hard, "kd": kd}
+    return combine_loss(hard, weight, count_valid(labels).float(), kd, kd_weight), {"ce": hard, "kd": kd}
 
 
 def test_cross_entropy_is_a_sum_over_examples():
@@ -130,16 +130,16 @@ def test_kd_is_zero_when_student_equals_teacher_and_scales_with_t_squared():
     assert float(kd_kl_sum(STUDENT, TEACHER, 1.0)) == pytest.approx(t1, rel=1e-6)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_distillation_mixes_ce_and_kd_with_alpha(alpha):
+@pytest.mark.parametrize("kd_weight", [0.0, 0.3, 1.0])
+def test_distillation_mixes_ce_and_kd_with_the_distill_weight(kd_weight):
     t = 2.0
     ce = sum(-math.log(softmax(s.tolist())[y]) for s, y in zip(STUDENT, LABELS.tolist()))
     kd = sum(kl_by_hand(tt.tolist(), s.tolist(), t) for s, tt in zip(STUDENT, TEACHER))
-    loss, parts = distillation_loss(STUDENT, LABELS, TEACHER, alpha, t)
-    assert float(loss) == pytest.approx(((1 - alpha) * ce + alpha * kd) / 3, rel=1e-6)
+    loss, parts = distillation_loss(STUDENT, LABELS, TEACHER, kd_weight, t)
+    assert float(loss) == pytest.approx(((1 - kd_weight) * ce + kd_weight * kd) / 3, rel=1e-6)
     assert float(parts["ce"]) == pytest.approx(ce, rel=1e-6)
-    if alpha == 0.0:
-        # alpha = 0 is exactly the cross-entropy: the same number, bit for bit, as without a teacher
+    if kd_weight == 0.0:
+        # a weight of 0 is exactly the cross-entropy: the same number, bit for bit, as without a teacher
         assert torch.equal(loss, distillation_loss(STUDENT, LABELS, None, 0.5, t)[0])
     else:
         assert float(parts["kd"]) == pytest.approx(kd, rel=1e-6)

@@ -341,7 +341,8 @@ class TrackingConfig:
 class DistillConfig:
     enabled: bool = key(False, resume="identity")
     weight: float = key(0.5, resume="identity")
-    """alpha: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)."""
+    """Share of the distillation term (alpha in Hinton et al. 2015):
+    loss = (1 - weight) * CE + weight * T^2 * KL(teacher || student)."""
     temperature: float = key(2.0, resume="identity")
     teacher: str = key("self", resume="identity")
     """`self` (the frozen base with adapters disabled), `cache` (precomputed logits), or a model path/name."""
@@ -682,6 +683,10 @@ KEY_SYNONYMS = {
     "model_name_or_path": "name",
     "dataset": "path",
 }
+# Names that mean another key only in one section (`lora.alpha` is a key of its own).
+SECTION_SYNONYMS = {
+    "distill.alpha": "distill.weight",
+}
 
 
 def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
@@ -698,11 +703,12 @@ def build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
         if key not in names:
             valid = [f"{prefix}{n}" for n in names]
             synonym = KEY_SYNONYMS.get(key)
-            close = (
-                [f"{prefix}{synonym}"]
-                if synonym in names
-                else difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
-            )
+            if dotted in SECTION_SYNONYMS:
+                close = [SECTION_SYNONYMS[dotted]]
+            elif synonym in names:
+                close = [f"{prefix}{synonym}"]
+            else:
+                close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
             raise ConfigError(f"unknown config key '{dotted}'{hint}")
         kwargs[key] = coerce(hints[key], value, dotted)

@@ -4,9 +4,10 @@ Every function returns SUMS over the valid examples of the batch (labels != IGNO
 trainer divides them by totals over the whole accumulated global batch (`combine_loss`), so
 micro-batching and sharding do not change the gradient:
 
-    (1 - alpha) * sum_i w_i * hard_i / sum_i w_i  +  alpha * sum_i kd_i / N  (+ hidden_weight * sum_i mse_i / N)
+    (1 - weight) * sum_i w_i * hard_i / sum_i w_i  +  weight * sum_i kd_i / N  (+ hidden_weight * sum_i mse_i / N)
 
-where w_i is the class weight of example i's label (1 without class weights) and N the example count.
+where `weight` is distill.weight, w_i the class weight of example i's label (1 without class weights)
+and N the example count.
 
 Multi-label batches carry 2-D multi-hot float labels (one row per example, one column per label).
 Their hard loss is binary cross-entropy (or the sigmoid focal loss) summed over labels per example,
@@ -106,7 +107,7 @@ def combine_loss(
     weight_total: torch.Tensor,
     count_total: torch.Tensor,
     kd_sum: torch.Tensor | None = None,
-    alpha: float = 0.0,
+    weight: float = 0.0,
     hidden_sum: torch.Tensor | None = None,
     hidden_weight: float = 0.0,
 ) -> torch.Tensor:
@@ -116,10 +117,10 @@ def combine_loss(
     every micro-batch on every rank add up to the objective of the global batch.
     """
     hard = hard_sum / weight_total.clamp(min=1e-12)
-    if kd_sum is None or alpha == 0.0:
+    if kd_sum is None or weight == 0.0:
         loss = hard
     else:
-        loss = (1.0 - alpha) * hard + alpha * kd_sum / count_total.clamp(min=1)
+        loss = (1.0 - weight) * hard + weight * kd_sum / count_total.clamp(min=1)
     if hidden_sum is not None and hidden_weight:
         loss = loss + hidden_weight * hidden_sum / count_total.clamp(min=1)
     return loss
