@@ -228,6 +228,65 @@ def test_resumed_run_ends_with_the_same_adapter(tiny_bert, toy_data, tmp_path):
     assert steps == sorted(set(steps))  # no duplicated or backwards steps after the resume
 
 
+def checkpoint_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step-{step}" / "model.safetensors"))
+
+
+def test_a_resume_with_load_best_at_end_ends_as_the_readme_says(tiny_bert, toy_data, tmp_path):
+    """The default eval.load_best_at_end=true, resumed after a kill at step 5 (step 4: the newest
+    checkpoint and an evaluation that saved the best adapter). Other checkpoint and log intervals end
+    with the uninterrupted adapter; another eval.every trains the same weights at every step and keeps
+    the best of the evaluations this run made (which may differ from the uninterrupted run's)."""
+    from fault_inject import run_forked
+
+    def train(out: Path, faults: tuple[str, ...] = (), **changes: object) -> int:
+        settings = {**RESUME_RUN, "eval.load_best_at_end": "true", **changes}
+        args = [
+            "--config",
+            "quickstart",
+            *tiny_overrides(tiny_bert, toy_data, out, **settings),
+            "resume=auto",
+        ]
+        return run_forked(args, faults=list(faults), log=str(out.parent / f"{out.name}.log"))
+
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    assert train(full) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    assert train(interrupted, faults=("optimizer_step:5:kill",)) == -9
+    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+    intervals = tmp_path / "intervals"
+    shutil.copytree(interrupted, intervals)
+    assert train(intervals, **{"checkpoint.every": 3, "train.log_every": 3}) == 0
+    assert "resumed from" in (tmp_path / "intervals.log").read_text()
+    assert_same_adapter(full, intervals)
+    assert read_summary(intervals)["best"] == read_summary(full)["best"]
+
+    cadence = tmp_path / "cadence"
+    shutil.copytree(interrupted, cadence)
+    assert train(cadence, **{"eval.every": 3}) == 0, (tmp_path / "cadence.log").read_text()[-3000:]
+    for step in (6, 8):  # training itself is unchanged: the weights at each step
+        expected, got = checkpoint_weights(full, step), checkpoint_weights(cadence, step)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=f"step {step} {key}")
+    best = read_summary(cadence)["best"]
+    records = [json.loads(line) for line in (cadence / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r[best["metric"]] for r in records if r["split"] == "validation"}
+    assert sorted(evaluated) == [4, 6, 8]  # before the kill at the old cadence, then at the new one
+    first_best = min(step for step, value in evaluated.items() if value == max(evaluated.values()))
+    assert (best["step"], best["value"]) == (first_best, evaluated[first_best])
+    assert json.loads((cadence / "adapter" / "scalelora.json").read_text())["step"] == best["step"]
+    # the kept adapter is the weights at that step (PEFT saves them without the adapter's name)
+    at_best = {
+        key.replace(".modules_to_save", "").replace(".default", ""): value
+        for key, value in checkpoint_weights(cadence, best["step"]).items()
+    }
+    kept = adapter_tensors(cadence)
+    assert kept.keys() == at_best.keys()
+    for key in kept:
+        torch.testing.assert_close(kept[key], at_best[key], atol=0, rtol=0, msg=key)
+
+
 def train_losses(out: Path) -> list[float]:
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if r["split"] == "train"]
