@@ -36,20 +36,21 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
 lint:
-	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m ruff format --check src tests benchmarks
+	$(PYTHON) -m ruff check src tests benchmarks studies
+	$(PYTHON) -m ruff format --check src tests benchmarks studies
 
 format:
-	$(PYTHON) -m ruff format src tests benchmarks
-	$(PYTHON) -m ruff check --fix src tests benchmarks
+	$(PYTHON) -m ruff format src tests benchmarks studies
+	$(PYTHON) -m ruff check --fix src tests benchmarks studies
 
 # The teacher -> LoRA student study on the shipped datasets' full splits (hours on 2 CPU cores, minutes on a
 # GPU); merges into results/results.json and rewrites results/RESULTS.md after each dataset. A dataset
 # already in results.json with the same settings is reused; finished runs under runs/results too.
 # `make results DATASETS=emotion,rotten_tomatoes` (short names, results_<name> recipes or data folders).
+# The study is studies/results.py, beside the library (it is about this repository's data and results/).
 results:
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=PASSIVE TOKENIZERS_PARALLELISM=false \
-		$(PYTHON) -m scalelora.study.results $(if $(DATASETS),--datasets $(DATASETS)) $(RESULTS_ARGS)
+		$(PYTHON) -m studies.results $(if $(DATASETS),--datasets $(DATASETS)) $(RESULTS_ARGS)
 
 # Side-by-side throughput against HF Trainer + PEFT: `make bench SCENARIO=cpu-minilm-kd` (see --list).
 SCENARIO ?= cpu-minilm-rt

@@ -1,6 +1,7 @@
-"""`make results` (`python -m scalelora.study.results`) on a tiny model and slices of the real data: the
-DATASETS= selection (short, recipe and folder names), merging into results.json by (dataset, run), reuse of a
-finished dataset, paired bootstrap intervals, the rendered files, and the targets' single-class rule."""
+"""`make results` (`studies/results.py`, or `python -m scalelora.study.results`) on a tiny model and slices
+of the real data: the DATASETS= selection (short, recipe and folder names), merging into results.json by
+(dataset, run), reuse of a finished dataset, paired bootstrap intervals, the rendered files, and the
+targets' single-class rule."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import json
 import pytest
 import torch
 
+from conftest import ROOT
 from scalelora.errors import UserError
-from scalelora.study import results
+from studies import results
 
 TINY_RUNS = "teacher_full,lora_on_teacher"
 
@@ -178,10 +180,10 @@ def test_versions_come_from_metadata_without_importing_peft():
     import sys
 
     code = (
-        "import sys, json; from scalelora.study.results import versions; v = versions(); "
+        "import sys, json; from studies.results import versions; v = versions(); "
         "print(json.dumps([v, 'peft' in sys.modules, 'bitsandbytes' in sys.modules]))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     found, peft_loaded, bnb_loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert not peft_loaded and not bnb_loaded
@@ -237,12 +239,34 @@ def test_committed_results_are_reused_by_the_shipped_recipes():
     """Every dataset in results/results.json carries the stamp its shipped recipe resolves to today, so
     `make results` on a fresh clone reuses it instead of retraining for hours. A new config key changes
     every stamp: this test makes that a decision (restamp, and say so in docs/results.md, or retrain)."""
-    from pathlib import Path
-
     from scalelora.study.pipeline import RUNS
 
-    data = json.loads((Path(__file__).resolve().parents[1] / "results" / "results.json").read_text())
+    data = json.loads((ROOT / "results" / "results.json").read_text())
     for dataset in data["datasets"]:
         stamp = results.recipe_stamp(dataset, [], results.DATASET_RUNS.get(dataset, RUNS))
         stamps = {r["recipe_stamp"] for r in data["results"] if r["dataset"] == dataset}
         assert stamps == {stamp}, f"{dataset}: rows stamped {stamps}, the recipe resolves to {stamp}"
+
+
+def test_the_documented_command_renders_the_committed_results_md_from_results_json(tmp_path):
+    """`python -m scalelora.study.results --render-only` (the package's entry point to studies/results.py)
+    turns the committed results.json into the committed RESULTS.md, byte for byte, from any directory."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(ROOT / "results" / "results.json", tmp_path / "results.json")
+    command = [sys.executable, "-m", "scalelora.study.results", "--render-only", "--results-dir", "."]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "RESULTS.md").read_text() == (ROOT / "results" / "RESULTS.md").read_text()
+    assert (tmp_path / "test_macro_f1.png").is_file()
+
+
+def test_the_entry_point_without_a_checkout_is_one_line(tmp_path, monkeypatch, capsys):
+    from scalelora.study import results as entry
+
+    monkeypatch.setattr(entry, "ROOT", tmp_path)  # an installed package: no studies/ beside it
+    assert entry.main(["--render-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "studies/results.py of a scalelora checkout" in err

@@ -1,2 +1,3 @@
-"""Tools built on the library: the teacher -> student pipeline, the classical baselines, sweeps (local or
-SLURM arrays) and the results study. They use the trainer only through `run_training`."""
+"""Tools built on the library: the teacher -> student pipeline, the classical baselines and sweeps (local
+or SLURM arrays). They use the trainer only through `run_training`. The results study of this repository's
+datasets is `studies/results.py`, beside the library; `scalelora.study.results` only finds and runs it."""
