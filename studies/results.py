@@ -302,88 +302,104 @@ def bar_layout(rows: list[dict[str, Any]]) -> tuple[list[str], float, list[tuple
 
 def plot_results(rows: list[dict[str, Any]], results_dir: Path) -> dict[str, str]:
     """The grouped-bar figure of test macro-F1 and a confusion-matrix image per code-mixed set."""
-    from scalelora.report import figure
-
     made: dict[str, str] = {}
-    datasets, width, bars = bar_layout(rows)
-    if datasets:
-        path = results_dir / "test_macro_f1.png"
-        with figure(path, figsize=(11, 4.4)) as (fig, (ax,)):
-            for i, run in enumerate(dict.fromkeys(run for run, _, _ in bars)):
-                mine = [(x, v) for r, x, v in bars if r == run]
-                ax.bar([x for x, _ in mine], [v for _, v in mine], width, label=run, color=f"C{i % 10}")
-            for j, d in enumerate(datasets):
-                base = next(
-                    (test_macro_f1(r) for r in rows if r["dataset"] == d and r["run"] == BASELINE), None
-                )
-                if base is not None:
-                    ax.hlines(
-                        base,
-                        j - 0.45,
-                        j + 0.45,
-                        colors="black",
-                        linestyles="--",
-                        linewidth=1.2,
-                        label="TF-IDF + LR" if j == 0 else None,
-                    )
-            ax.set_xticks(range(len(datasets)))
-            ax.set_xticklabels(datasets)
-            ax.set_ylabel("test macro-F1")
-            low = min(
-                (test_macro_f1(r) for r in rows if r.get("test") and r["dataset"] in datasets),
-                default=0.0,
-            )
-            ax.set_ylim(max(0.0, low - 0.05), 1.0)
-            ax.grid(axis="y", alpha=0.3)
-            ax.legend(
-                fontsize=7,
-                ncol=min(10, 1 + len({run for run, _, _ in bars})),
-                loc="upper center",
-                bbox_to_anchor=(0.5, -0.1),
-                frameon=False,
-            )
-            ax.set_title("test macro-F1 per dataset and run (full splits, MiniLM-L6)")
-        made["bars"] = path.name
+    if plot_bars(rows, results_dir / "test_macro_f1.png"):
+        made["bars"] = "test_macro_f1.png"
     for dataset in CODE_MIXED:
         panels = [
             r
             for r in rows
             if r["dataset"] == dataset and r["run"] in (TEACHER, DEFAULT_RUN) and r.get("confusion")
         ]
-        if not panels:
-            continue
-        path = results_dir / f"confusion_{dataset}.png"
-        with figure(path, ncols=len(panels), figsize=(4.2 * len(panels), 3.8)) as (fig, axes):
-            for ax, row in zip(axes, panels):
-                matrix = np.asarray(row["confusion"]["matrix"])
-                names = row["confusion"]["labels"]
-                ax.imshow(matrix, cmap="Blues")
-                for (i, j), v in np.ndenumerate(matrix):
-                    ax.text(
-                        j,
-                        i,
-                        str(v),
-                        ha="center",
-                        va="center",
-                        color="white" if v > matrix.max() / 2 else "black",
-                    )
-                ax.set_xticks(range(len(names)))
-                ax.set_xticklabels(names)
-                ax.set_yticks(range(len(names)))
-                ax.set_yticklabels(names)
-                ax.set_xlabel("predicted")
-                ax.set_ylabel("gold")
-                ax.set_title(f"{row['run']} (test)", fontsize=9)
-            fig.suptitle(f"{dataset}: confusion matrices on the test split", fontsize=10)
-        made[dataset] = path.name
+        if panels:
+            plot_confusions(dataset, panels, results_dir / f"confusion_{dataset}.png")
+            made[dataset] = f"confusion_{dataset}.png"
     return made
 
 
-def render(data: dict[str, Any], figures: dict[str, str], notes: str) -> str:
-    from scalelora.report import fmt, table
+def plot_bars(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Test macro-F1 per dataset and run, the TF-IDF row a dashed line; False when no row has a test score."""
+    from scalelora.report import figure
 
+    datasets, width, bars = bar_layout(rows)
+    if not datasets:
+        return False
+    with figure(path, figsize=(11, 4.4)) as (fig, (ax,)):
+        for i, run in enumerate(dict.fromkeys(run for run, _, _ in bars)):
+            mine = [(x, v) for r, x, v in bars if r == run]
+            ax.bar([x for x, _ in mine], [v for _, v in mine], width, label=run, color=f"C{i % 10}")
+        for j, d in enumerate(datasets):
+            base = next((test_macro_f1(r) for r in rows if r["dataset"] == d and r["run"] == BASELINE), None)
+            if base is not None:
+                ax.hlines(
+                    base,
+                    j - 0.45,
+                    j + 0.45,
+                    colors="black",
+                    linestyles="--",
+                    linewidth=1.2,
+                    label="TF-IDF + LR" if j == 0 else None,
+                )
+        ax.set_xticks(range(len(datasets)))
+        ax.set_xticklabels(datasets)
+        ax.set_ylabel("test macro-F1")
+        low = min(
+            (test_macro_f1(r) for r in rows if r.get("test") and r["dataset"] in datasets),
+            default=0.0,
+        )
+        ax.set_ylim(max(0.0, low - 0.05), 1.0)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(
+            fontsize=7,
+            ncol=min(10, 1 + len({run for run, _, _ in bars})),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.1),
+            frameon=False,
+        )
+        ax.set_title("test macro-F1 per dataset and run (full splits, MiniLM-L6)")
+    return True
+
+
+def plot_confusions(dataset: str, panels: list[dict[str, Any]], path: Path) -> None:
+    """One confusion matrix per row in `panels`, side by side, counts written in the cells."""
+    from scalelora.report import figure
+
+    with figure(path, ncols=len(panels), figsize=(4.2 * len(panels), 3.8)) as (fig, axes):
+        for ax, row in zip(axes, panels):
+            matrix = np.asarray(row["confusion"]["matrix"])
+            names = row["confusion"]["labels"]
+            ax.imshow(matrix, cmap="Blues")
+            for (i, j), v in np.ndenumerate(matrix):
+                ax.text(
+                    j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black"
+                )
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names)
+            ax.set_yticks(range(len(names)))
+            ax.set_yticklabels(names)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("gold")
+            ax.set_title(f"{row['run']} (test)", fontsize=9)
+        fig.suptitle(f"{dataset}: confusion matrices on the test split", fontsize=10)
+
+
+def render(data: dict[str, Any], figures: dict[str, str], notes: str) -> str:
+    """RESULTS.md: how the study is made, a section per dataset, the bar figure, the targets, the notes."""
     rows = data["results"]
-    lines = [
+    lines = intro_lines()
+    for dataset in [d for d in DATASETS if any(r["dataset"] == d for r in rows)]:
+        lines += dataset_section(dataset, [r for r in rows if r["dataset"] == dataset], data, figures)
+    if "bars" in figures:
+        lines += [f"![test macro-F1 per dataset and run]({figures['bars']})", ""]
+    if data.get("targets"):
+        lines += targets_section(data["targets"])
+    if notes:
+        lines += [notes, ""]
+    return "\n".join(lines)
+
+
+def intro_lines() -> list[str]:
+    return [
         "# Results: teacher -> LoRA student with distillation (MiniLM-L6, full splits)",
         "",
         "Produced by `make results` (`python -m scalelora.study.results`) on the full training, validation and "
@@ -395,98 +411,111 @@ def render(data: dict[str, Any], figures: dict[str, str], notes: str) -> str:
         "Each dataset's section names the versions it ran with.",
         "",
     ]
-    for dataset in [d for d in DATASETS if any(r["dataset"] == d for r in rows)]:
-        info = data["datasets"].get(dataset, {})
-        ds_rows = [r for r in rows if r["dataset"] == dataset]
+
+
+def dataset_section(
+    dataset: str, ds_rows: list[dict[str, Any]], data: dict[str, Any], figures: dict[str, str]
+) -> list[str]:
+    """One dataset's heading, facts (machine, time, lengths, versions), table of runs and notes."""
+    from scalelora.report import fmt
+
+    info = data["datasets"].get(dataset, {})
+    lines = [
+        f"## {dataset} (`--config {recipe_of(dataset)}`, data `{ds_rows[0]['data']}`)",
+        "",
+        f"Machine: {ds_rows[0].get('machine')}; finished {info.get('finished', '?')}, "
+        f"{fmt(info.get('wall_seconds', 0) / 60, 1)} min for its last `make results` (runs finished "
+        f"before are reused, not retrained; the rows' own wall times add up to "
+        f"{fmt(sum(r.get('wall_seconds') or 0 for r in ds_rows) / 60, 1)} min); "
+        f"max_length {ds_rows[0].get('max_length')} "
+        f"(token lengths of the training split: {info.get('lengths', '?')}).",
+        "",
+        "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in info.get("versions", data.get("versions", {})).items())
+        + ".",
+        "",
+    ]
+    lines += runs_table(ds_rows)
+    if any((r.get("test") or {}).get("tuned") for r in ds_rows):
         lines += [
-            f"## {dataset} (`--config {recipe_of(dataset)}`, data `{ds_rows[0]['data']}`)",
             "",
-            f"Machine: {ds_rows[0].get('machine')}; finished {info.get('finished', '?')}, "
-            f"{fmt(info.get('wall_seconds', 0) / 60, 1)} min for its last `make results` (runs finished "
-            f"before are reused, not retrained; the rows' own wall times add up to "
-            f"{fmt(sum(r.get('wall_seconds') or 0 for r in ds_rows) / 60, 1)} min); "
-            f"max_length {ds_rows[0].get('max_length')} "
-            f"(token lengths of the training split: {info.get('lengths', '?')}).",
-            "",
-            "Versions: "
-            + ", ".join(f"{k} {v}" for k, v in info.get("versions", data.get("versions", {})).items())
-            + ".",
-            "",
+            "Multi-label: test macro-F1 and the intervals are under per-label thresholds tuned on "
+            "validation (the decision rule each saved model ships with).",
         ]
-        body = []
-        for r in ds_rows:
-            test = r.get("test") or {}
-            ci = r.get("macro_f1_ci")
-            diff = r.get("vs_teacher_ci")
-            flag = " ⚠ predicts one class" if r.get("single_class_predictions") else ""
-            body.append(
-                [
-                    r["description"] + flag,
-                    fmt(r.get("trainable_pct"), 2),
-                    (r.get("validation") or {}).get("macro_f1"),
-                    test.get("accuracy"),
-                    test_macro_f1(r),
-                    f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-",
-                    f"{100 * diff[0]:+.1f} to {100 * diff[1]:+.1f} pt" if diff else "-",
-                    r.get("num_train_examples"),
-                    fmt(r.get("train_seconds"), 0),
-                    fmt(r.get("wall_seconds"), 0),
-                ]
-            )
-        lines += table(
+    if dataset in REFERENCE:
+        lines += ["", f"Reference point: {REFERENCE[dataset]}."]
+    if dataset in figures:
+        lines += ["", f"![confusion matrices, {dataset}]({figures[dataset]})"]
+    lines.append("")
+    return lines
+
+
+def runs_table(ds_rows: list[dict[str, Any]]) -> list[str]:
+    """A dataset's table: one line per run, its scores, intervals and times."""
+    from scalelora.report import fmt, table
+
+    body = []
+    for r in ds_rows:
+        test = r.get("test") or {}
+        ci = r.get("macro_f1_ci")
+        diff = r.get("vs_teacher_ci")
+        flag = " ⚠ predicts one class" if r.get("single_class_predictions") else ""
+        body.append(
             [
-                "run",
-                "trainable %",
-                "val macro-F1",
-                "test acc",
-                "test macro-F1",
-                "95% CI",
-                "vs teacher (95% CI)",
-                "train examples",
-                "train s",
-                "wall s",
-            ],
-            body,
-        )
-        if any((r.get("test") or {}).get("tuned") for r in ds_rows):
-            lines += [
-                "",
-                "Multi-label: test macro-F1 and the intervals are under per-label thresholds tuned on "
-                "validation (the decision rule each saved model ships with).",
+                r["description"] + flag,
+                fmt(r.get("trainable_pct"), 2),
+                (r.get("validation") or {}).get("macro_f1"),
+                test.get("accuracy"),
+                test_macro_f1(r),
+                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "-",
+                f"{100 * diff[0]:+.1f} to {100 * diff[1]:+.1f} pt" if diff else "-",
+                r.get("num_train_examples"),
+                fmt(r.get("train_seconds"), 0),
+                fmt(r.get("wall_seconds"), 0),
             ]
-        if dataset in REFERENCE:
-            lines += ["", f"Reference point: {REFERENCE[dataset]}."]
-        if dataset in figures:
-            lines += ["", f"![confusion matrices, {dataset}]({figures[dataset]})"]
-        lines.append("")
-    if "bars" in figures:
-        lines += [f"![test macro-F1 per dataset and run]({figures['bars']})", ""]
-    if data.get("targets"):
-        lines += ["## Targets", ""]
-        lines += table(
-            ["dataset", "target", "value", "bar", ""],
+        )
+    header = [
+        "run",
+        "trainable %",
+        "val macro-F1",
+        "test acc",
+        "test macro-F1",
+        "95% CI",
+        "vs teacher (95% CI)",
+        "train examples",
+        "train s",
+        "wall s",
+    ]
+    return table(header, body)
+
+
+def targets_section(targets: list[dict[str, Any]]) -> list[str]:
+    """The targets table, and how many were met (with the notes' link when one was missed)."""
+    from scalelora.report import table
+
+    lines = ["## Targets", ""]
+    lines += table(
+        ["dataset", "target", "value", "bar", ""],
+        [
             [
-                [
-                    c["dataset"],
-                    c["target"],
-                    c["value"],
-                    c["bar"],
-                    ("met" if c["met"] else "**MISSED**") + (f" ({c['note']})" if c["note"] else ""),
-                ]
-                for c in data["targets"]
-            ],
-            align="---",
-        )
-        lines.append("")
-        missed = [c for c in data["targets"] if not c["met"]]
-        lines.append(
-            f"{len(data['targets']) - len(missed)} of {len(data['targets'])} targets met."
-            + (" What was tried for each missed one, and why: [notes.md](notes.md)." if missed else "")
-        )
-        lines.append("")
-    if notes:
-        lines += [notes, ""]
-    return "\n".join(lines)
+                c["dataset"],
+                c["target"],
+                c["value"],
+                c["bar"],
+                ("met" if c["met"] else "**MISSED**") + (f" ({c['note']})" if c["note"] else ""),
+            ]
+            for c in targets
+        ],
+        align="---",
+    )
+    missed = [c for c in targets if not c["met"]]
+    lines += [
+        "",
+        f"{len(targets) - len(missed)} of {len(targets)} targets met."
+        + (" What was tried for each missed one, and why: [notes.md](notes.md)." if missed else ""),
+        "",
+    ]
+    return lines
 
 
 def confusion(gold: list[str], predicted: list[str] | None) -> dict[str, Any] | None:
@@ -545,8 +574,7 @@ def run_dataset(
     return rows, facts
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scalelora.study.results", description=__doc__.splitlines()[0]
     )
@@ -576,7 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("overrides", nargs="*", metavar="[RUN:]key=value")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     results_dir = Path(args.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     notes = Path(args.notes).read_text() if args.notes else ""
