@@ -345,6 +345,40 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     texts (unless `drop_empty`), and splits that are empty after filtering.
     """
     raw, file_names, source = load_raw_splits(cfg)
+    check_columns(raw, cfg)
+    raw_labels, problem = read_labels(raw, cfg)
+    multi = problem == MULTI_LABEL
+    if multi and cfg.class_balanced:
+        raise ConfigError(
+            "data.class_balanced=true has no sound rule for multi-label data (a row carries several labels, so "
+            "no draw makes every label equally likely); use train.class_weights=balanced (per-label pos_weight)"
+        )
+    names = label_map(raw_labels[cfg.train_split], file_names, cfg, multi)
+    encoded: dict[str, datasets.Dataset] = {}
+    dropped: dict[str, int] = {}
+    for split, ds in raw.items():
+        table = label_table(split, ds, raw_labels[split], names, cfg, multi)
+        table, dropped_rows = drop_empty_texts(split, table, cfg)
+        if dropped_rows:
+            dropped[split] = dropped_rows
+        if cfg.keep_labels:
+            table = keep_only(table, names, cfg, multi)
+        if len(table) == 0:
+            raise DataError(
+                f"split '{split}' is empty after filtering (data.keep_labels={cfg.keep_labels}, data.drop_empty)"
+            )
+        encoded[split] = table
+    train, evaluation, test = subsample(encoded, cfg, seed)
+    label_names = list(cfg.keep_labels) if cfg.keep_labels else names
+    result = Splits(label_names, train, evaluation, test, source, dropped_empty=dropped, problem_type=problem)
+    for name, ds in (("train", train), ("eval", evaluation), ("test", test)):
+        if ds is not None:
+            result.fingerprints[name] = fingerprint(ds, ["idx", "text", "label"])
+    return result
+
+
+def check_columns(raw: dict[str, datasets.Dataset], cfg: DataConfig) -> None:
+    """Raises DataError naming the first split without the text, pair or label column."""
     for split, ds in raw.items():
         for column in [cfg.text_column, cfg.label_column] + (
             [cfg.text_pair_column] if cfg.text_pair_column else []
@@ -354,6 +388,12 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                     f"split '{split}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
                     f"set data.{'label' if column == cfg.label_column else 'text'}_column"
                 )
+
+
+def read_labels(raw: dict[str, datasets.Dataset], cfg: DataConfig) -> tuple[dict[str, list[Any]], str]:
+    """Each split's label values (strings split on `data.label_separator`) and the problem type, decided
+    on the training split. Raises DataError when a split mixes lists and plain labels, or holds another
+    kind of label than the training split."""
     raw_labels = {
         split: split_label_strings(list(ds[cfg.label_column]), cfg.label_separator)
         for split, ds in raw.items()
@@ -370,71 +410,81 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                 f"split '{split}' row 0: label {values[0]!r} is not {kind} as in the training split; "
                 "give every split the same kind of label"
             )
-    multi = problem == MULTI_LABEL
-    if multi and cfg.class_balanced:
-        raise ConfigError(
-            "data.class_balanced=true has no sound rule for multi-label data (a row carries several labels, so "
-            "no draw makes every label equally likely); use train.class_weights=balanced (per-label pos_weight)"
-        )
-    train_values = raw_labels[cfg.train_split]
+    return raw_labels, problem
+
+
+def label_map(
+    train_values: list[Any], file_names: list[str] | None, cfg: DataConfig, multi: bool
+) -> list[str]:
+    """The label names, in id order: `data.labels`, else the data's own list, else inferred from the
+    training labels. Raises DataError for a repeated name or a `data.keep_labels` name not in the map."""
     if multi:
         train_values = [m for v in train_values for m in (v if isinstance(v, (list, tuple)) else [v])]
     names = list(cfg.labels) if cfg.labels else file_names or infer_label_names(list(train_values))
     if len(set(names)) != len(names):
         raise DataError(f"the label map {names} repeats a name")
-    keep = cfg.keep_labels
-    if keep:
-        missing = [label for label in keep if label not in names]
-        if missing:
-            raise DataError(f"data.keep_labels names {missing}, not in the label map {names}")
+    missing = [label for label in cfg.keep_labels or [] if label not in names]
+    if missing:
+        raise DataError(f"data.keep_labels names {missing}, not in the label map {names}")
+    return names
 
-    keep_ids = {names.index(label): new for new, label in enumerate(keep)} if keep else {}
-    encoded: dict[str, datasets.Dataset] = {}
-    dropped: dict[str, int] = {}
-    for split, ds in raw.items():
-        ids: list[Any] = (
-            encode_label_sets(raw_labels[split], names, split, cfg.label_column, cfg.allow_empty_labels)
-            if multi
-            else encode_labels(raw_labels[split], names, split, cfg.label_column)
+
+def label_table(
+    split: str, ds: datasets.Dataset, values: list[Any], names: list[str], cfg: DataConfig, multi: bool
+) -> datasets.Dataset:
+    """The split as `text` (+ `text_pair`), encoded `label` and its row number `idx`; a text that is not
+    a string becomes empty. Raises DataError for a label not in the map."""
+    ids: list[Any] = (
+        encode_label_sets(values, names, split, cfg.label_column, cfg.allow_empty_labels)
+        if multi
+        else encode_labels(values, names, split, cfg.label_column)
+    )
+    columns = {
+        "text": [t if isinstance(t, str) else "" for t in list(ds[cfg.text_column])],
+        "label": ids,
+        "idx": list(range(len(ds))),
+    }
+    if cfg.text_pair_column:
+        columns["text_pair"] = [t if isinstance(t, str) else "" for t in list(ds[cfg.text_pair_column])]
+    return datasets.Dataset.from_dict(columns)
+
+
+def drop_empty_texts(split: str, table: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, int]:
+    """The table without blank texts, and how many were dropped. Raises DataError naming the first one
+    unless `data.drop_empty`."""
+    empty = [i for i, t in enumerate(table["text"]) if not t.strip()]
+    if not empty:
+        return table, 0
+    if not cfg.drop_empty:
+        raise DataError(
+            f"split '{split}' row {empty[0]}: empty text in column '{cfg.text_column}' "
+            f"({len(empty)} such rows); set data.drop_empty=true to drop them"
         )
-        texts = list(ds[cfg.text_column])
-        columns = {
-            "text": [t if isinstance(t, str) else "" for t in texts],
-            "label": ids,
-            "idx": list(range(len(ds))),
-        }
-        if cfg.text_pair_column:
-            columns["text_pair"] = [t if isinstance(t, str) else "" for t in list(ds[cfg.text_pair_column])]
-        table = datasets.Dataset.from_dict(columns)
-        empty = [i for i, t in enumerate(columns["text"]) if not t.strip()]
-        if empty:
-            if not cfg.drop_empty:
-                raise DataError(
-                    f"split '{split}' row {empty[0]}: empty text in column '{cfg.text_column}' "
-                    f"({len(empty)} such rows); set data.drop_empty=true to drop them"
-                )
-            empty_set = set(empty)
-            table = table.select([i for i in range(len(table)) if i not in empty_set])
-            dropped[split] = len(empty)
-        if keep and multi:
-            # each row keeps only the kept labels (vectorised, as below); a row left with none is dropped
-            # unless empty sets are allowed
-            hot = np.asarray(table["label"], dtype=np.float32)[:, [names.index(label) for label in keep]]
-            rows = np.arange(len(hot)) if cfg.allow_empty_labels else np.flatnonzero(hot.any(axis=1))
-            table = table.select(rows).remove_columns("label").add_column("label", hot[rows].tolist())
-        elif keep:
-            # vectorised: a row-by-row filter + map costs seconds per split on sets of 10k rows
-            old_ids = np.asarray(table["label"], dtype=np.int64)
-            rows = np.flatnonzero(np.isin(old_ids, list(keep_ids)))
-            new_ids = np.vectorize(keep_ids.get, otypes=[np.int64])(old_ids[rows]) if len(rows) else []
-            table = table.select(rows).remove_columns("label").add_column("label", list(map(int, new_ids)))
-        if len(table) == 0:
-            raise DataError(
-                f"split '{split}' is empty after filtering (data.keep_labels={keep}, data.drop_empty)"
-            )
-        encoded[split] = table
-    label_names = list(keep) if keep else names
+    empty_set = set(empty)
+    return table.select([i for i in range(len(table)) if i not in empty_set]), len(empty)
 
+
+def keep_only(table: datasets.Dataset, names: list[str], cfg: DataConfig, multi: bool) -> datasets.Dataset:
+    """The rows and labels of `data.keep_labels`, relabelled in its order. Multi-label: each row keeps
+    only the kept labels, and a row left with none is dropped unless empty label sets are allowed."""
+    keep = cfg.keep_labels
+    # vectorised: a row-by-row filter + map costs seconds per split on sets of 10k rows
+    if multi:
+        hot = np.asarray(table["label"], dtype=np.float32)[:, [names.index(label) for label in keep]]
+        rows = np.arange(len(hot)) if cfg.allow_empty_labels else np.flatnonzero(hot.any(axis=1))
+        return table.select(rows).remove_columns("label").add_column("label", hot[rows].tolist())
+    keep_ids = {names.index(label): new for new, label in enumerate(keep)}
+    old_ids = np.asarray(table["label"], dtype=np.int64)
+    rows = np.flatnonzero(np.isin(old_ids, list(keep_ids)))
+    new_ids = np.vectorize(keep_ids.get, otypes=[np.int64])(old_ids[rows]) if len(rows) else []
+    return table.select(rows).remove_columns("label").add_column("label", list(map(int, new_ids)))
+
+
+def subsample(
+    encoded: dict[str, datasets.Dataset], cfg: DataConfig, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset | None]:
+    """The train, eval and test splits, each cut to a seeded random `data.max_train_samples` /
+    `data.max_eval_samples` rows when it has more."""
     train = encoded[cfg.train_split]
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
@@ -445,11 +495,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
             evaluation = evaluation.shuffle(seed=seed).select(range(cfg.max_eval_samples))
         if test is not None and cfg.max_eval_samples < len(test):
             test = test.shuffle(seed=seed).select(range(cfg.max_eval_samples))
-    result = Splits(label_names, train, evaluation, test, source, dropped_empty=dropped, problem_type=problem)
-    for name, ds in (("train", train), ("eval", evaluation), ("test", test)):
-        if ds is not None:
-            result.fingerprints[name] = fingerprint(ds, ["idx", "text", "label"])
-    return result
+    return train, evaluation, test
 
 
 # --- class weights --------------------------------------------------------------------------------
