@@ -449,15 +449,28 @@ def render_report(
     summary: dict[str, Any], config: dict[str, Any], has_curves: bool, has_reliability: bool = False
 ) -> str:
     """The markdown report of one run (see the module docstring for its sources)."""
-    labels = summary.get("labels", [])
-    multi = summary.get("problem_type") == "multi_label"
+    lines = headline_lines(summary, has_curves)
+    lines += metrics_lines(summary)
+    lines += calibration_lines(summary, has_reliability)
+    lines += parameter_lines(summary)
+    lines += ["", "## Configuration", ""]
+    lines += table(["key", "value"], config_rows(config), align="---")
+    lines += per_label_lines(summary)
+    lines += sample_prediction_lines(summary)
+    versions = summary.get("versions", {})
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def headline_lines(summary: dict[str, Any], has_curves: bool) -> list[str]:
+    """The title, what ran on what (steps, examples, time, throughput, processes) and the best evaluation."""
     best = summary.get("best", {})
-    evals = summary.get("eval", {})
     lines = [
         f"# Run report: {summary.get('recipe') or 'run'}",
         "",
         f"{summary.get('model')} ({summary.get('mode')}) on **{summary.get('dataset')}**, "
-        f"{len(labels)} labels; {fmt(summary.get('global_step'))} optimizer steps on "
+        f"{len(summary.get('labels', []))} labels; {fmt(summary.get('global_step'))} optimizer steps on "
         f"{fmt(summary.get('num_train_examples'))} training examples in {fmt(summary.get('train_seconds'), 1)} s "
         f"({fmt(summary.get('samples_per_second'), 1)} samples/s, {fmt(summary.get('tokens_per_second'), 0)} tokens/s), "
         f"{summary.get('world_size', 1)} process(es), precision `{summary.get('precision')}`, seed {summary.get('seed')}.",
@@ -467,7 +480,14 @@ def render_report(
     ]
     if has_curves:
         lines += [f"![loss and evaluation metrics against step]({CURVES_FILE})", ""]
-    lines += ["## Metrics", ""]
+    return lines
+
+
+def metrics_lines(summary: dict[str, Any]) -> list[str]:
+    """The metrics of each evaluated split, the extra metrics, and what ECE and NLL mean here."""
+    multi = summary.get("problem_type") == "multi_label"
+    evals = summary.get("eval", {})
+    lines = ["## Metrics", ""]
     lines += table(
         [
             "split",
@@ -500,10 +520,10 @@ def render_report(
     if multi:
         lines += [
             "",
-            f"{len(labels)} labels, one sigmoid each; the metrics above use p >= 0.5 for every label. Subset "
-            "accuracy counts rows whose whole label set is right; ECE here pools every per-label probability "
-            "against whether that label is present; NLL is the mean over rows of the binary cross-entropy "
-            "summed over labels.",
+            f"{len(summary.get('labels', []))} labels, one sigmoid each; the metrics above use p >= 0.5 for "
+            "every label. Subset accuracy counts rows whose whole label set is right; ECE here pools every "
+            "per-label probability against whether that label is present; NLL is the mean over rows of the "
+            "binary cross-entropy summed over labels.",
         ]
     else:
         lines += [
@@ -511,8 +531,11 @@ def render_report(
             "ECE is the expected calibration error of the top-label confidence: 0 means the model is "
             "right exactly as often as it is confident. NLL is the mean negative log-likelihood of the gold label.",
         ]
-    lines += calibration_lines(summary, has_reliability)
-    lines += ["", "## Parameters", ""]
+    return lines
+
+
+def parameter_lines(summary: dict[str, Any]) -> list[str]:
+    lines = ["", "## Parameters", ""]
     lines += table(
         ["trainable", "total", "trainable %"],
         [
@@ -523,36 +546,36 @@ def render_report(
             ]
         ],
     )
-    lines += ["", "## Configuration", ""]
-    lines += table(["key", "value"], config_rows(config), align="---")
-    lines += per_label_lines(summary)
+    return lines
+
+
+def sample_prediction_lines(summary: dict[str, Any]) -> list[str]:
+    """The validation samples with their gold label and the predictions before and after training."""
     samples = summary.get("sample_predictions", [])
-    if samples:
-        lines += ["", "## Sample predictions (validation), before and after training", ""]
-        rows = []
-        for row in samples:
-            same = (
-                sorted(row["after"]) == sorted(row["gold"])
-                if isinstance(row["gold"], list)
-                else row["after"] == row["gold"]
-            )
-            mark = "✓" if same else "✗"
-            before = row.get("before")
-            rows.append(
-                [
-                    escape(row["text"]),
-                    escape(_names(row["gold"])),
-                    f"{escape(_names(before))} ({_confidence(row['before_confidence'])})"
-                    if before is not None
-                    else "-",
-                    f"{mark} {escape(_names(row['after']))} ({_confidence(row['after_confidence'])})",
-                ]
-            )
-        lines += table(["text", "gold", "before (confidence)", "after (confidence)"], rows, align="---")
-    versions = summary.get("versions", {})
-    if versions:
-        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
-    return "\n".join(lines) + "\n"
+    if not samples:
+        return []
+    rows = []
+    for row in samples:
+        same = (
+            sorted(row["after"]) == sorted(row["gold"])
+            if isinstance(row["gold"], list)
+            else row["after"] == row["gold"]
+        )
+        mark = "✓" if same else "✗"
+        before = row.get("before")
+        rows.append(
+            [
+                escape(row["text"]),
+                escape(_names(row["gold"])),
+                f"{escape(_names(before))} ({_confidence(row['before_confidence'])})"
+                if before is not None
+                else "-",
+                f"{mark} {escape(_names(row['after']))} ({_confidence(row['after_confidence'])})",
+            ]
+        )
+    lines = ["", "## Sample predictions (validation), before and after training", ""]
+    lines += table(["text", "gold", "before (confidence)", "after (confidence)"], rows, align="---")
+    return lines
 
 
 def write_report(
