@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_summary, run_cli, tiny_overrides
+import scalelora.study
+from conftest import ROOT, read_summary, run_cli, tiny_overrides
 from scalelora.errors import ConfigError
 from scalelora.study.sweep import main as sweep_main
 from scalelora.study.sweep import parse_grid, run_name, split_values
@@ -148,7 +149,7 @@ def test_slurm_submits_the_shipped_array_script_and_a_table_job(tmp_path, monkey
     )
     assert code == 0
     assert "submitted array job 1001 (6 tasks) and table job 1002" in capsys.readouterr().out
-    shipped = Path(__file__).resolve().parents[1] / "slurm" / "sweep_array.sbatch"
+    shipped = Path(scalelora.study.__file__).parent / "sweep_array.sbatch"  # package data
     first, second = calls.read_text().splitlines()
     # the one copy of the job script is submitted as it is; the per-sweep values are sbatch options
     assert not (out / "sweep_array.sbatch").exists()
@@ -178,3 +179,19 @@ def test_slurm_without_sbatch_is_a_user_error(tmp_path, monkeypatch, capsys):
         == 2
     )
     assert "sbatch on PATH" in capsys.readouterr().err
+
+
+def test_the_array_script_is_package_data_and_slurm_links_to_it():
+    """`--slurm` submits the script from the installed package: the wheel must carry it (pyproject's
+    package-data names it), and the repository's slurm/ copy is a link to it, not a second copy."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    package = ROOT / "src" / "scalelora"
+    shipped = package / "study" / "sweep_array.sbatch"
+    assert shipped.is_file() and not shipped.is_symlink()
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    relative = shipped.relative_to(package).as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns["scalelora"]), relative
+    user_facing = ROOT / "slurm" / "sweep_array.sbatch"
+    assert user_facing.is_symlink() and user_facing.resolve() == shipped.resolve()

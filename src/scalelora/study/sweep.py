@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from scalelora.errors import ConfigError, UserError, exit_on_user_error, one_lin
 from scalelora.report import RUN_COLUMNS, figure, table
 
 PLAN_FILE = "sweep_plan.json"
-SBATCH_FILE = "sweep_array.sbatch"
+SBATCH_FILE = "sweep_array.sbatch"  # package data beside this module; slurm/ in the repository links to it
 
 
 @dataclass
@@ -265,19 +266,8 @@ def run_local(plan: SweepPlan, out: Path) -> list[str]:
     return failed
 
 
-def sbatch_script() -> Path:
-    """The repository's `slurm/sweep_array.sbatch`, the one copy of the array job script."""
-    script = Path(__file__).resolve().parents[3] / "slurm" / SBATCH_FILE
-    if not script.is_file():
-        raise UserError(
-            f"--slurm submits slurm/{SBATCH_FILE} from a scalelora checkout, and {script} does not exist; "
-            "run the sweep from a clone of the repository"
-        )
-    return script
-
-
 def submit_slurm(plan: SweepPlan, out: Path, parallel: int, sbatch_options: list[str]) -> tuple[str, str]:
-    """Submit slurm/sweep_array.sbatch as an array over the plan, and an aggregation job that waits for it.
+    """Submit the packaged sweep_array.sbatch as an array over the plan, and a table job that waits for it.
 
     `sbatch_options` (e.g. `--gres=gpu:1`, `--partition=x`) go to both sbatch calls' command lines.
     Raises UserError when `sbatch` is not on PATH or refuses the job.
@@ -285,17 +275,19 @@ def submit_slurm(plan: SweepPlan, out: Path, parallel: int, sbatch_options: list
     if shutil.which("sbatch") is None:
         raise UserError("--slurm needs sbatch on PATH (run on a SLURM login node, or drop --slurm)")
     where = out.resolve()
-    array_id = sbatch(
-        [
-            "--parsable",
-            f"--array=0-{len(plan.runs) - 1}%{parallel}",
-            f"--job-name=sweep-{plan.group}",
-            f"--output={where}/slurm-%A_%a.out",
-            *sbatch_options,
-            str(sbatch_script()),
-            str(where),
-        ]
-    )
+    # sbatch copies the script when it submits, so a file extracted from a zipped install may go after it
+    with resources.as_file(resources.files("scalelora.study") / SBATCH_FILE) as script:
+        array_id = sbatch(
+            [
+                "--parsable",
+                f"--array=0-{len(plan.runs) - 1}%{parallel}",
+                f"--job-name=sweep-{plan.group}",
+                f"--output={where}/slurm-%A_%a.out",
+                *sbatch_options,
+                str(script),
+                str(where),
+            ]
+        )
     aggregate = f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m scalelora.sweep --out {shlex.quote(str(where))} --aggregate"
     agg_id = sbatch(
         [
