@@ -17,6 +17,7 @@ FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.M | re.S)
 CODE_SPAN = re.compile(r"(`+).+?\1", re.S)
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
 HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t#]*$", re.M)
+CODE_PAGE_PATH = re.compile(r"`(\.{1,2}/[^`\s]+\.md)`")  # a page named as a relative path in code
 
 
 def prose(text: str) -> str:
@@ -78,6 +79,18 @@ def test_every_relative_link_resolves(page):
         elif anchor and path.suffix == ".md" and anchor not in anchors(path):
             broken.append(f"{target}: no heading #{anchor} in {path.relative_to(ROOT)}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_named_by_relative_path_are_in_the_repository(page):
+    """A page named in code (`../x/Y.md`) rather than linked is still one a fresh clone has (the README
+    once pointed at `../shared/ARCHITECTURE.md`, beside the checkout, where no clone has it)."""
+    outside = []
+    for target in CODE_PAGE_PATH.findall(FENCE.sub("", page.read_text())):
+        path = (page.parent / target).resolve()
+        if not path.is_file() or not path.is_relative_to(ROOT):
+            outside.append(target)
+    assert not outside, f"{page.relative_to(ROOT)} names pages outside the repository: {outside}"
 
 
 def test_every_docs_page_is_reachable_from_the_readme():
