@@ -562,7 +562,7 @@ def run_dataset(
         row["order"] = order
         row.update(intervals.get(row["run"], {}))
         row["confusion"] = confusion(gold, runs.get(row["run"])) if dataset in CODE_MIXED else None
-    from scalelora.checkpoint import atomic_write_json
+    from scalelora.files import atomic_write_json
 
     atomic_write_json(results_dir / "predictions" / f"{dataset}.json", {"gold": gold, "runs": runs})
     facts = {
