@@ -24,13 +24,15 @@ quickstart: install
 test: install
 	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15
 
-# on a machine with internet: the wheels a GPU image lacks, into .whl/ (see docs: scale-out)
+# on a machine with internet: what a GPU image lacks (wheels, a bf16 MiniLM-L6, data) into .whl/, and
+# scripts/gpu_carry.json listing it (see docs: scale-out)
 gpu-wheels:
-	scripts/fetch_gpu_wheels.sh
+	PYTHON=$(PYTHON) scripts/fetch_gpu_wheels.sh
 
-# on a GPU machine: bf16/fp16, ZeRO-2/3/3+offload, 8-bit and 4-bit LoRA runs and a results table
+# on a GPU machine (with .whl/ beside the code): the cases of scripts/gpu_cases.py under a time budget;
+# the report goes to $OUT/gpu_check.json, else /tmp/scalelora-gpu-check/out/. GPU_CHECK_ARGS="--only zero3"
 gpu-check:
-	scripts/gpu_check.sh
+	PYTHON=$(PYTHON) scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
