@@ -27,6 +27,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -779,9 +780,16 @@ def run_case(ctx: Context, case: Case, timeout: float) -> Row:
 
 
 def last_error(log: Path) -> str:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    """The line of a failed case's log that says why: the last exception raised in a worker (torchrun's
+    own ChildFailedError summary after it says nothing), else the last line naming an error."""
+    lines = [
+        re.sub(r"^\[rank\d+\]:\s*", "", line).strip() for line in log.read_text(errors="replace").splitlines()
+    ]
+    lines = [line for line in lines if line]
+    raised = [line for line in lines if re.match(r"[\w.]*(Error|Exception|Halted)\b:", line)]
+    raised = [line for line in raised if "ChildFailedError" not in line]
     errors = [line for line in lines if "error" in line.lower() or "exception" in line.lower()]
-    return (errors or lines or ["(empty log)"])[-1].strip()[:240]
+    return (raised or errors or lines or ["(empty log)"])[-1][:240]
 
 
 def write_outputs(ctx: Context, report: dict[str, Any]) -> None:

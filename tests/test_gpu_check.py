@@ -171,6 +171,16 @@ def test_cases_that_do_not_fit_the_budget_are_reported_with_their_rerun_line(tmp
     assert (ctx.out / "gpu_check_logs.tar.gz").is_file()
 
 
+def test_a_failed_case_is_noted_with_the_workers_exception_not_torchruns_summary(tmp_path):
+    log = tmp_path / "case.log"
+    log.write_text(
+        "[rank0]:   File \"x.py\", line 1, in f\n[rank0]: RuntimeError: 'weight' must be 2-D\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        "  error_file: <N/A>\n  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html\n"
+    )
+    assert gpu_check.last_error(log) == "RuntimeError: 'weight' must be 2-D"
+
+
 def test_a_rerun_puts_in_the_run_a_case_starts_from(tmp_path):
     ctx = context(tmp_path)
     chosen = gpu_cases.select(["zero3_resume", "predict_export"])
