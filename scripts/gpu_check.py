@@ -1,4 +1,4 @@
-"""The GPU check's driver; run it through scripts/gpu_check.sh, which installs the carried wheels first.
+"""The GPU check's driver (scripts/gpu_check.sh runs it with $PYTHON and the environment it needs).
 
     scripts/gpu_check.sh                      # every case that fits the time budget, most important first
     scripts/gpu_check.sh --only zero3,4bit    # a subset (what a case starts from is run first when missing)
@@ -6,7 +6,8 @@
                                               # check the carry size, run nothing
     scripts/gpu_check.sh --list
 
-It asserts that torch sees CUDA before anything runs (a CUDA-less torch fails the check), builds a
+It installs the carried wheels (.whl/, scripts/fetch_gpu_wheels.sh: what the GPU image lacks) into --site,
+asserts that torch sees CUDA before anything runs (a CUDA-less torch fails the check), builds a
 random-weight model of a real shape (SmolLM2-135M's Llama geometry), a word-level tokenizer, a learnable
 2-class dataset and a small model teacher, so it needs no network, then runs the cases of
 scripts/gpu_cases.py one after another, each under its own timeout, and prints each result row as it
@@ -386,6 +387,30 @@ def carried_wheels(carry: Path) -> list[dict[str, str]]:
         }
         for w in sorted(carry.glob("*.whl"))
     ]
+
+
+def install_wheels(ctx: Context, site: Path) -> list[str]:
+    """pip install the carried wheels into `site` (--no-index --no-deps --target: nothing goes into the
+    image's own site-packages) unless it holds this very set already (a rerun on the same machine), and put
+    `site` after src/ on the path of this process and of every case. Returns the wheels' file names."""
+    wheels = sorted(ctx.carry.glob("*.whl"))
+    if not wheels:
+        return []
+    wanted = "".join(f"{w.name} {w.stat().st_size}\n" for w in wheels)
+    stamp = site / ".gpu_check_wheels"
+    if not (stamp.is_file() and stamp.read_text() == wanted):
+        print(f"gpu_check: installing {len(wheels)} carried wheels into {site}", flush=True)
+        subprocess.run(
+            [ctx.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+             "--upgrade", "--target", str(site), *map(str, wheels)],
+            check=True,
+        )  # fmt: skip
+        stamp.write_text(wanted)
+    src = str(ROOT / "src")
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in (src, str(site))]
+    os.environ["PYTHONPATH"] = os.pathsep.join([src, str(site), *rest])
+    sys.path[1:1] = [str(site)]
+    return [w.name for w in wheels]
 
 
 def probe(ctx: Context) -> dict[str, Any]:
@@ -922,6 +947,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path(env.get("CARRY_DIR", ROOT / ".whl")),
         help="the carried wheels, model and data (default .whl)",
     )
+    parser.add_argument(
+        "--site",
+        type=Path,
+        default=Path(env.get("SITE", "/tmp/site")),
+        help="where the carried wheels are installed (default /tmp/site)",
+    )
     parser.add_argument("--num-gpus", type=int, default=int(env["NUM_GPUS"]) if env.get("NUM_GPUS") else None)
     parser.add_argument(
         "--cpu-smoke",
@@ -981,6 +1012,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, interrupted)
     try:
+        if not ctx.smoke:
+            install_wheels(ctx, args.site)
         info = probe(ctx)
         report.update(
             {k: info.get(k) for k in ("python", "executable", "torch_cuda", "cudnn", "nccl", "driver")}
