@@ -11,9 +11,11 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -546,6 +548,37 @@ def dotted_get(tree: Any, dotted: str, default: Any = _RAISE) -> Any:
         else:
             return default
     return tree
+
+
+def config_differences(
+    recorded: Any, now: Any, ignore: Iterable[str] = (), keys: Iterable[str] | None = None
+) -> list[str]:
+    """The keys on which a recorded config (a mapping as config.yaml or to_dict holds it, possibly
+    written before some keys existed) and `now` differ, each as "key: X then, Y now".
+
+    A key the record lacks counts as its declared `before` value, so a key added later whose default
+    keeps the old behaviour is no difference, and a changed default is one. Keys in `ignore` (a trailing
+    "." covers a section) and keys `now` lacks are skipped. Values are compared as JSON stores them.
+    """
+    skip = tuple(ignore)
+    out = []
+    for dotted in keys if keys is not None else config_keys():
+        if any(dotted == i or (i.endswith(".") and dotted.startswith(i)) for i in skip):
+            continue
+        value = dotted_get(now, dotted, _ABSENT)
+        if value is _ABSENT:
+            continue
+        then = dotted_get(recorded, dotted, _ABSENT)
+        shown = ""
+        if then is _ABSENT:
+            then, shown = key_info(dotted).before, " (before the key)"
+        then, value = json.loads(json.dumps(then)), json.loads(json.dumps(value))
+        if then != value:
+            out.append(f"{dotted}: {then!r} then{shown}, {value!r} now")
+    return out
+
+
+_ABSENT = object()
 
 
 # --- loading -------------------------------------------------------------------------------------
