@@ -22,6 +22,20 @@ SKEW_FOR_CLASS_WEIGHTS = 3.0
 MANY_CLASSES = 10
 LENGTH_QUANTILE = 99.0
 MAX_LENGTH_BOUNDS = (32, 256)
+# The version of the rules below. The default rows of the results study record it: a rule that changes
+# what is chosen for some data changes no config key, so the rows compare this instead. Raise it with
+# every change to `choose` that can change a choice.
+RULES_VERSION = 1
+# Every key `choose` may set (what the data decides rather than the recipe).
+CHOSEN_KEYS = (
+    "data.max_length",
+    "lora.target_modules",
+    "lora.r",
+    "lora.alpha",
+    "train.head_lr",
+    "train.epochs",
+    "train.class_weights",
+)
 
 
 @dataclass

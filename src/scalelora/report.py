@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,37 @@ from scalelora.errors import UserError, exit_on_user_error
 REPORT_FILE = "report.md"
 CURVES_FILE = "curves.png"
 RELIABILITY_FILE = "reliability.png"
+
+
+# What `source_commit` checks for uncommitted changes: the code that runs (the package with its recipes,
+# and the results study), not results/ or docs/, which a study rewrites while it runs.
+SOURCE_PATHS = ("src", "studies", "pyproject.toml")
+
+
+def source_commit() -> str | None:
+    """The git commit of the running scalelora source, `<hash>-dirty` when tracked files under
+    SOURCE_PATHS differ from it; None when the package is not in a git checkout (an installed wheel)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def autoconfig_rules(cfg: Any) -> int | None:
+    """The version of the data-driven default's rules a run of the `auto` recipe chose its settings by."""
+    from scalelora import autoconfig
+    from scalelora.config import AUTO_RECIPE
+
+    return autoconfig.RULES_VERSION if cfg.recipe == AUTO_RECIPE else None
 
 
 def build_summary(
@@ -74,6 +106,7 @@ def build_summary(
         "samples_per_second": state["train_samples"] / max(state["step_seconds"], 1e-9),
         "tokens_per_second": state["train_tokens"] / max(state["step_seconds"], 1e-9),
         "train_seconds": state["wall_seconds"],
+        "train_tokens": state["train_tokens"],  # real (unpadded) tokens of every training step, all ranks
         "steady_state": facts.get("steady_state"),
         "phase_seconds": facts.get("phase_seconds"),
         "compiled": facts.get("compiled"),
@@ -85,6 +118,9 @@ def build_summary(
         "class_weights": facts["class_weights"],
         "peak_memory_gb": facts["peak_memory_gb"],
         "seed": cfg.seed,
+        "commit": source_commit(),
+        # the auto recipe's settings come from rules that no key names: their version says which
+        "autoconfig_rules": autoconfig_rules(cfg),
         "distill": to_dict(cfg)["distill"] if cfg.distill.enabled else None,
         "versions": {
             "scalelora": __import__("scalelora").__version__,
