@@ -43,10 +43,17 @@ from typing import Any
 
 import yaml
 
-from scalelora.config import AUTO_RECIPE, load_config, parse_overrides, to_dict
+from scalelora.config import (
+    AUTO_RECIPE,
+    config_differences,
+    config_keys,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
 from scalelora.files import atomic_write_json
-from scalelora.report import RUN_COLUMNS, fmt, table
+from scalelora.report import RUN_COLUMNS, fmt, source_commit, table
 
 TRAINED_RUNS = (
     "teacher_full",
@@ -99,6 +106,16 @@ KD_RUNS = ("lora_on_teacher_kd", "lora_base_kd")
 ON_TEACHER = ("lora_on_teacher", "lora_on_teacher_kd")
 # What the default run takes from the recipe: where the data is and which labels to keep, nothing else.
 AUTO_DATA_KEYS = ("data.path", "data.root", "data.keep_labels")
+
+
+# The version of the baselines' own code (TF-IDF features, the probe's pooling): part of their settings.
+BASELINE_VERSION = 2
+
+
+def baseline_settings(cfg: Any) -> dict[str, Any]:
+    """What a baseline row depends on: the recipe's data settings, the encoder (the linear probe's) and
+    BASELINE_VERSION; its rows record them as `settings`."""
+    return to_dict(cfg)["data"] | {"model": cfg.model.name, "baseline_version": BASELINE_VERSION}
 
 
 def last_of_each_key(overrides: list[str]) -> list[str]:
@@ -162,21 +179,23 @@ def load_average() -> float | None:
         return None
 
 
-def _same_settings(saved: Any, now: Any, defaults: Any) -> bool:
-    """Whether a finished run's saved stamp still describes `now`. A key missing from the saved one is a
-    setting added to scalelora after that run (every key is saved): it matches when `now` holds its
-    default, which by the rule for new keys is the old behaviour."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for key, value in now.items():
-            if key in saved:
-                if not _same_settings(
-                    saved[key], value, defaults.get(key) if isinstance(defaults, dict) else None
-                ):
-                    return False
-            elif not (isinstance(defaults, dict) and key in defaults and defaults[key] == value):
-                return False
-        return set(saved) <= set(now)
-    return saved == now
+def _same_settings(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether a finished run's saved stamp still describes `now`: the same recipe and extras (teacher,
+    cache), and the same settings key by key, where a key missing from the saved settings (added to
+    scalelora after that run) counts as its declared `before` value (config.config_differences)."""
+    extras = {k for k in (*saved, *now) if k != "settings"}
+    if any(saved.get(k) != now.get(k) for k in extras):
+        return False
+    settings_then, settings_now = saved.get("settings"), now.get("settings")
+    if not (isinstance(settings_then, dict) and isinstance(settings_now, dict)):
+        return settings_then == settings_now
+    if isinstance(settings_now.get("model"), str):  # a baseline's: the data section, its encoder, its version
+        own = ("model", "baseline_version")
+        if any(settings_then.get(k) != settings_now.get(k) for k in own):
+            return False
+        data_keys = [k for k in config_keys() if k.startswith("data.")]
+        return not config_differences({"data": settings_then}, {"data": settings_now}, keys=data_keys)
+    return not config_differences(settings_then, settings_now)
 
 
 class Pipeline:
@@ -258,12 +277,10 @@ class Pipeline:
         path = self.out / run / "pipeline_row.json"
         if self.fresh or not path.is_file():
             return None
-        from scalelora.config import RunConfig
-
         saved = json.loads(path.read_text())
         # rows saved before the pipeline section left the stamp compare the same way
         old = self._comparable(saved.get("stamp") or {})
-        return saved["row"] if _same_settings(old, stamp, {"settings": to_dict(RunConfig())}) else None
+        return saved["row"] if _same_settings(old, stamp) else None
 
     def _save_row(self, run: str, stamp: dict[str, Any], row: dict[str, Any]) -> None:
         atomic_write_json(self.out / run / "pipeline_row.json", {"stamp": stamp, "row": row})
@@ -306,6 +323,12 @@ class Pipeline:
             "max_length": used["data"]["max_length"],
             "command": command,
             "config": used,
+            "commit": summary.get("commit"),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine_line(),
+            "peak_memory_gb": summary.get("peak_memory_gb"),
+            "train_tokens": summary.get("train_tokens"),
+            "autoconfig_rules": summary.get("autoconfig_rules"),
             "load_average": [load_before, load_average()],
             "predictions": read_predictions(cfg.run_dir / "predictions" / "test.jsonl"),
             "details": {
@@ -338,7 +361,7 @@ class Pipeline:
         from scalelora.study import baselines
 
         cfg = self.base_cfg
-        stamp = self._stamp(to_dict(cfg)["data"] | {"model": cfg.model.name, "baseline_version": 2})
+        stamp = self._stamp(baseline_settings(cfg))
         reused = self._reusable(run, stamp)
         if reused is not None:
             self.log(f"{run}: reusing the finished run in {self.out / run}")
@@ -359,6 +382,10 @@ class Pipeline:
             wall_seconds=time.time() - started,
             load_average=[load_before, load_average()],
             max_length=cfg.data.max_length if run == "linear_probe" else None,
+            settings=stamp["settings"],
+            commit=source_commit(),
+            date=time.strftime("%Y-%m-%d"),
+            machine=machine_line(),
             command=shlex.join(
                 ["python", "-m", "scalelora.pipeline", "--config", self.recipe, "--runs", run, *self.common]
             ),
@@ -421,11 +448,17 @@ class Pipeline:
             "wall_seconds": round(row.get("wall_seconds", row["train_seconds"]), 1),
             "num_train_examples": row["num_train_examples"],
             "max_length": row.get("max_length"),
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": machine_line(),
+            # when and from which code the run was made (a reused run keeps its own)
+            "date": row.get("date") or time.strftime("%Y-%m-%d"),
+            "commit": row.get("commit"),
+            "machine": row.get("machine") or machine_line(),
             "load_average": row.get("load_average"),
+            "peak_memory_gb": row.get("peak_memory_gb"),
+            "train_tokens": row.get("train_tokens"),
             "command": row.get("command"),
             "config": row.get("config"),
+            "settings": row.get("settings"),
+            "autoconfig_rules": row.get("autoconfig_rules"),
             "details": row.get("details", {}),
             "predictions": predictions,
         }
