@@ -235,17 +235,93 @@ def test_paired_bootstrap_intervals_contain_the_point_and_see_a_clear_gap():
     assert high < -0.5  # the student is far worse on every resample
 
 
-def test_committed_results_are_reused_by_the_shipped_recipes():
-    """Every dataset in results/results.json carries the stamp its shipped recipe resolves to today, so
-    `make results` on a fresh clone reuses it instead of retraining for hours. A new config key changes
-    every stamp: this test makes that a decision (restamp, and say so in docs/results.md, or retrain)."""
-    from scalelora.study.pipeline import RUNS
-
+def committed(dataset: str, run: str) -> dict:
     data = json.loads((ROOT / "results" / "results.json").read_text())
-    for dataset in data["datasets"]:
-        stamp = results.recipe_stamp(dataset, [], results.DATASET_RUNS.get(dataset, RUNS))
-        stamps = {r["recipe_stamp"] for r in data["results"] if r["dataset"] == dataset}
-        assert stamps == {stamp}, f"{dataset}: rows stamped {stamps}, the recipe resolves to {stamp}"
+    return next(r for r in data["results"] if r["dataset"] == dataset and r["run"] == run)
+
+
+def staleness(row: dict, *overrides: str) -> list[str]:
+    from scalelora.study.pipeline import Pipeline
+
+    pipeline = Pipeline(
+        results.recipe_of(row["dataset"]), ROOT / "runs" / "x", list(overrides), (row["run"],)
+    )
+    return results.row_differences(row, pipeline)
+
+
+def test_a_committed_row_stays_current_until_what_it_ran_changes_key_by_key():
+    """A row is compared with what its recipe runs today key by key: a key the row does not record counts
+    as its declared `before` value (a new key that keeps the old behaviour retrains nothing), a changed
+    value of any key that changes what is measured makes it out of date, and so does a changed default."""
+    import copy
+
+    teacher = committed("sst2", "teacher_full")  # trained at a commit that recorded train.mask_dropout
+    assert staleness(teacher) == []
+    # a key added later whose default is the behaviour before it: nothing to retrain
+    older = copy.deepcopy(teacher)
+    del older["config"]["train"]["label_smoothing"]
+    assert staleness(older) == []
+    # a key added later whose default changed the behaviour: the row predates it, so it is out of date
+    del older["config"]["train"]["mask_dropout"]
+    assert staleness(older) == ["train.mask_dropout: False then (before the key), True now"]
+    # a changed setting (as a changed default would be), and where a run is managed changes nothing
+    assert staleness(teacher, "train.weight_decay=0.02") == ["train.weight_decay: 0.01 then, 0.02 now"]
+    assert staleness(teacher, "train.log_every=7", "checkpoint.every=100", "output_dir=elsewhere") == []
+    # a student's base is the study's own teacher, named by path: another checkout's path is the same base
+    student = copy.deepcopy(committed("sst2", "lora_on_teacher"))
+    student["config"]["model"]["name"] = "/elsewhere/runs/results/sst2/teacher_full/model"
+    assert staleness(student) == []
+
+
+def test_the_default_row_compares_the_rules_that_chose_its_settings(monkeypatch):
+    from scalelora import autoconfig
+
+    default = committed("sst2", "auto_default")
+    assert staleness(default) == []  # the data-chosen keys differ from the recipe's, by design
+    monkeypatch.setattr(autoconfig, "RULES_VERSION", autoconfig.RULES_VERSION + 1)
+    assert staleness(default) == [f"autoconfig rules: version 1 then, {autoconfig.RULES_VERSION} now"]
+
+
+def test_baselines_compare_their_data_settings_and_every_row_names_its_code():
+    import subprocess
+
+    tfidf = committed("sst2", "tfidf_lr")
+    assert staleness(tfidf) == []
+    assert staleness(tfidf, "data.max_length=64") == ["settings"]
+    data = json.loads((ROOT / "results" / "results.json").read_text())
+    git = (ROOT / ".git").exists()
+    for row in data["results"]:
+        code = row.get("commit") or row.get("committed_with")
+        assert code, f"{row['dataset']} {row['run']} records no commit"
+        if git:
+            sha = code.split("-")[0]
+            assert subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", sha]).returncode == 0, code
+
+
+def test_targets_on_a_setting_chosen_after_a_test_look_are_counted_apart():
+    """emotion's run (6) class weights and codemix_hindi's teacher learning rate were chosen after a look
+    at test scores: their targets (and the students' targets whose bar is that teacher) are marked."""
+    data = json.loads((ROOT / "results" / "results.json").read_text())
+    targets = results.check_targets(data["results"])
+    looked = {(t["dataset"], t["target"].split(" ")[0]) for t in targets if t["test_look"]}
+    assert looked == {
+        ("emotion", "lora_base_kd"),
+        ("codemix_hindi", "teacher"),
+        ("codemix_hindi", "lora_on_teacher"),
+        ("codemix_hindi", "lora_on_teacher_kd"),
+        ("codemix_hindi", "lora_base_kd"),
+    }
+    page = "\n".join(results.targets_section(targets))
+    clean = [t for t in targets if not t["test_look"]]
+    assert (
+        f"{sum(t['met'] for t in clean)} of {len(clean)} targets met with every setting chosen on validation"
+        in page
+    )
+    # a rerun with a setting chosen on validation clears the label
+    row = committed("emotion", "lora_base_kd")
+    assert results.test_look(row)
+    row["config"]["train"]["class_weights"] = "none"
+    assert results.test_look(row) is None
 
 
 def test_the_documented_command_renders_the_committed_results_md_from_results_json(tmp_path):
