@@ -11,6 +11,10 @@ either a child forked by `run_forked` (fast: it reuses the test process's import
 
 `--count FILE` (or `count_file=`) records how often each point was reached, so a test can draw
 seeded kill points from the calls a real run makes.
+
+`--forbid-unsafe-load` makes every `torch.load` that could run code (`weights_only=False`, or a
+custom pickle module) raise instead, wherever it is called from (DeepSpeed, Accelerate), and prints
+`fault_inject: torch.load calls: N safe, M refused` at the end, so a test sees that loads happened.
 """
 
 from __future__ import annotations
@@ -136,14 +140,43 @@ def install(faults: list[str], count_all: bool = False) -> Counter[str]:
     return counts
 
 
+UNSAFE_LOAD = "fault_inject: unsafe torch.load"
+
+
+def forbid_unsafe_load() -> Counter[str]:
+    """Patch `torch.load` to raise on a load that could run code; return the live counts (safe/refused)."""
+    import torch
+
+    counts: Counter[str] = Counter()
+    real_load = torch.load
+
+    @functools.wraps(real_load)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("weights_only") is False or kwargs.get("pickle_module") is not None:
+            counts["refused"] += 1
+            what = args[0] if args else kwargs.get("f")
+            print(f"{UNSAFE_LOAD} of {what!r}", file=sys.stderr, flush=True)
+            raise RuntimeError(f"{UNSAFE_LOAD} of {what!r}")
+        counts["safe"] += 1
+        return real_load(*args, **kwargs)
+
+    torch.load = guarded
+    return counts
+
+
 def run_train(
-    argv: list[str], faults: list[str], count_file: str | None = None, log: str | None = None
+    argv: list[str],
+    faults: list[str],
+    count_file: str | None = None,
+    log: str | None = None,
+    forbid_unsafe: bool = False,
 ) -> int:
     """Install the faults and run `scalelora.train.main(argv)`; stderr goes to `log` when given."""
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
+    loads = forbid_unsafe_load() if forbid_unsafe else None
     if log:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 2)
@@ -154,6 +187,12 @@ def run_train(
     from scalelora import train
 
     code = train.main(argv)
+    if loads is not None:
+        print(
+            f"fault_inject: torch.load calls: {loads['safe']} safe, {loads['refused']} refused",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"fault_inject: exit code {code}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -195,10 +234,14 @@ def run_forked(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`fault_inject.py [--fault SPEC]... [--count FILE] [--] TRAIN_ARGS...` (what each rank runs)."""
+    """`fault_inject.py [--fault SPEC]... [--count FILE] [--forbid-unsafe-load] [--] TRAIN_ARGS...`
+    (what each rank runs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    faults, count_file = [], None
-    while argv[:1] in (["--fault"], ["--count"]):
+    faults, count_file, forbid_unsafe = [], None, False
+    while argv[:1] in (["--fault"], ["--count"], ["--forbid-unsafe-load"]):
+        if argv[0] == "--forbid-unsafe-load":
+            forbid_unsafe, argv = True, argv[1:]
+            continue
         option, value, argv = argv[0], argv[1], argv[2:]
         if option == "--fault":
             faults.append(value)
@@ -206,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             count_file = value
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    return run_train(argv, faults, count_file)
+    return run_train(argv, faults, count_file, forbid_unsafe=forbid_unsafe)
 
 
 if __name__ == "__main__":

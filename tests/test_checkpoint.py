@@ -228,7 +228,7 @@ def test_a_config_key_a_checkpoint_does_not_record_counts_as_its_before_value(
     del old[key]  # written before the key was recorded
     folder = identity_checkpoint(tmp_path, old)
     keeper, lines = checkpointer(tmp_path)
-    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path, trust_unsigned: {"global_step": 2})
     expected = f"{key}: checkpoint does not record it (counts as {before!r}), now {other!r}"
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         keeper.resume(folder, full_identity(**{key: other}))
@@ -241,7 +241,7 @@ def test_what_is_not_a_config_key_and_not_recorded_is_reported_not_compared(tmp_
     del old["world_size"]  # written before the world size was recorded
     folder = identity_checkpoint(tmp_path, old)
     keeper, lines = checkpointer(tmp_path)
-    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path, trust_unsigned: {"global_step": 2})
     assert keeper.resume(folder, full_identity())["global_step"] == 2
     assert any("does not record world_size;" in line for line in lines), lines
 
@@ -390,13 +390,118 @@ def test_another_node_verifies_the_checkpoint_it_loads(tmp_path, monkeypatch):
     files.atomic_write_json(folder / ckpt.TRAINER_STATE, {"global_step": 2})
     ckpt.write_manifest(folder)
     keeper = ckpt.Checkpointer(OtherNode(), tmp_path, None, False, None, 2, echo=print)
-    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path: {"global_step": 2})
+    monkeypatch.setattr(ckpt, "load_checkpoint", lambda acc, path, trust_unsigned: {"global_step": 2})
     assert keeper.resume(folder, {})["global_step"] == 2
     monkeypatch.setenv(signing.KEY_ENV, str(tmp_path / "this-node-has-no-key"))
     with pytest.raises(
         UntrustedCheckpointError, match="no checkpoint key at .*set SCALELORA_KEY_FILE on every node"
     ):
         keeper.resume(folder, {})
+
+
+def signed_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "step-2"
+    (folder / "pytorch_model").mkdir(parents=True)
+    (folder / "pytorch_model" / "mp_rank_00_model_states.pt").write_bytes(b"states")
+    (folder / "optimizer.bin").write_bytes(b"state")
+    ckpt.write_manifest(folder)
+    ckpt.verify_manifest(folder)
+    return folder
+
+
+def test_the_manifest_lists_the_folder_exactly(tmp_path):
+    """DeepSpeed globs its model-state files and unpickles every match, so a file the manifest does not
+    list is refused (not skipped as damaged), whatever its name, and so are symlinks and other non-files."""
+    import os
+
+    folder = signed_folder(tmp_path)
+    planted = folder / "pytorch_model" / "mp_rank_!_model_states.pt"
+    planted.write_bytes(b"payload")
+    with pytest.raises(
+        UntrustedCheckpointError, match=re.escape(f"holds {planted}, which its manifest does not list")
+    ):
+        ckpt.verify_manifest(folder, trust_unsigned=True)
+    planted.unlink()
+
+    # a listed name that leads elsewhere: the same bytes, through a symlink to a file or to a folder
+    (folder / "optimizer.bin").rename(tmp_path / "elsewhere.bin")
+    (folder / "optimizer.bin").symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(
+        UntrustedCheckpointError, match=re.escape(f"holds {folder / 'optimizer.bin'}, which is a symlink")
+    ):
+        ckpt.verify_manifest(folder)
+    (folder / "optimizer.bin").unlink()
+    (tmp_path / "elsewhere.bin").rename(folder / "optimizer.bin")
+    (folder / "pytorch_model").rename(tmp_path / "real_model_dir")
+    (folder / "pytorch_model").symlink_to(tmp_path / "real_model_dir")
+    with pytest.raises(UntrustedCheckpointError, match="pytorch_model, which is a symlink"):
+        ckpt.verify_manifest(folder)
+    (folder / "pytorch_model").unlink()
+    (tmp_path / "real_model_dir").rename(folder / "pytorch_model")
+
+    os.mkfifo(folder / "pipe")
+    with pytest.raises(UntrustedCheckpointError, match="pipe, which is not a regular file"):
+        ckpt.verify_manifest(folder)
+    (folder / "pipe").unlink()
+    ckpt.verify_manifest(folder)
+
+
+def edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    edit(manifest)
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+def set_outside_entry(manifest: dict, tmp_path: Path) -> None:
+    (tmp_path / "outside.bin").write_bytes(b"not in the checkpoint")
+    manifest["files"]["../outside.bin"] = {
+        "size": 21,
+        "sha256": ckpt.sha256_file(tmp_path / "outside.bin"),
+    }
+
+
+MALFORMED = [
+    # (id, edit of the manifest, trust_unsigned, error class, message)
+    (
+        "files-a-list",
+        lambda m, _: m.update(files=[]),
+        True,
+        CheckpointError,
+        "is corrupt: its files are not a map",
+    ),
+    (
+        "entry-without-size",
+        lambda m, _: m["files"]["optimizer.bin"].pop("size"),
+        True,
+        CheckpointError,
+        "is corrupt: its entry for optimizer.bin has no size",
+    ),
+    (
+        "non-ascii-signature",
+        lambda m, _: m["signature"].update(hmac_sha256="\u00e9" * 64),
+        False,
+        UntrustedCheckpointError,
+        "has a malformed signature",
+    ),
+    (
+        "name-with-dot-dot",
+        set_outside_entry,
+        True,
+        CheckpointError,
+        "is corrupt: it lists '../outside.bin', which is not the name of a file inside the checkpoint folder",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "trust", "error", "message"), [c[1:] for c in MALFORMED], ids=[c[0] for c in MALFORMED]
+)
+def test_a_malformed_manifest_or_signature_is_one_error_line(edit, trust, error, message, tmp_path):
+    folder = signed_folder(tmp_path)
+    edit_manifest(folder, lambda manifest: edit(manifest, tmp_path))
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        ckpt.verify_manifest(folder, trust_unsigned=trust)
+    assert "\n" not in str(raised.value) and str(folder) in str(raised.value)
 
 
 def test_the_key_lives_in_the_users_config_directory_with_mode_600(tmp_path, monkeypatch):

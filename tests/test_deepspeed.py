@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, free_port, read_summary, run_cli, save_tiny_classifier, tiny_overrides
+from fault_inject import UNSAFE_LOAD
 from scalelora.checkpoint import check_adapter_weights
 from scalelora.errors import CheckpointError
 
@@ -85,6 +87,14 @@ def ds_env():
         leftover.unlink(missing_ok=True)
 
 
+def interrupted_copy(full: Path, target: Path) -> Path:
+    """A copy of a finished 4-step run as if it had been stopped after its step-2 checkpoint."""
+    shutil.copytree(full, target)
+    for later in ("checkpoints/step-4", "adapter", "summary.json"):
+        shutil.rmtree(target / later) if (target / later).is_dir() else (target / later).unlink()
+    return target
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_bert, toy_data, tmp_path_factory, ds_env):
     """Per config: an uninterrupted 4-step run, and a copy of it resumed from its step-2 checkpoint."""
@@ -100,18 +110,27 @@ def runs(tiny_bert, toy_data, tmp_path_factory, ds_env):
             launcher=launcher(config),
         )
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
-        resumed = root / f"{name}-resumed"
-        shutil.copytree(full, resumed)
-        for later in ("checkpoints/step-4", "adapter", "summary.json"):
-            shutil.rmtree(resumed / later) if (resumed / later).is_dir() else (resumed / later).unlink()
-        again = run_cli(
-            "scalelora.train",
-            ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, resumed, **RUN), "resume=auto"],
-            env=ds_env,
-            launcher=launcher(config),
+        resumed = interrupted_copy(full, root / f"{name}-resumed")
+        # every rank refuses a torch.load that could run code (weights_only=False), wherever it is called
+        again = subprocess.run(
+            [
+                *launcher(config),
+                str(ROOT / "tests" / "fault_inject.py"),
+                "--forbid-unsafe-load",
+                "--",
+                "--config",
+                "quickstart",
+                *tiny_overrides(tiny_bert, toy_data, resumed, **RUN),
+                "resume=auto",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **ds_env},
+            cwd=ROOT,
+            timeout=600,
         )
         assert again.returncode == 0, f"{name} resumed: {again.stderr[-3000:]}"
-        out[name] = {"full": full, "resumed": resumed, "resume_log": again.stderr}
+        out[name] = {"full": full, "resumed": resumed, "resume_log": again.stderr, "config": config}
     ddp = root / "ddp"
     result = run_cli(
         "scalelora.train",
@@ -191,6 +210,16 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(runs, name):
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_resume_never_calls_a_torch_load_that_can_run_code(runs, name):
+    """DeepSpeed's own checkpoint engine loads with torch.load(weights_only=False); scalelora replaces it.
+    The resume ran with torch.load patched on every rank to refuse weights_only=False."""
+    log = runs[name]["resume_log"]
+    assert UNSAFE_LOAD not in log, log[-3000:]
+    counts = re.findall(r"fault_inject: torch.load calls: (\d+) safe, (\d+) refused", log)
+    assert len(counts) == 2 and all(int(safe) > 0 and refused == "0" for safe, refused in counts), counts
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -512,6 +541,9 @@ def test_model_teacher_under_zero3_is_whole_and_gives_its_single_process_logits(
 # --- a planted pickle in a ZeRO-2 checkpoint -------------------------------------------------------------------
 
 
+# --- pickles planted in DeepSpeed checkpoints -------------------------------------------------------------------
+
+
 class RunsCode:
     """Unpickling it creates `marker`: proof that loading ran code."""
 
@@ -522,34 +554,130 @@ class RunsCode:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_a_pickle_planted_in_a_zero2_checkpoint_never_runs(nan_runs, tiny_bert, toy_data, tmp_path, ds_env):
-    """DeepSpeed loads its checkpoint files with torch.load(weights_only=False). An attacker who can write
-    into output_dir plants a pickle and rewrites the manifest to match, but cannot sign it with this user's
-    key: resume=auto is refused before anything is loaded."""
-    import pickle
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "scalelora: error:" in line]
 
-    from scalelora import checkpoint as ckpt
-    from scalelora import signing
 
-    out = tmp_path / "out"
-    shutil.copytree(nan_runs["skip"]["dir"], out)
-    newest = ckpt.checkpoint_dirs(out / "checkpoints")[-1]
+# DeepSpeed finds its model states by glob (`_get_all_ckpt_names`) and, with two matches, unpickles both
+PLANTED = {
+    "zero2": "pytorch_model/mp_rank_!_model_states.pt",
+    "zero3": "pytorch_model/zero_pp_rank_0_mp_rank_!_model_states.pt",
+}
+
+
+@pytest.mark.parametrize("name", PLANTED)
+def test_an_unlisted_pickle_planted_where_deepspeed_globs_never_runs(
+    runs, name, tiny_bert, toy_data, tmp_path, ds_env
+):
+    """A payload under any name DeepSpeed's glob matches, left out of the signed manifest (which the
+    attacker cannot re-sign), is refused by name before anything is loaded."""
+    out = interrupted_copy(runs[name]["full"], tmp_path / "out")
     marker = tmp_path / "pwned"
-    with next(newest.rglob("*model_states.pt")).open("wb") as handle:
-        pickle.dump({"module": RunsCode(marker)}, handle)
-    env = {**ds_env, signing.KEY_ENV: str(tmp_path / "attacker.key")}
-    forge = (
-        "from pathlib import Path; from scalelora import checkpoint; checkpoint.write_manifest(Path({!r}))"
-    )
-    subprocess.run([sys.executable, "-c", forge.format(str(newest))], check=True, env={**os.environ, **env})
-    args = tiny_overrides(tiny_bert, toy_data, out, **{**NAN_RUN, "train.on_nonfinite": "skip"})
+    planted = out / "checkpoints" / "step-2" / PLANTED[name]
+    torch.save({"module": RunsCode(marker)}, planted)
     result = run_cli(
         "scalelora.train",
-        ["--config", "quickstart", *args, "resume=auto"],
+        ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **RUN), "resume=auto"],
         env=ds_env,
-        launcher=launcher(sharded_variant("zero2", tmp_path)),
+        launcher=launcher(runs[name]["config"]),
     )
     assert not marker.exists(), "resuming ran code from a pickle planted in the checkpoint"
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if "scalelora: error:" in line]
-    assert errors and all("checkpoint.trust_unsigned=true" in line for line in errors), result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert errors and all(f"{planted}, which its manifest does not list" in line for line in errors), (
+        result.stderr[-3000:]
+    )
+
+
+def test_a_pickle_planted_in_a_zero2_checkpoint_never_runs(runs, tiny_bert, toy_data, tmp_path, ds_env):
+    """An attacker who can write into output_dir replaces a listed DeepSpeed file with a pickle and rewrites
+    the manifest to match, but cannot sign it with this user's key: the checkpoint is refused before
+    anything is loaded (`claim` verifies it first: checked here in-process). With
+    checkpoint.trust_unsigned=true, which waives the signature only, the resume loads the file with
+    weights_only=True, which refuses the payload's type by name."""
+    from scalelora import checkpoint as ckpt
+    from scalelora import signing
+    from scalelora.errors import UntrustedCheckpointError
+
+    out = interrupted_copy(runs["zero2"]["full"], tmp_path / "out")
+    newest = ckpt.checkpoint_dirs(out / "checkpoints")[-1]
+    marker = tmp_path / "pwned"
+    victim = newest / "pytorch_model" / "mp_rank_00_model_states.pt"
+    torch.save({"module": RunsCode(marker)}, victim)
+    forge = (
+        "from pathlib import Path; from scalelora import checkpoint; checkpoint.write_manifest(Path({!r}))"
+    )
+    attacker = {**os.environ, signing.KEY_ENV: str(tmp_path / "attacker.key")}
+    subprocess.run([sys.executable, "-c", forge.format(str(newest))], check=True, env=attacker)
+    with pytest.raises(
+        UntrustedCheckpointError, match="signed with another key.*checkpoint.trust_unsigned=true"
+    ):
+        ckpt.latest_valid_checkpoint(out / "checkpoints")
+
+    result = run_cli(
+        "scalelora.train",
+        [
+            "--config",
+            "quickstart",
+            *tiny_overrides(tiny_bert, toy_data, out, **RUN),
+            "resume=auto",
+            "checkpoint.trust_unsigned=true",
+        ],
+        env=ds_env,
+        launcher=launcher(runs["zero2"]["config"]),
+    )
+    assert not marker.exists(), "checkpoint.trust_unsigned=true let a planted pickle run code"
+    assert result.returncode != 0
+    errors = error_lines(result.stderr)
+    assert errors and all(
+        f"refused to load {victim}: it holds a posix.mkdir object" in line for line in errors
+    ), result.stderr[-3000:]
+
+
+def test_the_verified_engine_loads_only_listed_matching_files_without_running_code(runs, tmp_path):
+    """The checkpoint engine scalelora puts in DeepSpeed's place: a real ZeRO-3 optimizer state loads
+    (its DeepSpeed types are allowlisted); a payload, an unlisted file, a file changed after it was
+    listed and a path outside the folder are refused, each with one line naming it."""
+    from scalelora import checkpoint as ckpt
+    from scalelora import safe_load
+
+    folder = tmp_path / "step-2"
+    shutil.copytree(runs["zero3"]["full"] / "checkpoints" / "step-2", folder)
+    engine = safe_load.verified_engine(safe_load.ListedFiles(folder, ckpt.verify_manifest(folder)), None)
+    states = folder / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    loaded = engine.load(str(states), map_location="cpu")
+    assert loaded["ds_version"] and "optimizer_state_dict" in loaded
+
+    marker = tmp_path / "pwned"
+    payload = folder / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": RunsCode(marker)}, payload)
+    listed = ckpt.hash_files(folder)
+    engine = safe_load.verified_engine(safe_load.ListedFiles(folder, listed), None)
+    with pytest.raises(CheckpointError, match=f"refused to load {payload}: it holds a posix.mkdir object"):
+        engine.load(str(payload))
+    assert not marker.exists()
+    unlisted = folder / "pytorch_model" / "zero_pp_rank_0_mp_rank_!_model_states.pt"
+    shutil.copy(states, unlisted)
+    with pytest.raises(
+        CheckpointError,
+        match=f"refused to load {re.escape(str(unlisted))}: the checkpoint's manifest does not list it",
+    ):
+        engine.load(str(unlisted))
+    torch.save({"module": {}}, states)
+    with pytest.raises(CheckpointError, match="does not match its checksum|bytes, the manifest says"):
+        engine.load(str(states))
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        engine.load(str(folder / ".." / "elsewhere.pt"))
+
+
+def test_the_allowlist_holds_every_deepspeed_type_of_the_real_checkpoints(runs):
+    """The types allowed for DeepSpeed's files are those its ZeRO-2, ZeRO-3 and ZeRO-3 + offload
+    checkpoints hold (plus the fp16 loss scaler); the RNG files' numpy types are Accelerate's own list."""
+    from scalelora import safe_load
+
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in safe_load.deepspeed_allowlist()}
+    found = set()
+    for name in CONFIGS:
+        for path in (runs[name]["full"] / "checkpoints").rglob("*.pt"):
+            found |= set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    assert found and found <= allowed, found - allowed

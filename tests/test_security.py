@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_overrides, write_jsonl, write_toy_dataset
 from fault_inject import run_forked
 from scalelora import checkpoint as ckpt
-from scalelora import predict, signing, train
+from scalelora import export, predict, signing, train
 from scalelora.config import ModelConfig
 
 FAKE_SECRETS = {
@@ -123,6 +123,146 @@ def test_a_checkpoint_this_user_did_not_sign_is_refused_unless_trusted(
         "a refused resume changed the run"
     )
     assert train.main(["--config", "quickstart", *args, "checkpoint.trust_unsigned=true"]) == 0
+
+
+def newest_copy(finished: Path, out: Path) -> Path:
+    shutil.copytree(finished, out)
+    return ckpt.checkpoint_dirs(out / "checkpoints")[-1]
+
+
+def test_a_symlink_in_a_checkpoint_is_refused_naming_it(finished, tiny_bert, toy_data, tmp_path, capsys):
+    """A listed name that is a symlink reads bytes from anywhere, even with the same content."""
+    out = tmp_path / "out"
+    newest = newest_copy(finished, out)
+    victim = newest / "optimizer.bin"
+    victim.rename(tmp_path / "elsewhere.bin")
+    victim.symlink_to(tmp_path / "elsewhere.bin")
+    args = tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2, "resume": "auto"})
+    capsys.readouterr()
+    assert train.main(["--config", "quickstart", *args]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{victim}, which is a symlink" in line, line
+
+
+def test_a_file_added_while_a_checkpoint_is_saved_is_not_signed(
+    tiny_bert, toy_data, tmp_path, monkeypatch, capsys
+):
+    """The engines write into a private (0700) folder, and the manifest signs the hashes taken as soon as
+    they returned: a file that appears in the folder later (here while the trainer state is written,
+    just before the manifest) is not signed, and the resume refuses it by name."""
+    import stat
+
+    import accelerate
+
+    modes, planted = [], []
+    real_save_state = accelerate.Accelerator.save_state
+    real_write_json = ckpt.atomic_write_json
+
+    def save_state(self, output_dir=None, **kwargs):
+        modes.append(stat.S_IMODE(os.stat(output_dir).st_mode))
+        return real_save_state(self, output_dir, **kwargs)
+
+    def write_json(path, data):
+        if path.name == ckpt.TRAINER_STATE and path.parent.name.startswith(".tmp-step-"):
+            planted.append(path.parent.name.replace(".tmp-", "") + "/random_states_1.pkl")
+            write_evil_pickle(path.parent / "random_states_1.pkl", tmp_path / "pwned")
+        return real_write_json(path, data)
+
+    out = tmp_path / "out"
+    args = tiny_overrides(
+        tiny_bert, toy_data, out, **{"train.max_steps": 2, "eval.every": 2, "checkpoint.every": 1}
+    )
+    with monkeypatch.context() as patched:
+        patched.setattr(accelerate.Accelerator, "save_state", save_state)
+        patched.setattr(ckpt, "atomic_write_json", write_json)
+        assert train.main(["--config", "quickstart", *args]) == 0
+    assert modes and all(mode == 0o700 for mode in modes), [oct(m) for m in modes]
+    newest = ckpt.checkpoint_dirs(out / "checkpoints")[-1]
+    assert stat.S_IMODE(newest.stat().st_mode) == 0o700
+    capsys.readouterr()
+    assert train.main(["--config", "quickstart", *args, "resume=auto"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{out / 'checkpoints' / planted[-1]}, which its manifest does not list" in line, line
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_checkpoint_folder_replaced_while_saving_is_not_signed(
+    tiny_bert, toy_data, tmp_path, monkeypatch, capsys
+):
+    import accelerate
+
+    real_save_state = accelerate.Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        result = real_save_state(self, output_dir, **kwargs)
+        shutil.copytree(output_dir, f"{output_dir}.theirs")  # a look-alike, swapped in by rename
+        shutil.rmtree(output_dir)
+        os.rename(f"{output_dir}.theirs", output_dir)
+        return result
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    out = tmp_path / "out"
+    args = tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 1, "eval.every": 1})
+    capsys.readouterr()
+    assert train.main(["--config", "quickstart", *args]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert ".tmp-step-1 was replaced, or opened to other users, while the checkpoint was written" in line, (
+        line
+    )
+    assert not ckpt.checkpoint_dirs(out / "checkpoints")
+
+
+def test_a_file_swapped_after_verification_is_refused_as_it_is_loaded(
+    finished, tiny_bert, toy_data, tmp_path, monkeypatch, capsys
+):
+    """Each file is checked against the manifest as it is opened for loading, not only when the
+    checkpoint was chosen: a valid but different optimizer state swapped in between is refused."""
+    import accelerate
+
+    out = tmp_path / "out"
+    newest = newest_copy(finished, out)
+    victim = newest / "optimizer.bin"
+    real_load_state = accelerate.Accelerator.load_state
+
+    def load_state(self, *args, **kwargs):
+        state = torch.load(victim, weights_only=True)
+        state["param_groups"][0]["lr"] = 123.0
+        torch.save(state, victim)
+        return real_load_state(self, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", load_state)
+    args = tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 2, "resume": str(newest)})
+    capsys.readouterr()
+    assert train.main(["--config", "quickstart", *args]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{victim} does not match its checksum" in line, line
+
+
+def test_predict_and_export_never_call_an_unsafe_torch_load(finished, tmp_path, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def guarded(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        assert kwargs.get("weights_only") is not False, f"torch.load(weights_only=False) of {args[:1]}"
+        return real_load(*args, **kwargs)
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled-adapter"  # --allow-pickle loads it with torch.load: weights_only still
+    shutil.copytree(finished / "adapter", pickled)
+    torch.save(load_file(str(pickled / "adapter_model.safetensors")), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    monkeypatch.setattr(torch, "load", guarded)
+    assert predict.main(["--adapter", str(finished / "adapter"), "--text", "a fine film"]) == 0
+    assert predict.main(["--adapter", str(pickled), "--text", "a fine film", "--allow-pickle"]) == 0
+    assert calls, "the pickled adapter was not loaded with torch.load"
+    assert (
+        export.main(["--adapter", str(finished / "adapter"), "--merge", "--out", str(tmp_path / "merged")])
+        == 0
+    )
+    assert predict.main(["--adapter", str(tmp_path / "merged"), "--text", "a fine film"]) == 0
+    assert False not in calls
 
 
 def test_a_pickle_only_checkpoint_is_refused(finished, tiny_bert, toy_data, tmp_path, capsys):

@@ -3,8 +3,10 @@
 Everything is written so a crash never leaves a half-written file or folder as the latest. A resumable checkpoint is `checkpoints/step-N/`: Accelerate's `save_state` (trainable weights in
 safetensors, optimizer, scheduler, RNG), `trainer_state.json`, and `manifest.json` (size and
 sha256 of every file, signed with this user's key: see `signing.py`) written last. Everything is
-first written to `.tmp-step-N/` and renamed, so a folder named `step-N` with a matching manifest is
-complete by construction, and one whose signature verifies was written by this user.
+first written to `.tmp-step-N/` (mode 0700) and renamed, so a folder named `step-N` with a matching
+manifest is complete by construction, and one whose signature verifies was written by this user.
+The manifest lists the folder exactly; loading checks each file against it again as it reads it,
+and never unpickles code (`safe_load.py`, which states the threat model).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from scalelora import signing
+from scalelora import safe_load, signing
 from scalelora.config import config_keys, dotted_get, key_info, resume_keys
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
 from scalelora.files import atomic_write_json, atomic_write_text, fsync_dir, raise_disk_error, replace_dir
@@ -60,13 +63,62 @@ def manifest_payload(manifest: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def write_manifest(folder: Path) -> None:
-    """Write `folder/manifest.json`: size and sha256 of every file, signed with this user's key."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-    manifest: dict[str, Any] = {"files": files, "written_at": time.time()}
+def folder_files(folder: Path) -> list[str]:
+    """Every file under `folder` but the manifest, as manifest names (`pytorch_model/x.pt`), sorted.
+
+    Raises UntrustedCheckpointError naming the first symlink or special file: a checkpoint holds plain
+    files and folders only, and a link would let a listed name read bytes from anywhere.
+    """
+    names: list[str] = []
+    pending = [(folder, "")]
+    while pending:
+        here, prefix = pending.pop()
+        try:
+            with os.scandir(here) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as err:
+            raise CheckpointError(f"cannot list {here}: {err.strerror or err}") from None
+        for entry in entries:
+            name = prefix + entry.name
+            if entry.is_symlink():
+                kind = "a symlink"
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append((Path(entry.path), name + "/"))
+                continue
+            elif entry.is_file(follow_symlinks=False):
+                if name != MANIFEST:
+                    names.append(name)
+                continue
+            else:
+                kind = "not a regular file"
+            raise UntrustedCheckpointError(
+                f"checkpoint {folder} holds {folder / name}, which is {kind} (a checkpoint holds plain files "
+                "only; planted, or altered after it was written): refused; resume from another checkpoint"
+            )
+    return sorted(names)
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A manifest entry: the size and sha256 of `path`."""
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def hash_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under `folder` but the manifest (see `folder_files`)."""
+    return {name: file_entry(folder / name) for name in folder_files(folder)}
+
+
+def write_manifest(folder: Path, files: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write `folder/manifest.json` listing `files` (name -> size and sha256), signed with this user's key.
+
+    `save_checkpoint` passes the hashes it took as soon as the files were written, so the signature
+    covers what was written, not what the folder holds by the time it is signed. Without `files` the
+    folder's files are hashed now (a checkpoint re-signed by hand; the tests' forgeries).
+    """
+    manifest: dict[str, Any] = {
+        "files": hash_files(folder) if files is None else files,
+        "written_at": time.time(),
+    }
     key = signing.load_key(create=True)
     manifest["signature"] = {
         "hmac_sha256": signing.sign(manifest_payload(manifest), key),
@@ -76,6 +128,7 @@ def write_manifest(folder: Path) -> None:
 
 
 TRUST_UNSIGNED_FIX = "resume it only if you trust where it came from, with checkpoint.trust_unsigned=true"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def check_signature(folder: Path, manifest: dict[str, Any]) -> None:
@@ -84,51 +137,107 @@ def check_signature(folder: Path, manifest: dict[str, Any]) -> None:
     if not isinstance(signature, dict) or not isinstance(signature.get("hmac_sha256"), str):
         raise UntrustedCheckpointError(
             f"checkpoint {folder} is not signed (written by another user or machine, by a scalelora before "
-            "signed checkpoints, or altered), and resuming loads files that can run code (DeepSpeed's pickles); "
+            "signed checkpoints, or altered), so its training state may not be yours; "
             f"{TRUST_UNSIGNED_FIX}"
         )
     try:
         key = signing.load_key(create=False)
     except CheckpointError as err:
         raise UntrustedCheckpointError(f"checkpoint {folder}: {err}") from None
-    if not signing.signature_matches(manifest_payload(manifest), signature["hmac_sha256"], key):
-        problem = (
-            "has a manifest altered after it was signed"
-            if signature.get("key_id") == signing.key_id(key)
-            else f"is signed with another key than this user's ({signing.key_path()})"
-        )
+    mac = signature["hmac_sha256"]
+    if not SHA256_HEX.fullmatch(mac) or not signing.signature_matches(manifest_payload(manifest), mac, key):
+        if not SHA256_HEX.fullmatch(mac):
+            problem = "has a malformed signature (not 64 hex digits)"
+        elif signature.get("key_id") == signing.key_id(key):
+            problem = "has a manifest altered after it was signed"
+        else:
+            problem = f"is signed with another key than this user's ({signing.key_path()})"
         raise UntrustedCheckpointError(
-            f"checkpoint {folder} {problem}: it may not have been written by you, and resuming loads files that "
-            f"can run code (DeepSpeed's pickles); {TRUST_UNSIGNED_FIX}"
+            f"checkpoint {folder} {problem}: it may not have been written by you, so its training state may "
+            f"not be yours; {TRUST_UNSIGNED_FIX}"
         )
 
 
-def verify_manifest(folder: Path, trust_unsigned: bool = False) -> None:
-    """Check the manifest's signature (unless `trust_unsigned`), then every file against it.
+def manifest_entry_problem(name: Any, entry: Any) -> str | None:
+    """What is wrong with one `files` entry of a manifest (None: nothing)."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if (
+        not isinstance(name, str)
+        or "\x00" in name
+        or any(part in ("", ".", "..") for part in parts)
+        or name == MANIFEST
+    ):
+        return f"it lists {name!r}, which is not the name of a file inside the checkpoint folder"
+    if not isinstance(entry, dict):
+        return f"its entry for {name} is not an object"
+    size = entry.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        return f"its entry for {name} has no size (a whole number of bytes)"
+    if not isinstance(entry.get("sha256"), str) or not SHA256_HEX.fullmatch(entry["sha256"]):
+        return f"its entry for {name} has no sha256 (64 hex digits)"
+    return None
 
-    Raises UntrustedCheckpointError when the signature is missing or is not this user's, and
-    CheckpointError naming the first missing, truncated or altered file.
+
+def read_manifest(folder: Path, trust_unsigned: bool = False) -> dict[str, dict[str, Any]]:
+    """The files `folder/manifest.json` lists (name -> size, sha256), once its signature (unless
+    `trust_unsigned`), its form and the folder's contents check out; the files are not hashed here.
+
+    The manifest lists the folder exactly. Raises UntrustedCheckpointError when the signature is
+    missing or not this user's, or the folder holds an unlisted file, a symlink or a special file
+    (planted: never skipped as damaged); CheckpointError when the manifest is missing or malformed, or a
+    listed file is missing or of another size.
     """
     manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
+    if not os.path.lexists(manifest_path):
         raise CheckpointError(f"{folder} has no {MANIFEST}: it is incomplete (a save was interrupted)")
+    present = set(folder_files(folder))  # refuses a symlinked manifest before it is read
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        with os.fdopen(safe_load.open_under(folder, MANIFEST), "rb") as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{manifest_path} is corrupt") from None
+    if not isinstance(manifest, dict) or "files" not in manifest:
+        raise CheckpointError(f"{manifest_path} is corrupt")
     if not trust_unsigned:
         check_signature(folder, manifest)
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(
+            f"{manifest_path} is corrupt: its files are not a map of names to sizes and checksums"
+        )
+    for name, entry in files.items():
+        if problem := manifest_entry_problem(name, entry):
+            raise CheckpointError(f"{manifest_path} is corrupt: {problem}")
+    for name in sorted(present):
+        if name not in files:
+            raise UntrustedCheckpointError(
+                f"checkpoint {folder} holds {folder / name}, which its manifest does not list (planted, or added "
+                "after the checkpoint was written): refused; resume from another checkpoint, or delete that file "
+                "if you know where it came from"
+            )
     for name, expected in files.items():
         path = folder / name
-        if not path.is_file():
+        if name not in present:
             raise CheckpointError(f"{path} is missing from the checkpoint")
         if path.stat().st_size != expected["size"]:
             raise CheckpointError(
                 f"{path} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)"
             )
-        if sha256_file(path) != expected["sha256"]:
-            raise CheckpointError(f"{path} does not match its checksum (corrupted on disk)")
+    return files
+
+
+def verify_manifest(folder: Path, trust_unsigned: bool = False) -> dict[str, dict[str, Any]]:
+    """`read_manifest`, then every listed file hashed against it; returns the listed files.
+
+    Raises UntrustedCheckpointError when the signature is missing or is not this user's, or the folder
+    holds anything the manifest does not list, and CheckpointError naming the first missing,
+    truncated or altered file. Loading checks each file again as it reads it (`safe_load`).
+    """
+    files = read_manifest(folder, trust_unsigned)
+    listed = safe_load.ListedFiles(folder, files)
+    for name in files:
+        listed.open(folder / name).close()
+    return files
 
 
 # --- resumable checkpoints -------------------------------------------------------------------------
@@ -170,16 +279,52 @@ def trainable_only_save_hook(models: list[torch.nn.Module], weights: list[dict],
             weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
 
 
+def private_dir(path: Path) -> tuple[int, int]:
+    """Create `path` as a folder only this user can enter (0700 whatever the umask); its (device, inode)."""
+    os.mkdir(path, 0o700)
+    os.chmod(path, 0o700)
+    info = os.lstat(path)
+    return info.st_dev, info.st_ino
+
+
+def check_private(path: Path, identity: tuple[int, int]) -> None:
+    """Raise CheckpointError unless `path` is still the private folder `private_dir` made."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        info = None
+    if (
+        info is None
+        or not stat.S_ISDIR(info.st_mode)
+        or (info.st_dev, info.st_ino) != identity
+        or info.st_uid != os.getuid()
+        or info.st_mode & 0o077
+    ):
+        raise CheckpointError(
+            f"{path} was replaced, or opened to other users, while the checkpoint was written, so it is not "
+            f"signed; check who else can write to {path.parent}, and resume with resume=auto"
+        )
+
+
 def save_checkpoint(
     accelerator: Any, root: Path, step: int, trainer_state: dict[str, Any], keep_last: int
 ) -> Path:
-    """Collective: every rank calls it. Returns the final folder `root/step-N`."""
+    """Collective: every rank calls it. Returns the final folder `root/step-N`.
+
+    The engines write into a folder only this user can enter, and the files are hashed as soon as
+    they return: the signature covers what was written, and nobody else can add or change a file
+    before it is signed (see `safe_load` for the threat model).
+    """
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
+    identity = (0, 0)
     if accelerator.is_main_process:
-        if tmp.exists():
+        if tmp.is_symlink():
+            tmp.unlink()
+        elif tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        identity = private_dir(tmp)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
@@ -188,8 +333,12 @@ def save_checkpoint(
         raise_disk_error(tmp, err)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = hash_files(tmp)
+        check_private(tmp, identity)
         atomic_write_json(tmp / TRAINER_STATE, trainer_state)
-        write_manifest(tmp)  # last: its presence marks the checkpoint complete
+        files[TRAINER_STATE] = file_entry(tmp / TRAINER_STATE)
+        write_manifest(tmp, files)  # last: its presence marks the checkpoint complete
+        check_private(tmp, identity)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -213,15 +362,15 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
+def load_checkpoint(accelerator: Any, path: Path, trust_unsigned: bool = False) -> dict[str, Any]:
     """Load a checkpoint `Checkpointer.resume` has verified into the prepared objects; return its trainer state.
 
+    The manifest is read and checked again (signature unless `trust_unsigned`, exact listing), and
+    every file is checked against it as it is opened and loaded without running code (`safe_load`).
     Raises CheckpointError for one that does not load, or whose weights exist only as pickle.
     """
     uses_deepspeed = is_deepspeed(accelerator)
-    # DeepSpeed has no safetensors checkpoint format: its engine writes torch pickles (pytorch_model/*.pt)
-    # and loads them with weights_only=False, so under DeepSpeed a checkpoint is loaded only when its
-    # manifest is signed with this user's key (or the user said checkpoint.trust_unsigned=true)
+    listed = safe_load.ListedFiles(path, read_manifest(path, trust_unsigned))
     if not uses_deepspeed and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
         raise CheckpointError(
             f"{path} holds its weights only as pickle (.bin), which can run code when loaded; "
@@ -230,10 +379,19 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:
     # our save hook keeps only trainable tensors, hence strict=False; DeepSpeed saves the whole module
     # itself (the hook is not used there) and its load_checkpoint takes no `strict`
     try:
-        accelerator.load_state(str(path), **({} if uses_deepspeed else {"strict": False}))
+        with safe_load.verified_loading(accelerator, listed, uses_deepspeed):
+            accelerator.load_state(str(path), **({} if uses_deepspeed else {"strict": False}))
+    except CheckpointError:
+        raise
     except Exception as err:  # torch/safetensors raise several types for foreign or mismatched files
         raise CheckpointError(f"cannot load checkpoint {path}: {one_line(err, 200)}") from None
-    return json.loads((path / TRAINER_STATE).read_text())
+    try:
+        state = json.loads(listed.read_bytes(TRAINER_STATE))
+    except ValueError:
+        state = None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE} is corrupt; use an earlier checkpoint")
+    return state
 
 
 @contextlib.contextmanager
@@ -556,7 +714,7 @@ class Checkpointer:
                 f"scalelora: warning: checkpoint {path} does not record {', '.join(unknown)}; "
                 "resuming on the assumption that they did not change"
             )
-        state = load_checkpoint(self.accelerator, path)
+        state = load_checkpoint(self.accelerator, path, self.trust_unsigned)
         step = int(state.get("global_step", 0))
         self.last_saved_step = step
         self._trim_metrics(step)

@@ -314,8 +314,9 @@ class CheckpointConfig:
     keep_last: int = key(2, resume="free")
     trust_unsigned: bool = key(False, resume="free", before=True)  # before signing, none was signed
     """Resume from a checkpoint whose manifest is not signed with this user's key (written by another
-    user or machine, or before scalelora signed checkpoints). Under DeepSpeed resuming loads pickles,
-    which can run code: only for checkpoints you trust."""
+    user or machine, or before scalelora signed checkpoints). It waives the signature only: the files
+    must still match the manifest exactly, and nothing is unpickled that could run code; but the
+    training state is then only as trustworthy as its source."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint.every", self.every)

@@ -30,7 +30,8 @@ class CheckpointError(UserError):
 
 
 class UntrustedCheckpointError(CheckpointError):
-    """A checkpoint whose manifest is not signed with this user's key: refused, never skipped as damaged."""
+    """A checkpoint whose manifest is not signed with this user's key, or whose folder holds what the manifest
+    does not list (a planted file, a symlink): refused, never skipped as damaged."""
 
 
 class UnsafeWeightsError(UserError):

@@ -1,11 +1,13 @@
 """The key that signs checkpoint manifests, kept outside every output_dir.
 
 A manifest (size and sha256 of every file) proves a checkpoint is complete and unaltered, but it
-sits in the checkpoint's folder: whoever can write there can rewrite it too. Under DeepSpeed,
-resuming loads the engine's files with `torch.load(weights_only=False)`, so a planted pickle would
-run its code. Each manifest therefore carries an HMAC-SHA256 made with a key that only this user
-can read; a checkpoint whose manifest does not carry it was not written by this user with this key,
-and is refused unless `checkpoint.trust_unsigned=true`.
+sits in the checkpoint's folder: whoever can write there can rewrite it too. Each manifest
+therefore carries an HMAC-SHA256 made with a key that only this user can read; a checkpoint whose
+manifest does not carry it was not written by this user with this key, and is refused unless
+`checkpoint.trust_unsigned=true`. The signature vouches for the training state (weights, optimizer,
+schedule); it is not what keeps code from running: no checkpoint file is unpickled beyond plain
+data, signed or not (`safe_load.py`, which states the threat model), and `trust_unsigned` waives
+the signature only.
 
 The key file is `$SCALELORA_KEY_FILE`, else `$XDG_CONFIG_HOME/scalelora/checkpoint.key`, else
 `~/.config/scalelora/checkpoint.key`; it is created (mode 0600, 32 random bytes as hex) the first
@@ -100,4 +102,5 @@ def sign(payload: bytes, key: bytes) -> str:
 
 
 def signature_matches(payload: bytes, signature: str, key: bytes) -> bool:
-    return hmac.compare_digest(sign(payload, key), signature)
+    # as bytes: compare_digest raises TypeError on a str with non-ASCII characters
+    return hmac.compare_digest(sign(payload, key).encode(), signature.encode("utf-8", "surrogatepass"))
