@@ -501,6 +501,8 @@ def test_a_malformed_manifest_or_signature_is_one_error_line(edit, trust, error,
     edit_manifest(folder, lambda manifest: edit(manifest, tmp_path))
     with pytest.raises(error, match=re.escape(message)) as raised:
         ckpt.verify_manifest(folder, trust_unsigned=trust)
+    # exactly `error`: a plain CheckpointError is skipped by resume=auto as damaged, an untrusted one is not
+    assert type(raised.value) is error
     assert "\n" not in str(raised.value) and str(folder) in str(raised.value)
 
 

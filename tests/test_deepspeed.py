@@ -670,6 +670,27 @@ def test_the_verified_engine_loads_only_listed_matching_files_without_running_co
         engine.load(str(folder / ".." / "elsewhere.pt"))
 
 
+def test_the_fp16_loss_scaler_loads_through_the_allowlist():
+    """fp16 needs a GPU, so its optimizer state's DynamicLossScaler is built here as DeepSpeed builds it."""
+    import io
+
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    from scalelora import safe_load
+
+    args = {"init_scale": 2**16, "scale_window": 1000, "delayed_shift": 2, "consecutive_hysteresis": False}
+    scaler = CreateLossScaler(
+        torch.float16, 0, True, {**args, "min_scale": 1, "raise_error_at_min_scale": True}
+    )
+    buffer = io.BytesIO()
+    torch.save({"loss_scaler": scaler, "dynamic_loss_scale": True}, buffer)
+    buffer.seek(0)
+    loaded = safe_load.torch_load(buffer, "optim_states.pt", allow=safe_load.deepspeed_allowlist())[
+        "loss_scaler"
+    ]
+    assert type(loaded) is type(scaler) and vars(loaded) == vars(scaler)
+
+
 def test_the_allowlist_holds_every_deepspeed_type_of_the_real_checkpoints(runs):
     """The types allowed for DeepSpeed's files are those its ZeRO-2, ZeRO-3 and ZeRO-3 + offload
     checkpoints hold (plus the fp16 loss scaler); the RNG files' numpy types are Accelerate's own list."""

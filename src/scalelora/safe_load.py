@@ -42,10 +42,10 @@ HASH_BLOCK = 1 << 20
 
 
 def deepspeed_allowlist() -> list[Any]:
-    """The non-tensor types DeepSpeed 0.19's ZeRO-2, ZeRO-3 and ZeRO-3 + offload checkpoints hold (fp32,
-    bf16 and fp16), found by listing the globals of real ones (`tests/test_security.py` checks the list
-    against fresh checkpoints). Each is plain data: an enum, a dataclass of numbers and strings, the
-    loss scaler's attributes."""
+    """The non-tensor types DeepSpeed 0.19's ZeRO-2, ZeRO-3 and ZeRO-3 + offload checkpoints hold, found
+    by listing the globals of real ones (`tests/test_deepspeed.py` checks the list against fresh
+    checkpoints), and fp16's dynamic loss scaler. Each is plain data once loaded: an enum, a dataclass
+    of numbers and strings, a loss scaler's numbers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
