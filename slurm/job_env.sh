@@ -12,7 +12,8 @@
 # (default: the CPUs per task, SLURM_CPUS_PER_TASK, else the CPUs of this node, SLURM_CPUS_ON_NODE,
 # divided by PROCS_PER_NODE, at least 1), MAIN_PORT (default: a free port on this, the first, node).
 # Exports those, NNODES and MAIN_HOST (the first node's NodeAddr), and SRUN_CPUS_PER_TASK so the
-# `srun` job step keeps the job's --cpus-per-task (srun does not inherit it since SLURM 22.05).
+# `srun` job step keeps the job's --cpus-per-task (srun does not inherit it since SLURM 22.05), and
+# SCALELORA_KEY_FILE (the checkpoint key every node signs and verifies with).
 
 # GPUs SLURM gave this node: "4", or "a100:4" in SLURM_GPUS_PER_NODE
 slurm_gpus_on_node() {
@@ -60,5 +61,9 @@ else
   MAIN_HOST=127.0.0.1
 fi
 export MAIN_HOST
+# The checkpoint key (scalelora.signing) signs every checkpoint and is needed to resume one on any node.
+# Exported as the path this, the first, node resolves, so srun hands every node the same path; on nodes
+# without a shared home, set SCALELORA_KEY_FILE before sbatch to a file on a shared filesystem.
+export SCALELORA_KEY_FILE=${SCALELORA_KEY_FILE:-${XDG_CONFIG_HOME:-$HOME/.config}/scalelora/checkpoint.key}
 # the batch script runs on the first node of the allocation, so a port free here is free on MAIN_HOST
 export MAIN_PORT=${MAIN_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}

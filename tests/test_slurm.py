@@ -365,3 +365,43 @@ def test_local_launchers_pass_the_recipe_and_overrides(fake_cluster):
     assert args[args.index("--config_file") + 1] == "accel_configs/deepspeed_zero3.yaml"
     assert args[args.index("--num_processes") + 1] == "2"
     assert "--cpu" not in args  # --cpu silently switches DeepSpeed off
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({}, "{home}/.config/scalelora/checkpoint.key"),
+        ({"XDG_CONFIG_HOME": "/etc/me"}, "/etc/me/scalelora/checkpoint.key"),
+        ({"SCALELORA_KEY_FILE": "/shared/me/checkpoint.key"}, "/shared/me/checkpoint.key"),
+    ],
+)
+def test_job_env_exports_one_checkpoint_key_path_for_every_node(fake_cluster, tmp_path, given, expected):
+    """srun hands the batch shell's environment to every node: the key path is resolved once, here, so
+    every node signs and verifies with the same file (a shared one, when SCALELORA_KEY_FILE names it)."""
+    env, _ = fake_cluster
+    env = {k: v for k, v in env.items() if k not in ("SCALELORA_KEY_FILE", "XDG_CONFIG_HOME")}
+    env.update(HOME=str(tmp_path), SLURM_NNODES="1", **given)
+    result = subprocess.run(
+        ["bash", "-c", "set -eu; source slurm/job_env.sh; env"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    exported = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert exported["SCALELORA_KEY_FILE"] == expected.format(home=tmp_path)
+
+
+def test_the_sweep_array_exports_the_checkpoint_key_path(fake_cluster, tmp_path):
+    """A requeued array task may resume on another node: the sweep script exports the key path too."""
+    text = (ROOT / "slurm" / "sweep_array.sbatch").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("export SCALELORA_KEY_FILE="))
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("SCALELORA_KEY_FILE", None)
+    env.pop("XDG_CONFIG_HOME", None)
+    result = subprocess.run(
+        ["bash", "-c", f"{line}; echo $SCALELORA_KEY_FILE"], env=env, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == f"{tmp_path}/.config/scalelora/checkpoint.key"

@@ -11,7 +11,8 @@ the signature only.
 
 The key file is `$SCALELORA_KEY_FILE`, else `$XDG_CONFIG_HOME/scalelora/checkpoint.key`, else
 `~/.config/scalelora/checkpoint.key`; it is created (mode 0600, 32 random bytes as hex) the first
-time a checkpoint is written. Every node that resumes a run needs the same key.
+time a run starts (`check_key`, at setup: a key problem then stops the run before its first step,
+not at its first checkpoint). Every node that resumes a run needs the same key.
 """
 
 from __future__ import annotations
@@ -73,7 +74,13 @@ def load_key(create: bool) -> bytes:
                 f"node or account, set {KEY_ENV} on every node to the same key file (on a shared filesystem, "
                 "readable by you only)"
             )
-        create_key(path)
+        try:
+            create_key(path)
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot create the checkpoint key at {path} ({err.strerror or err}); set {KEY_ENV} to a file "
+                "in a folder you can write (on a shared filesystem when the run spans nodes)"
+            ) from None
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise CheckpointError(
@@ -90,6 +97,15 @@ def load_key(create: bool) -> bytes:
             "one is made at the next checkpoint (checkpoints signed with the old one are then refused)"
         )
     return key
+
+
+def check_key() -> None:
+    """Make sure this user's key is usable for signing now (created when missing), so a key problem
+    stops a run at setup rather than at its first checkpoint, which by default is its end.
+
+    Raises CheckpointError as `load_key` does, and when the key cannot be created.
+    """
+    load_key(create=True)
 
 
 def key_id(key: bytes) -> str:
