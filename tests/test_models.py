@@ -207,13 +207,29 @@ def test_mask_dropout_drops_with_p_scales_and_keeps_a_one_byte_mask():
     assert [t.dtype for t in saved_by_backward(torch.nn.Dropout(p).train(), x)] == [torch.float32]
 
 
-def test_mask_dropout_under_bf16_keeps_p():
+def test_mask_dropout_under_bf16_keeps_p_the_dtype_and_a_one_byte_mask():
     from scalelora.models import MaskDropout
 
+    p = 0.1
+    layer = MaskDropout(p).train()
     torch.manual_seed(0)
-    x = torch.ones(400, 500, dtype=torch.bfloat16)
-    dropped = (MaskDropout(0.1).train()(x) == 0).float().mean().item()
-    assert abs(dropped - 0.1) < 0.005  # the mask does not depend on x's dtype (bf16 rounds p to 1/256ths)
+    x = torch.ones(400, 500, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    torch.manual_seed(0)
+    y32 = layer(torch.ones(400, 500))
+    # the mask does not depend on x's dtype: a bf16 draw (torch.rand in bf16 < p) rounds p to 1/256ths,
+    # 0.1 -> 0.1016, which the drop rate alone (below) cannot tell from 0.1
+    dropped, dropped32 = (y == 0).float().mean().item(), (y32 == 0).float().mean().item()
+    assert torch.equal(y == 0, y32 == 0), f"bf16 and float32 masks differ (drop rates {dropped}, {dropped32})"
+    assert abs(dropped - p) < 0.005
+    # bf16 in, bf16 out, kept elements scaled by 1/(1-p) rounded once to bf16 (1.109375)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))
+    y.backward(torch.full_like(y, 2.0))
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, 2.0 * y.detach(), rtol=0, atol=0)  # the same mask, the same scale
+    saved = saved_by_backward(layer, x.detach().requires_grad_())
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]  # not a 2-byte bf16 mask
 
 
 def test_keep_mask_uses_every_lane_of_its_random_draws():
