@@ -236,5 +236,9 @@ def test_tuned_biases_are_stored_and_predict_reproduces_the_runs_tuned_test_metr
         if abs(q - threshold) > 2e-6
     ]
     assert len(decided) >= 30, f"only {len(decided)} of 40 test rows lie clear of the threshold"
+    # a plain argmax (p(pos) >= 0.5) labels some clear rows otherwise, else the check below cannot tell the
+    # tuned rule from the default one (a threshold of 0.5, or none between it and the scores)
+    between = [q for q in expected[:, 1] if abs(q - threshold) > 2e-6 and (q >= threshold) != (q >= 0.5)]
+    assert between, f"no clear test row lies between the tuned threshold {threshold} and 0.5"
     assert {rule for _, rule in decided} == {"neg", "pos"}, "the threshold put every clear row on one side"
     assert all(label == rule for label, rule in decided)
