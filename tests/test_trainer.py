@@ -152,7 +152,7 @@ def test_a_run_writes_the_documented_outputs(tiny_bert, toy_data, tmp_path):
     )
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     lines = [json.loads(line) for line in predicted.stdout.splitlines()]
-    for row, line in zip(summary["sample_predictions"], lines):
+    for row, line in zip(summary["sample_predictions"], lines, strict=True):
         assert line["label"] == row["after"]
         assert line["probs"][row["after"]] == pytest.approx(row["after_confidence"], abs=1e-5)
 
@@ -719,20 +719,23 @@ def test_fused_adamw_setting_chooses_the_kernel_and_fused_makes_the_same_update(
         return model, build_optimizer(model, cfg)
 
     model, optimizer = optimizer_for(setting)
-    assert bool(optimizer.defaults["fused"]) == (setting != "false")
-    reference, foreach = optimizer_for("false")
-    assert not foreach.defaults["fused"]
+    fused = setting != "false"
+    assert bool(optimizer.defaults["fused"]) == fused
+    assert optimizer.defaults["foreach"] is None  # the non-fused side is torch's default, not foreach
+    # compared with the other kernel, so that each setting's update is checked against one it did not make
+    reference, other = optimizer_for("false" if fused else "true")
+    assert bool(other.defaults["fused"]) != fused
     before = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(1)
     for _ in range(5):
-        for a, b in zip(model.parameters(), reference.parameters()):
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
             grad = torch.randn(a.shape, generator=generator) * 0.1
             a.grad, b.grad = grad.clone(), grad.clone()
         optimizer.step()
-        foreach.step()
-    for (name, a), b, start in zip(model.named_parameters(), reference.parameters(), before):
+        other.step()
+    for (name, a), b, start in zip(model.named_parameters(), reference.parameters(), before, strict=True):
         assert float((a - start).abs().max()) > 1e-3, f"{name} did not move"
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_adamw_state_saved_by_one_kernel_resumes_in_the_other():
