@@ -128,6 +128,9 @@ def test_kd_is_zero_when_student_equals_teacher_and_scales_with_t_squared():
     assert float(kd_kl_sum(TEACHER, TEACHER, 3.0)) == pytest.approx(0.0, abs=1e-7)
     t1 = sum(kl_by_hand(t.tolist(), s.tolist(), 1.0) for s, t in zip(STUDENT, TEACHER))
     assert float(kd_kl_sum(STUDENT, TEACHER, 1.0)) == pytest.approx(t1, rel=1e-6)
+    # logits multiplied by T give the T = 1 distributions again, so what is left is the T^2 factor
+    for t in (0.5, 2.0, 3.0):
+        assert float(kd_kl_sum(STUDENT * t, TEACHER * t, t)) == pytest.approx(t * t * t1, rel=1e-6), t
 
 
 @pytest.mark.parametrize("kd_weight", [0.0, 0.3, 1.0])
