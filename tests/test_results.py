@@ -224,15 +224,25 @@ def test_multi_label_bootstrap_scores_label_sets_by_macro_f1_over_labels():
 
 
 def test_paired_bootstrap_intervals_contain_the_point_and_see_a_clear_gap():
+    from sklearn.metrics import f1_score
+
     gold = ["a", "b"] * 100
-    better = list(gold)
-    worse = ["a"] * 200
-    intervals = results.bootstrap(
-        gold, {"teacher_full": better, "student": worse}, "teacher_full", samples=200
-    )
-    assert intervals["teacher_full"]["macro_f1_ci"] == [1.0, 1.0]
+    flip = {"a": "b", "b": "a"}
+    # wrong both ways (a perfect run's interval is the point [1, 1], which any resampling contains):
+    # the teacher on 40 rows (macro-F1 0.8), the student on 80 (0.6)
+    runs = {
+        "teacher_full": [flip[g] if i % 10 in (0, 5) else g for i, g in enumerate(gold)],
+        "student": [flip[g] if i % 5 in (0, 1) else g for i, g in enumerate(gold)],
+    }
+    intervals = results.bootstrap(gold, runs, "teacher_full", samples=1000)
+    point = {run: f1_score(gold, pred, average="macro") for run, pred in runs.items()}
+    for run in runs:
+        low, high = intervals[run]["macro_f1_ci"]
+        assert low < point[run] < high and high - low < 0.3, (run, point[run], low, high)
     low, high = intervals["student"]["vs_teacher_ci"]
-    assert high < -0.5  # the student is far worse on every resample
+    gap = point["student"] - point["teacher_full"]
+    assert low < gap < high < -0.1, (gap, low, high)  # the student is worse on every resample
+    assert "vs_teacher_ci" not in intervals["teacher_full"]
 
 
 def committed(dataset: str, run: str) -> dict:
