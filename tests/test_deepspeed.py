@@ -279,7 +279,7 @@ def test_multi_label_run_under_zero3(tiny_bert, toy_multilabel, tmp_path, ds_env
         max_length,
         calibration=load_calibration(out, model, labels),
     )
-    for row, line in zip(rows, got):
+    for row, line in zip(rows, got, strict=True):
         assert [line["probs"][k] for k in row["after"]] == pytest.approx(row["after_confidence"], abs=1e-5)
 
 
