@@ -227,6 +227,9 @@ def tiny_overrides(model: Path, data: Path, out: Path, **extra: object) -> list[
         "train.log_every": 2,
         "eval.every": 3,
         "eval.sample_predictions": 4,
+        # fp32 on every host: `auto` picks bf16 on a recent GPU (or a CPU measured to gain from it), and
+        # the tests compare runs at float32 tolerances
+        "train.precision": "no",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

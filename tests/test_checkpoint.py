@@ -218,6 +218,7 @@ def full_identity(**changes: object) -> dict:
         ("train.mask_dropout", False, True),  # before the key, torch's dropout ran
         ("eval.tune_thresholds", "none", "auto"),
         ("data.eval_split", "validation", "test"),  # recorded since it became an identity key
+        ("train.precision", "no", "bf16"),  # the default before `auto`
     ],
 )
 def test_a_config_key_a_checkpoint_does_not_record_counts_as_its_before_value(

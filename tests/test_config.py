@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,29 @@ def test_every_recipe_loads_and_validates(name):
     assert isinstance(cfg, RunConfig)
     assert cfg.recipe == name
     assert cfg.run_dir == Path(f"runs/{name}")
+
+
+def test_precision_is_auto_by_default_and_the_results_recipes_keep_fp32():
+    """The committed results were trained in fp32: their recipes pin it, so `auto` choosing bf16 on
+    another host never retrains them differently (their resolved configs are what they were)."""
+    assert RunConfig().train.precision == "auto" and key_info("train.precision").before == "no"
+    for name in recipe_names():
+        expected = "no" if name.startswith("results_") else "auto"
+        assert load_config(name).train.precision == expected, name
+    # `no` is explicit there, not YAML's false that happens to read as it
+    for path in resources.files("scalelora.recipes").iterdir():
+        if path.name.startswith("results_"):
+            assert "  precision: 'no'\n" in path.read_text(), path.name
+
+
+def test_a_half_precision_base_is_valid_with_auto_precision():
+    from scalelora.runtime import choose_precision
+
+    for dtype, precision in (("bfloat16", "bf16"), ("float16", "fp16")):
+        cfg = load_config("quickstart", [f"model.dtype={dtype}"])  # auto: no conflict to refuse
+        assert choose_precision(cfg.train.precision, cfg.model.dtype).precision == precision
+    with pytest.raises(ConfigError, match="model.dtype=bfloat16 needs train.precision=bf16"):
+        load_config("quickstart", ["model.dtype=bfloat16", "train.precision=no"])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "accel_configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -114,8 +138,8 @@ def test_explicit_keys_is_not_a_config_key(tmp_path, capsys):
     [
         ("lora.r=four", r"lora\.r: expected an integer"),
         ("train.lr=fast", r"train\.lr: expected a number"),
-        ("train.precision=fp8", r"train\.precision: 'fp8' is not one of no, fp16, bf16"),
-        ("train.precision=yes", r"train\.precision: .yes. is not one of no, fp16, bf16"),
+        ("train.precision=fp8", r"train\.precision: 'fp8' is not one of auto, no, fp16, bf16"),
+        ("train.precision=yes", r"train\.precision: .yes. is not one of auto, no, fp16, bf16"),
         ("model.mode=qlora", r"model\.mode: 'qlora' is not one of lora, full, head_only"),
         ("train.batch_size=0", r"train\.batch_size must be positive"),
         ("lora.dropout=1.5", r"lora\.dropout must be in \[0, 1\)"),

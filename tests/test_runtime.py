@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,23 +10,28 @@ import textwrap
 
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, accelerate_launch, read_summary, tiny_overrides
-from scalelora import errors
+from scalelora import errors, runtime
+from scalelora.checkpoint import TRAINER_STATE
 from scalelora.config import load_config
 from scalelora.errors import CheckpointError, ConfigError, DataError, UserError, error_class
 from scalelora.runtime import (
     StopSignal,
     build_accelerator,
     check_on_each_node,
+    choose_precision,
     decide_on_main,
     deepspeed_summary,
     is_deepspeed,
     peak_memory_bytes,
+    pins_memory,
+    resolve_precision,
     without_zero3_init,
     zero_stage,
 )
-from scalelora.trainer import run_training
+from scalelora.trainer import Trainer, run_training
 
 
 def test_runs_with_other_precisions_follow_each_other_in_one_process(tiny_bert, toy_data, tmp_path):
@@ -39,6 +45,163 @@ def test_runs_with_other_precisions_follow_each_other_in_one_process(tiny_bert, 
     )
     assert first["precision"] == "no" and second["precision"] == "bf16"
     assert read_summary(tmp_path / "bf16")["precision"] == "bf16"
+
+
+AMX, AVX512_BF16 = {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"}, {"avx512_bf16", "avx512f"}
+MEASURED = "benchmarks/results/a-measurement.json"
+
+
+@pytest.mark.parametrize(
+    ("setting", "capability", "flags", "measured", "expected", "tf32", "reason"),
+    [
+        # CUDA: bf16 from Ampere on, with TF32 for the fp32 matmuls left; fp32 before it
+        ("auto", (8, 0), None, None, "bf16", True, "CUDA capability 8.0 >= 8.0; TF32 on for fp32 matmuls"),
+        ("auto", (9, 0), None, None, "bf16", True, "CUDA capability 9.0 >= 8.0"),
+        ("auto", (7, 5), None, None, "no", False, "CUDA capability 7.5 < 8.0"),
+        # CPU: native bf16 alone is not enough; a committed measurement for the feature decides
+        ("auto", None, AMX, {}, "no", False, "CPU with amx_bf16, where no committed measurement"),
+        ("auto", None, AVX512_BF16, {}, "no", False, "CPU with avx512_bf16, where no committed"),
+        ("auto", None, {"avx2", "fma"}, {}, "no", False, "CPU without native bf16"),
+        ("auto", None, set(), {"amx_bf16": (True, MEASURED)}, "no", False, "CPU without native bf16"),
+        (
+            "auto",
+            None,
+            AMX,
+            {"amx_bf16": (True, MEASURED)},
+            "bf16",
+            False,
+            f"faster at equal accuracy, {MEASURED}",
+        ),
+        (
+            "auto",
+            None,
+            AMX,
+            {"amx_bf16": (False, MEASURED)},
+            "no",
+            False,
+            f"no faster at equal accuracy, {MEASURED}",
+        ),
+        # an AMX measurement says nothing about a CPU with AVX512-BF16 alone
+        ("auto", None, AVX512_BF16, {"amx_bf16": (True, MEASURED)}, "no", False, "no committed measurement"),
+        # what the most capable feature measured decides for a CPU that has both
+        (
+            "auto",
+            None,
+            AMX,
+            {"amx_bf16": (False, MEASURED), "avx512_bf16": (True, MEASURED)},
+            "no",
+            False,
+            "amx_bf16",
+        ),
+        # an explicit setting wins on every device
+        ("no", (9, 0), None, None, "no", False, None),
+        ("bf16", (7, 5), None, None, "bf16", False, None),
+        ("bf16", None, set(), {}, "bf16", False, None),
+        ("fp16", (9, 0), None, None, "fp16", False, None),
+    ],
+)
+def test_auto_precision_on_mocked_devices(setting, capability, flags, measured, expected, tf32, reason):
+    choice = choose_precision(setting, capability=capability, flags=flags, measured=measured)
+    assert (choice.precision, choice.tf32) == (expected, tf32)
+    if reason is None:
+        assert choice.reason is None and choice.log_line() is None
+    else:
+        assert reason in choice.reason
+        assert choice.log_line() == f"scalelora: auto: train.precision={expected} ({choice.reason})"
+
+
+def test_auto_precision_follows_a_half_precision_base_and_reads_this_machine(monkeypatch):
+    assert choose_precision("auto", "bfloat16", capability=(7, 0)).precision == "bf16"
+    assert choose_precision("auto", "float16", flags=AMX).precision == "fp16"
+    # this process's facts: a mocked GPU, then a mocked CPU (with no committed measurement: fp32)
+    monkeypatch.setattr(runtime, "cuda_capability", lambda: (8, 6))
+    assert resolve_precision("auto", on_cuda=True) == runtime.PrecisionChoice(
+        "bf16", True, "CUDA capability 8.6 >= 8.0; TF32 on for fp32 matmuls"
+    )
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: set(AMX))
+    assert runtime.CPU_BF16_MEASURED == {}  # no committed measurement yet: a CPU keeps fp32
+    assert resolve_precision("auto", on_cuda=False).precision == "no"
+    monkeypatch.setattr(runtime, "CPU_BF16_MEASURED", {"amx_bf16": (True, MEASURED)})
+    assert resolve_precision("auto", on_cuda=False).precision == "bf16"
+    assert resolve_precision("no", on_cuda=False).precision == "no"
+
+
+def test_cpu_flags_are_read_as_lscpu_shows_them():
+    flags = runtime.cpu_flags()
+    if not os.path.exists("/proc/cpuinfo"):
+        assert flags == set()
+        return
+    assert flags and all(" " not in flag for flag in flags)
+    assert ("avx512_bf16" in flags) == torch.cpu._is_avx512_bf16_supported()
+
+
+def test_auto_precision_is_recorded_resolved_and_resume_compares_the_resolved_value(
+    tiny_bert, toy_data, tmp_path, monkeypatch, capsys
+):
+    """On a host where `auto` means bf16 (mocked: a CPU with AMX measured faster in bf16), the run trains
+    in bf16 and records bf16; the same config on a host where it means fp32 cannot resume its checkpoint."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: set(AMX))
+    monkeypatch.setattr(runtime, "CPU_BF16_MEASURED", {"amx_bf16": (True, MEASURED)})
+    out = tmp_path / "run"
+    args = tiny_overrides(tiny_bert, toy_data, out, **{"train.precision": "auto", "checkpoint.every": 3})
+    summary = run_training(load_config("quickstart", args))
+    assert "scalelora: auto: train.precision=bf16 (CPU with amx_bf16: bf16 measured faster" in (
+        capsys.readouterr().err
+    )
+    assert summary["precision"] == read_summary(out)["precision"] == "bf16"
+    # config.yaml is the config as the run used it (as for the data-driven default's choices)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    state = json.loads((out / "checkpoints" / "step-3" / TRAINER_STATE).read_text())
+    assert state["identity"]["train.precision"] == "bf16"
+
+    monkeypatch.setattr(runtime, "CPU_BF16_MEASURED", {})  # another host: `auto` is fp32 there
+    resume = [*args, f"resume={out / 'checkpoints' / 'step-3'}"]
+    with pytest.raises(CheckpointError, match="train.precision: checkpoint 'bf16', now 'no'"):
+        run_training(load_config("quickstart", resume))
+
+
+@pytest.mark.gpu
+def test_auto_precision_on_this_gpu_and_tf32_only_for_it(tiny_bert, toy_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    modern = torch.cuda.get_device_capability() >= (8, 0)
+    args = tiny_overrides(tiny_bert, toy_data, tmp_path, **{"train.precision": "auto"})
+    cfg = load_config("quickstart", args)
+    accelerator = build_accelerator(cfg)
+    assert cfg.train.precision == accelerator.mixed_precision == ("bf16" if modern else "no")
+    assert torch.get_float32_matmul_precision() == ("high" if modern else "highest")
+    assert accelerator.non_blocking  # pinned batches are copied without blocking
+    accelerator.end_training()
+    runtime.reset_accelerate_state()
+    build_accelerator(load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path)))
+    assert torch.get_float32_matmul_precision() == "highest"  # an explicit precision: no TF32
+
+
+def test_loaders_pin_memory_for_cuda_only(tiny_bert, toy_data, tmp_path, monkeypatch):
+    """Pinning cannot be observed without CUDA: the decision is checked, and that the trainer's loaders
+    (after Accelerate's prepare) carry it."""
+    assert pins_memory(torch.device("cuda")) and pins_memory(torch.device("cuda", 1))
+    assert not pins_memory(torch.device("cpu"))
+    cfg = load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path / "cpu"))
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        assert not trainer.accelerator.non_blocking
+        assert not trainer.train_loader.pin_memory
+        assert not any(loader.pin_memory for loader in trainer.eval_loaders.values())
+    finally:
+        trainer.close()
+    runtime.reset_accelerate_state()
+    import scalelora.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "pins_memory", lambda device: True)  # as on a GPU
+    trainer = Trainer(load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path / "gpu")))
+    try:
+        trainer.setup()
+        assert trainer.train_loader.pin_memory
+        assert trainer.eval_loaders and all(loader.pin_memory for loader in trainer.eval_loaders.values())
+    finally:
+        trainer.close()
 
 
 def test_fp16_is_refused_without_a_gpu(tiny_bert, toy_data, tmp_path):

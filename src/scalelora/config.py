@@ -190,7 +190,14 @@ class TrainConfig:
     warmup_ratio: float = key(0.06, resume="identity")
     warmup_steps: int | None = key(None, resume="identity")
     max_grad_norm: float | None = key(1.0, resume="identity")
-    precision: Literal["no", "fp16", "bf16"] = key("no", resume="identity")
+    # identity, compared as resolved (what `auto` chose on this host; build_accelerator writes it back)
+    precision: Literal["auto", "no", "fp16", "bf16"] = key("auto", resume="identity", before="no")
+    """`no` (fp32), `fp16` (GPU only) or `bf16` autocast. `auto`: bf16 on CUDA devices of compute
+    capability 8.0 or higher, with TF32 for the fp32 matmuls that remain; on a CPU, bf16 only where it has
+    native bf16 (amx_bf16, avx512_bf16) and the project's own measurement shows bf16 faster at equal
+    accuracy there (`runtime.CPU_BF16_MEASURED`; none does yet); fp32 otherwise; a bfloat16/float16
+    `model.dtype` picks its match. The choice is logged with its reason; config.yaml and summary.json
+    record the resolved value."""
     log_every: int = key(10, resume="free")
     on_nonfinite: Literal["skip", "stop"] = key("skip", resume="free")
     """A non-finite loss or gradient: skip the optimizer step (stop after `max_nonfinite` in a row),

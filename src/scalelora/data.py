@@ -699,8 +699,15 @@ class PadCollator:
 
 
 def train_dataloader(
-    ds: datasets.Dataset, cfg: DataConfig, batch_size: int, seed: int, collate: PadCollator
+    ds: datasets.Dataset,
+    cfg: DataConfig,
+    batch_size: int,
+    seed: int,
+    collate: PadCollator,
+    pin_memory: bool = False,
 ) -> DataLoader:
+    """`pin_memory`: batches in page-locked memory, for asynchronous copies to a GPU
+    (`runtime.pins_memory(device)` says when)."""
     sampler: Sampler[int]
     labels = list(ds["labels"]) if cfg.class_balanced else None
     if cfg.group_by_length:
@@ -714,6 +721,7 @@ def train_dataloader(
         sampler=sampler,
         collate_fn=collate,
         num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
         drop_last=False,
         # a loader without its own generator draws a seed from the global RNG at every iter(), which
         # shifts dropout masks after a resume; this one keeps the global RNG untouched
@@ -722,9 +730,14 @@ def train_dataloader(
 
 
 def eval_dataloader(
-    ds: datasets.Dataset, batch_size: int, collate: PadCollator, num_workers: int = 0
+    ds: datasets.Dataset,
+    batch_size: int,
+    collate: PadCollator,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """Sorted by length (little padding); order does not matter for metrics."""
+    """Sorted by length (little padding); order does not matter for metrics. `pin_memory`: as
+    `train_dataloader`'s."""
     order = np.argsort(-np.asarray(list(ds["length"])), kind="stable").tolist()
     columns = [c for c in ds.column_names if c != "length"]
     return DataLoader(
@@ -733,5 +746,6 @@ def eval_dataloader(
         shuffle=False,
         collate_fn=collate,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(0),
     )

@@ -1,4 +1,5 @@
-"""The Accelerator (precision, accumulation, gloo on CPU, DeepSpeed from the launch config), seeding,
+"""The Accelerator (precision, `train.precision=auto` resolved for the device, accumulation, gloo on CPU,
+pinned-memory transfers on CUDA, DeepSpeed from the launch config), seeding,
 the stop signal (preemption, SIGTERM, Ctrl-C) that every rank agrees on in the same step, and the
 decisions one process makes for all (`decide_on_main`, `check_on_each_node`), whose errors every rank
 raises."""
@@ -10,11 +11,14 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
+    DataLoaderConfiguration,
     DeepSpeedPlugin,
     DistributedType,
     GradientAccumulationPlugin,
@@ -30,11 +34,140 @@ STOP_SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 T = TypeVar("T")
 
 
+# --- train.precision=auto ----------------------------------------------------------------------------
+
+# bf16 autocast on CUDA from this compute capability (Ampere): bf16 tensor cores, and TF32 for any fp32
+# matmul left outside autocast
+CUDA_BF16_CAPABILITY = (8, 0)
+# CPU features that run bf16 matmuls natively, most capable first (names as /proc/cpuinfo and lscpu write them)
+CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
+# What the project's own measurement (`python -m scalelora.bench --precision-pairs`, benchmarks/README.md)
+# found on a CPU whose most capable bf16 feature is the key: (bf16 is the faster at equal accuracy, the
+# committed JSON that shows it). A feature without an entry has not been measured, and `auto` keeps fp32
+# there: on one AMX machine the whole quickstart ran only 1.17x faster in bf16 against 2.6-9x for a bare
+# matmul, on a noisy host, so a matmul benchmark does not decide it.
+CPU_BF16_MEASURED: dict[str, tuple[bool, str]] = {}
+# what the bench calls "faster at equal accuracy": the paired median speed-up of steady-state samples/s,
+# and the largest drop in quickstart test accuracy (0.5 points: 5 of rotten_tomatoes' 1,066 test texts)
+CPU_BF16_MIN_SPEEDUP = 1.10
+CPU_BF16_MAX_ACCURACY_DROP = 0.005
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str
+    """`no`, `fp16` or `bf16`: what Accelerate runs."""
+    tf32: bool = False
+    """Let CUDA run the remaining fp32 matmuls in TF32."""
+    reason: str | None = None
+    """Why `auto` chose it (None: set explicitly)."""
+
+    def log_line(self) -> str | None:
+        if self.reason is None:
+            return None
+        return f"scalelora: auto: train.precision={self.precision} ({self.reason})"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo, as lscpu shows them); empty where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """Compute capability of this process's GPU (LOCAL_RANK's under a launcher); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
+def choose_precision(
+    setting: str,
+    model_dtype: str = "float32",
+    capability: tuple[int, int] | None = None,
+    flags: set[str] | None = None,
+    measured: dict[str, tuple[bool, str]] | None = None,
+) -> PrecisionChoice:
+    """`train.precision` resolved: an explicit `no|fp16|bf16` as it is; `auto` for a GPU of compute
+    `capability` (None: the CPU, with feature `flags`) by the rules above and the CPU measurements
+    `measured` (default CPU_BF16_MEASURED). A half-precision `model.dtype` decides `auto` by itself."""
+    if setting != "auto":
+        return PrecisionChoice(setting)
+    if model_dtype != "float32":
+        wanted = "bf16" if model_dtype == "bfloat16" else "fp16"
+        return PrecisionChoice(wanted, reason=f"model.dtype={model_dtype} needs it")
+    if capability is not None:
+        shown = f"CUDA capability {capability[0]}.{capability[1]}"
+        floor = f"{CUDA_BF16_CAPABILITY[0]}.{CUDA_BF16_CAPABILITY[1]}"
+        if tuple(capability) >= CUDA_BF16_CAPABILITY:
+            return PrecisionChoice("bf16", tf32=True, reason=f"{shown} >= {floor}; TF32 on for fp32 matmuls")
+        return PrecisionChoice("no", reason=f"{shown} < {floor}: no bf16 tensor cores")
+    measured = CPU_BF16_MEASURED if measured is None else measured
+    native = [feature for feature in CPU_BF16_FEATURES if feature in (flags or set())]
+    if not native:
+        return PrecisionChoice("no", reason=f"CPU without native bf16 ({' or '.join(CPU_BF16_FEATURES)})")
+    for feature in native:
+        if feature in measured:
+            pays, source = measured[feature]
+            if pays:
+                return PrecisionChoice(
+                    "bf16", reason=f"CPU with {feature}: bf16 measured faster at equal accuracy, {source}"
+                )
+            return PrecisionChoice(
+                "no", reason=f"CPU with {feature}: bf16 measured no faster at equal accuracy, {source}"
+            )
+    return PrecisionChoice(
+        "no",
+        reason=f"CPU with {native[0]}, where no committed measurement shows bf16 faster at equal accuracy",
+    )
+
+
+def resolve_precision(
+    setting: str, model_dtype: str = "float32", on_cuda: bool | None = None
+) -> PrecisionChoice:
+    """`choose_precision` for this process's device (CUDA when available, unless `on_cuda` says)."""
+    if setting != "auto":
+        return PrecisionChoice(setting)
+    on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
+    if on_cuda:
+        return choose_precision(setting, model_dtype, capability=cuda_capability())
+    return choose_precision(setting, model_dtype, flags=cpu_flags())
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The autocast of a resolved precision on `device` (a no-op for `no`): for models Accelerate does not
+    wrap, such as a separate frozen teacher, so they run in the training run's precision."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def pins_memory(device: torch.device) -> bool:
+    """Whether data loaders for `device` pin their batches: only for CUDA, where a pinned host batch is
+    copied asynchronously (Accelerate's `non_blocking` transfers); the CPU has nothing to copy to."""
+    return device.type == "cuda"
+
+
 def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accelerator:
-    """One Accelerator for the run. Raises ConfigError for a precision the device cannot run."""
+    """One Accelerator for the run. `train.precision=auto` is resolved for this device first and
+    written back into `cfg` (so config.yaml, summary.json and the resume identity record what ran),
+    the choice logged with its reason. Raises ConfigError for a precision the device cannot run."""
+    choice = resolve_precision(cfg.train.precision, cfg.model.dtype)
+    cfg.train.precision = choice.precision
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=no (or bf16) on CPU")
     no_cuda = not torch.cuda.is_available()
+    if not no_cuda:
+        # every run sets it, so a run in the same process as an `auto` one does not inherit its TF32.
+        # torch's global setting, not the per-backend `fp32_precision`: mixing the two makes
+        # torch.get_float32_matmul_precision(), which torch.compile's inductor calls, raise
+        torch.set_float32_matmul_precision("high" if choice.tf32 else "highest")
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     kwargs_handlers = []
     if no_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -50,6 +183,8 @@ def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Acce
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.train.grad_accum, sync_with_dataloader=False
         ),
+        # batches pinned by the loaders (pin_memory) are copied to the GPU without blocking the host
+        dataloader_config=DataLoaderConfiguration(non_blocking=not no_cuda),
         step_scheduler_with_optimizer=False,
         log_with=log_with,
         project_dir=str(cfg.run_dir),
@@ -61,6 +196,9 @@ def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Acce
     )
     if is_deepspeed(accelerator):
         check_deepspeed_config(cfg, accelerator.state.deepspeed_plugin.deepspeed_config)
+    line = choice.log_line()
+    if line and accelerator.is_main_process:
+        print(line, file=sys.stderr, flush=True)
     set_seed(cfg.seed)
     return accelerator
 

@@ -66,6 +66,7 @@ from scalelora.runtime import (
     deepspeed_summary,
     is_deepspeed,
     peak_memory_bytes,
+    pins_memory,
     process_seconds,
     reset_accelerate_state,
     unwrap_model,
@@ -445,13 +446,14 @@ class Trainer:
         collate = data_lib.PadCollator(
             self.tokenizer.pad_token_id, pad_to_multiple_of=8 if self.compiled else None
         )
+        pin = pins_memory(acc.device)
         train_loader = data_lib.train_dataloader(
-            self.tokenized["train"], cfg.data, cfg.train.batch_size, cfg.seed, collate
+            self.tokenized["train"], cfg.data, cfg.train.batch_size, cfg.seed, collate, pin
         )
         self.train_sampler = train_loader.sampler  # its epoch decides the data order (see micro_batches)
         eval_loaders = {
             name: data_lib.eval_dataloader(
-                self.tokenized[name], cfg.train.eval_batch_size, collate, cfg.data.num_workers
+                self.tokenized[name], cfg.train.eval_batch_size, collate, cfg.data.num_workers, pin
             )
             for name in ("eval", "test")
             if name in self.tokenized
