@@ -142,6 +142,41 @@ def test_teachers_with_other_labels_or_another_tokenizer_are_refused(
         ModelTeacher(cfg, ["neg", "pos"], student_tok, torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    ("precision", "attn", "dtype"), [("no", "sdpa", torch.float32), ("bf16", "eager", torch.bfloat16)]
+)
+def test_a_model_teacher_runs_in_the_runs_precision_with_its_attention(
+    tiny_teacher, toy_data, tmp_path, precision, attn, dtype
+):
+    """Accelerate autocasts only the model it prepared (the student, and the self-teacher inside it): a
+    separate teacher gets the run's autocast itself, and the student's model.attn_implementation."""
+    from scalelora.models import load_tokenizer
+
+    settings = {
+        **KD,
+        "distill.teacher": tiny_teacher,
+        "train.precision": precision,
+        "model.attn_implementation": attn,
+    }
+    cfg = load_config("quickstart", tiny_overrides(tiny_teacher, toy_data, tmp_path / "run", **settings))
+    tokenizer = load_tokenizer(cfg.model)
+    teacher = ModelTeacher(cfg, ["neg", "pos"], tokenizer, torch.device("cpu"))
+    assert teacher.model.config._attn_implementation == attn
+    seen = []
+    layer = next(m for m in teacher.model.modules() if isinstance(m, torch.nn.Linear))
+    layer.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    batch = dict(tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt"))
+    out = teacher(None, batch, torch.arange(2), want_hidden=True)
+    assert seen == [dtype]
+    assert out.logits.dtype == out.pooled.dtype == torch.float32  # as the student's (Accelerate's cast)
+    # and a whole KD run from it, the hidden-state loss included
+    args = tiny_overrides(
+        tiny_teacher, toy_data, tmp_path / "run", **settings, **{"distill.hidden_weight": 1.0}
+    )
+    assert main(["--config", "quickstart", *args]) == 0
+    assert read_summary(tmp_path / "run")["precision"] == precision
+
+
 @pytest.mark.slow
 def test_two_process_kd_run(tiny_teacher, toy_data, tmp_path):
     out = tmp_path / "kd2"

@@ -36,6 +36,7 @@ def build_args(teacher: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "40",
         f"data.path={data}",
         "data.max_length=32",
+        "train.precision=no",  # float32 logits on any host (`auto` is bf16 on a recent GPU)
         *extra,
     ]
 
@@ -226,3 +227,56 @@ def test_shard_logits_batches_by_length_and_returns_the_rows_in_order(teacher):
     torch.testing.assert_close(got, direct_logits(teacher, texts), rtol=0, atol=1e-5)
     # sorted: the 3 shortest texts (0, 1, 2 repeats + "film") come first, padded to the longest of them
     assert padded_to[0] == len(tok(texts[6])["input_ids"])
+
+
+def test_the_teacher_runs_with_the_configs_attention_and_precision(
+    teacher, toy_data, tmp_path, monkeypatch, capsys
+):
+    """The student's config (and its overrides) sets the teacher's model.attn_implementation and
+    train.precision; the manifest records the precision, and a build in another one is refused."""
+    from scalelora import runtime
+
+    real = teacher_logits.load_frozen_teacher
+    seen: dict = {}
+
+    def recording(*args, **kwargs):
+        model, tokenizer, temperature = real(*args, **kwargs)
+        seen["attn"] = model.config._attn_implementation
+        layer = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        layer.register_forward_hook(lambda module, args, output: seen["dtypes"].add(output.dtype))
+        return model, tokenizer, temperature
+
+    monkeypatch.setattr(teacher_logits, "load_frozen_teacher", recording)
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    for out, settings, attn, dtype in (
+        (fp32, ["model.attn_implementation=sdpa"], "sdpa", torch.float32),
+        (bf16, ["train.precision=bf16", "model.attn_implementation=eager"], "eager", torch.bfloat16),
+    ):
+        seen["dtypes"] = set()
+        assert teacher_logits.main(build_args(teacher, toy_data, out, *settings)) == 0
+        assert (seen["attn"], seen["dtypes"]) == (attn, {dtype})
+    assert json.loads((fp32 / "manifest.json").read_text())["precision"] == "no"
+    assert json.loads((bf16 / "manifest.json").read_text())["precision"] == "bf16"
+    idx, exact = shard_rows(fp32)
+    idx_bf16, rounded = shard_rows(bf16)
+    assert torch.equal(idx, idx_bf16) and rounded.dtype == torch.float32
+    assert not torch.equal(rounded, exact)
+    torch.testing.assert_close(rounded, exact, atol=0.1, rtol=0.05)
+
+    # finishing (or reusing) a cache in another precision is refused
+    capsys.readouterr()
+    assert teacher_logits.main(build_args(teacher, toy_data, bf16)) == 2
+    assert "precision: on disk 'bf16', now 'no'" in capsys.readouterr().err
+    # a cache written before the precision was recorded was computed in float32
+    manifest = json.loads((fp32 / "manifest.json").read_text())
+    del manifest["precision"]
+    (fp32 / "manifest.json").write_text(json.dumps(manifest))
+    assert teacher_logits.main(build_args(teacher, toy_data, fp32)) == 0
+
+    # `auto` is resolved as training resolves it, and logged (mocked: a CPU measured faster in bf16)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"amx_bf16", "avx512_bf16"})
+    monkeypatch.setattr(runtime, "CPU_BF16_MEASURED", {"amx_bf16": (True, "a measurement")})
+    seen["dtypes"] = set()
+    assert teacher_logits.main(build_args(teacher, toy_data, tmp_path / "auto", "train.precision=auto")) == 0
+    assert seen["dtypes"] == {torch.bfloat16}
+    assert "scalelora: auto: train.precision=bf16 (CPU with amx_bf16" in capsys.readouterr().err

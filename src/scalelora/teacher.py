@@ -7,6 +7,7 @@ the three sources interchangeable (and the cache exact).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from scalelora.calibration import read_calibration
 from scalelora.config import ModelConfig, RunConfig
 from scalelora.errors import ConfigError, DataError
-from scalelora.runtime import unwrap_model, without_zero3_init
+from scalelora.runtime import autocast, resolve_precision, unwrap_model, without_zero3_init
 
 CACHE_MANIFEST = "manifest.json"
 
@@ -33,19 +34,30 @@ class TeacherOutput:
         self.pooled = pooled
 
 
-def run_frozen(model: torch.nn.Module, batch: dict[str, torch.Tensor], want_hidden: bool) -> TeacherOutput:
+def run_frozen(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    want_hidden: bool,
+    cast: Any = contextlib.nullcontext,
+) -> TeacherOutput:
+    """The frozen model's logits (and mean-pooled last hidden state), in float32 as the student's are;
+    `cast()` is the context its forward runs in (the run's autocast for a model Accelerate does not wrap)."""
     was_training = model.training
     model.eval()  # no dropout: the teacher's logits must not depend on the step
     try:
         # no_grad, not inference_mode: the self-teacher is the student's own (ZeRO-3 sharded) model,
         # whose parameters gathered under inference_mode would stay inference tensors, and PEFT's
         # disable_adapter() then fails setting requires_grad on them
-        with torch.no_grad():
+        with torch.no_grad(), cast():
             out = model(**batch, output_hidden_states=want_hidden)
     finally:
         model.train(was_training)
-    pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"]) if want_hidden else None
-    return TeacherOutput(out.logits.detach().clone(), None if pooled is None else pooled.detach().clone())
+    # pooled in float32, outside autocast, as the student's own hidden states are
+    hidden = out.hidden_states[-1].float() if want_hidden else None
+    pooled = mean_pool(hidden, batch["attention_mask"]) if hidden is not None else None
+    return TeacherOutput(
+        out.logits.detach().float().clone(), None if pooled is None else pooled.detach().clone()
+    )
 
 
 class SelfTeacher:
@@ -86,7 +98,12 @@ class ModelTeacher:
             dtype=cfg.model.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
             allow_pickle=cfg.model.allow_pickle,
+            attn_implementation=cfg.model.attn_implementation,
         )
+        # the student's forward runs under Accelerate's autocast; the teacher is not prepared, so it gets
+        # the same autocast here (the run's precision, already resolved by build_accelerator)
+        precision = resolve_precision(cfg.train.precision, cfg.model.dtype, device.type == "cuda").precision
+        self.cast = lambda: autocast(precision, device)
         tokenizer = load_tokenizer(teacher_cfg)
         if tokenizer.get_vocab() != student_tokenizer.get_vocab():
             raise ConfigError(
@@ -107,7 +124,7 @@ class ModelTeacher:
     def __call__(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], idx: torch.Tensor, want_hidden: bool
     ) -> TeacherOutput:
-        return run_frozen(self.model, batch, want_hidden)
+        return run_frozen(self.model, batch, want_hidden, self.cast)
 
 
 class CachedTeacher:

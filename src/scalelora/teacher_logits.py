@@ -4,9 +4,15 @@ Computes a frozen teacher's logits for every training example once, so students 
 them (`distill.teacher=cache distill.cache_dir=DIR`) without holding the teacher in memory or
 re-running it every epoch. Also runs under `accelerate launch` with several processes.
 
+The teacher is loaded and run as the student's config says: `model.dtype`, `model.attn_implementation`
+(passed to from_pretrained) and `train.precision` (the forward under that autocast; `auto` resolved for
+this device as training resolves it, and logged). The same overrides the student uses give the same
+settings; `train.precision=no` computes the logits in float32 anywhere.
+
 Layout of DIR:
 - `manifest.json`: format version, teacher identity (path + a hash of its config, weights and
-  calibration.json), label order, problem type, max_length, whether the logits are calibrated
+  calibration.json), label order, problem type, max_length, the precision the logits were computed in
+  (`precision`: no, bf16 or fp16; a cache without it is float32), whether the logits are calibrated
   (`logits_calibrated`: always false, the shards hold raw logits) and the teacher's fitted
   temperature (`teacher_temperature`, null when it has none), and per split the data fingerprint,
   number of examples, shard files and whether the build is complete.
@@ -32,9 +38,9 @@ from typing import Any
 import torch
 
 from scalelora.config import ModelConfig, RunConfig, load_config
-from scalelora.errors import DataError, UserError, exit_on_user_error
+from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
 from scalelora.files import atomic_write_json
-from scalelora.runtime import decide_on_main
+from scalelora.runtime import autocast, decide_on_main, resolve_precision
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -77,6 +83,11 @@ def check_compatible(existing: dict[str, Any], expected: dict[str, Any], out: Pa
     for key in ("format", "teacher", "label_names", "max_length"):
         if existing.get(key) != expected.get(key):
             problems.append(f"{key}: on disk {existing.get(key)!r}, now {expected.get(key)!r}")
+    # a cache written before the key was recorded was computed in float32
+    if existing.get("precision", "no") != expected.get("precision", "no"):
+        problems.append(
+            f"precision: on disk {existing.get('precision', 'no')!r}, now {expected.get('precision', 'no')!r}"
+        )
     for split, info in expected["splits"].items():
         old = existing.get("splits", {}).get(split)
         if old is not None and old.get("fingerprint") != info["fingerprint"]:
@@ -99,8 +110,10 @@ def shard_logits(
     max_length: int,
     batch_size: int,
     device: torch.device,
+    precision: str = "no",
 ) -> torch.Tensor:
-    """Logits of the frozen teacher (eval mode, no grad) for `texts`, in order.
+    """Logits of the frozen teacher (eval mode, no grad, under the autocast of `precision`: no, bf16,
+    fp16) for `texts`, in order, as float32.
 
     Batches are made of texts of similar length (sorted by characters), so each is padded to little more
     than its own length; the rows are put back in `texts`' order.
@@ -108,7 +121,7 @@ def shard_logits(
     sizes = [len(t) + (len(pairs[i]) if pairs is not None else 0) for i, t in enumerate(texts)]
     order = sorted(range(len(texts)), key=sizes.__getitem__)
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(precision, device):
         for start in range(0, len(texts), batch_size):
             chunk = order[start : start + batch_size]
             encoded = tokenizer(
@@ -152,6 +165,7 @@ def load_frozen_teacher(
         dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
+        attn_implementation=cfg.model.attn_implementation,
     )
     model, new_modules = load_classifier(teacher_cfg, label_names, problem_type=problem_type)
     if new_modules:
@@ -173,6 +187,7 @@ def expected_manifest(
     splits: tuple[str, ...],
     shard_size: int,
     temperature: float | None,
+    precision: str = "no",
 ) -> dict[str, Any]:
     """The manifest this build writes (every split still incomplete): what identifies the cache, and
     the shards each split is cut into. Raises UserError for a split the config has no data for."""
@@ -182,6 +197,8 @@ def expected_manifest(
         "label_names": list(loaded.label_names),
         "problem_type": loaded.problem_type,
         "max_length": cfg.data.max_length,
+        # the autocast the logits were computed under: a build is not finished in another one
+        "precision": precision,
         # the shards hold the teacher's raw logits; a student with distill.calibrated_teacher=true
         # divides them by this temperature (from the teacher's calibration.json; null: none fitted)
         "logits_calibrated": False,
@@ -238,6 +255,7 @@ def compute_missing_shards(
     out: Path,
     max_length: int,
     batch_size: int,
+    precision: str = "no",
 ) -> tuple[int, int]:
     """Compute and write this rank's shards of one split (shard k on rank k % N) that are not on disk
     yet, each to a temporary name and renamed. Returns (shards computed, shards kept from an earlier build)."""
@@ -261,6 +279,7 @@ def compute_missing_shards(
             max_length,
             batch_size,
             state.device,
+            precision,
         )
         tmp = path.with_name(f".{name}.tmp")
         save_file({"idx": torch.tensor(rows["idx"], dtype=torch.long), "logits": logits}, str(tmp))
@@ -288,19 +307,26 @@ def build_cache(
 ) -> dict[str, Any]:
     """Compute (or finish) the cache in `out`; returns the manifest. Collective under accelerate launch.
 
-    Raises DataError for a cache built for other data / another teacher (unless `overwrite`), and
-    UserError when the teacher has no trained head for the data's labels.
+    Raises DataError for a cache built for other data / another teacher (unless `overwrite`), UserError
+    when the teacher has no trained head for the data's labels, and ConfigError for fp16 without a GPU.
     """
     from scalelora import data as data_lib
 
     state = process_state()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if state.is_main_process else None)
+    choice = resolve_precision(cfg.train.precision, cfg.model.dtype, state.device.type == "cuda")
+    if choice.precision == "fp16" and state.device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=no (or bf16) on CPU")
+    if choice.log_line():
+        log(choice.log_line())
     loaded = data_lib.load_splits(cfg.data, cfg.seed)
     datasets_by_split = {"train": loaded.train, "eval": loaded.eval, "test": loaded.test}
     model, tokenizer, temperature = load_frozen_teacher(
         cfg, teacher, loaded.label_names, loaded.problem_type, state.device
     )
-    expected = expected_manifest(cfg, teacher, loaded, datasets_by_split, splits, shard_size, temperature)
+    expected = expected_manifest(
+        cfg, teacher, loaded, datasets_by_split, splits, shard_size, temperature, choice.precision
+    )
     decide_on_main(state, lambda: claim_cache_dir(out, expected, shard_size, overwrite))
     for split in splits:
         computed, done = compute_missing_shards(
@@ -312,6 +338,7 @@ def build_cache(
             out,
             cfg.data.max_length,
             batch_size,
+            choice.precision,
         )
         print(
             f"scalelora: teacher_logits rank {state.process_index}: split {split}: {computed} shard(s) computed, "
