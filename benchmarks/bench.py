@@ -13,7 +13,9 @@ RSS is its own and neither inherits the other's allocator or thread state. Steps
 end of the last warm-up step to the end of the last step (data loading included); samples and real
 tokens (attention-mask sums) are counted over the same steps. `ratio` is the median over repeats of
 scalelora samples/s divided by the faster HF configuration's (named by `comparator`), measured back
-to back; `ratio_default` the same against HF's defaults. `--time-to-result` times whole runs instead.
+to back; `ratio_default` the same against HF's defaults. `--time-to-result` times whole runs instead;
+`--precision-pairs` runs whole quickstarts in fp32 and bf16 on the CPU, the measurement behind
+`train.precision=auto` there (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -636,10 +638,11 @@ def worker_main(spec_path: Path, result_path: Path) -> int:
 # --- the parent: prepare shared inputs, run the sides, compare ----------------------------------
 
 
-def device_peak_flops() -> tuple[str, float | None]:
+def device_peak_flops(cuda: bool | None = None) -> tuple[str, float | None]:
+    """(device name, its bf16 peak FLOP/s or None); `cuda=False` names the CPU even where CUDA is visible."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not (torch.cuda.is_available() if cuda is None else cuda):
         import platform
 
         return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})", None
@@ -701,7 +704,13 @@ def environment() -> dict[str, Any]:
     )
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            # native bf16 (runtime.CPU_BF16_FEATURES, as lscpu names them): what train.precision=auto keys on
+            "bf16_features": sorted(f for f, present in cpu_bf16_facts()["features"].items() if present),
+        },
         "load_average_start": list(os.getloadavg()),
         "versions": versions,
         "git_commit": commit.stdout.strip() or None,
@@ -864,16 +873,25 @@ def run_timed(command: list[str], env: dict[str, str], log: Path) -> tuple[int, 
 
 
 def time_to_result_run(
-    side: str, args: argparse.Namespace, workdir: Path, index: int, model: str | None
+    side: str,
+    args: argparse.Namespace,
+    workdir: Path,
+    index: int,
+    model: str | None,
+    kind: str | None = None,
+    extra: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One whole run in a fresh process: `python -m scalelora.train --config quickstart` or the HF script.
+    """One whole run in a fresh process: `python -m scalelora.train --config quickstart` or the HF script
+    (`kind`: TTR_SCALELORA or TTR_HF, default `side`), `extra` appended to its overrides or arguments.
 
     Raises UserError (after printing the log's tail) when the run fails.
     """
+    kind = kind or side
     out = workdir / f"ttr-{index}-{side}"
-    env = child_env(args.threads)
+    env = {**child_env(args.threads), **(env_extra or {})}
     env["SCALELORA_BENCH_LAUNCHED"] = repr(time.time())  # refreshed below, just before the launch
-    if side == TTR_SCALELORA:
+    if kind == TTR_SCALELORA:
         overrides = [f"output_dir={out}", "overwrite=true", *args.set]
         if model:
             overrides.append(f"model.name={model}")
@@ -883,7 +901,7 @@ def time_to_result_run(
             overrides.append(f"data.max_train_samples={args.max_train_samples}")
         if args.compile:
             overrides.append("train.compile=true")
-        command = [sys.executable, "-m", "scalelora.train", "--config", "quickstart", *overrides]
+        command = [sys.executable, "-m", "scalelora.train", "--config", "quickstart", *overrides, *extra]
     else:
         result_path = workdir / f"ttr-{index}-hf.json"
         command = [sys.executable, str(Path(__file__).parent / "hf_quickstart.py"), "--out", str(out)]
@@ -896,24 +914,31 @@ def time_to_result_run(
             command += ["--max-train-samples", str(args.max_train_samples)]
         if args.compile:
             command += ["--compile"]
+        command += list(extra)
     log = workdir / f"ttr-{index}-{side}.log"
     env["SCALELORA_BENCH_LAUNCHED"] = repr(time.time())
     code, wall, rss = run_timed(command, env, log)
     if code != 0:
         print("\n".join(log.read_text().strip().splitlines()[-25:]), file=sys.stderr, flush=True)
         raise UserError(f"time-to-result run {side} failed (exit {code}); its last output is above")
-    if side == TTR_SCALELORA:
+    if kind == TTR_SCALELORA:
         summary = json.loads((out / "summary.json").read_text())
         phases = dict(summary["phase_seconds"])
+        steady = summary.get("steady_state")
         facts = {
             "validation_accuracy": summary["eval"]["validation"]["accuracy"],
             "test_accuracy": summary["eval"].get("test", {}).get("accuracy"),
             "optimizer_steps": summary["global_step"],
+            "precision": summary["precision"],  # train.precision as resolved (`auto`: for this machine)
         }
     else:
         result = json.loads(result_path.read_text())
         phases = {"startup": result["phase_seconds"].pop("imports"), **result["phase_seconds"]}
+        steady = result.get("steady_state")
         facts = {k: result[k] for k in ("validation_accuracy", "test_accuracy", "optimizer_steps")}
+        facts["precision"] = "bf16" if result.get("bf16") else "no"
+    # samples/s after the first 2 optimizer steps, on both sides (the trainer's and the script's clock)
+    facts["steady_samples_per_second"] = steady["samples_per_second"] if steady else None
     phases = {name: phases.get(name) or 0.0 for name in PHASES}
     return {
         "side": side,
@@ -974,6 +999,151 @@ def time_to_result(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "ratio": float(statistics.median(h["wall_seconds"] / s["wall_seconds"] for h, s in pairs)),
         "sides": sides,
     }
+
+
+# --- precision pairs: fp32 against bf16 autocast on a CPU, the measurement behind train.precision=auto --
+
+PRECISION_FP32 = "scalelora_fp32"
+PRECISION_BF16 = "scalelora_bf16"
+PRECISION_HF_BF16 = "hf_trainer_bf16"
+# side -> (which program, what it is given on top of the quickstart)
+PRECISION_SIDES = {
+    PRECISION_FP32: (TTR_SCALELORA, ("train.precision=no",)),
+    PRECISION_BF16: (TTR_SCALELORA, ("train.precision=bf16",)),
+    PRECISION_HF_BF16: (TTR_HF, ("--bf16",)),
+}
+
+
+def cpu_bf16_facts() -> dict[str, Any]:
+    """The CPU's native-bf16 features (runtime.CPU_BF16_FEATURES) and the most capable one it has: the key
+    of runtime.CPU_BF16_MEASURED a measurement on this machine fills."""
+    from scalelora.runtime import CPU_BF16_FEATURES, cpu_flags
+
+    flags = cpu_flags()
+    present = {feature: feature in flags for feature in CPU_BF16_FEATURES}
+    return {"features": present, "feature": next((f for f in CPU_BF16_FEATURES if present[f]), None)}
+
+
+def precision_pairs(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Whole quickstart runs on the CPU (CUDA hidden), fp32 and bf16 autocast back to back in each repeat
+    (which goes first alternating), with HF Trainer + PEFT in bf16 in the same repeat: steady-state
+    samples/s, accuracies, peak RSS; the paired bf16/fp32 speed-up and whether bf16 pays by the rule
+    `train.precision=auto` applies (runtime.CPU_BF16_MIN_SPEEDUP, CPU_BF16_MAX_ACCURACY_DROP)."""
+    from scalelora.runtime import CPU_BF16_MAX_ACCURACY_DROP, CPU_BF16_MIN_SPEEDUP
+
+    model = None
+    if args.smoke:  # a tiny random MiniLM-like model, 128 rows (4 steps: 2 skipped, 2 timed), 1 epoch
+        model = str(build_model_folder("bert", workdir / "model", smoke=True))
+        args = argparse.Namespace(
+            **{**vars(args), "epochs": 1.0, "max_train_samples": args.max_train_samples or 128}
+        )
+    runs = []
+    for repeat in range(args.repeats):
+        pair = [PRECISION_FP32, PRECISION_BF16] if repeat % 2 == 0 else [PRECISION_BF16, PRECISION_FP32]
+        # the pair back to back, HF after it in even repeats and before it in odd ones
+        order = [*pair, PRECISION_HF_BF16] if repeat % 2 == 0 else [PRECISION_HF_BF16, *pair]
+        for side in order:
+            print(
+                f"scalelora.bench: precision pairs {repeat + 1}/{args.repeats}: {side}",
+                file=sys.stderr,
+                flush=True,
+            )
+            kind, extra = PRECISION_SIDES[side]
+            run = time_to_result_run(
+                side, args, workdir, len(runs), model, kind, extra, {"CUDA_VISIBLE_DEVICES": ""}
+            )
+            if run["steady_samples_per_second"] is None:
+                raise UserError(
+                    f"precision run {side}: no optimizer step after the 2 skipped; raise --epochs"
+                )
+            runs.append({**run, "repeat": repeat})
+    sides = {}
+    for side in PRECISION_SIDES:
+        results = [r for r in runs if r["side"] == side]
+        sides[side] = {
+            key: median_of(results, key)
+            for key in (
+                "steady_samples_per_second",
+                "wall_seconds",
+                "validation_accuracy",
+                "test_accuracy",
+                "peak_rss_bytes",
+            )
+        }
+        sides[side]["train_seconds"] = float(statistics.median(r["phase_seconds"]["train"] for r in results))
+        sides[side]["repeats"] = results
+
+    def paired(numerator: str, denominator: str, key: str) -> list[float]:
+        by_repeat = {(r["side"], r["repeat"]): r[key] for r in runs}
+        return [by_repeat[(numerator, i)] / by_repeat[(denominator, i)] for i in range(args.repeats)]
+
+    speedups = paired(PRECISION_BF16, PRECISION_FP32, "steady_samples_per_second")
+    speedup = float(statistics.median(speedups))
+    test_drop = sides[PRECISION_FP32]["test_accuracy"] - sides[PRECISION_BF16]["test_accuracy"]
+    cpu = cpu_bf16_facts()
+    pays = speedup >= CPU_BF16_MIN_SPEEDUP and test_drop <= CPU_BF16_MAX_ACCURACY_DROP
+    return {
+        "mode": "precision_pairs",
+        "smoke": args.smoke,
+        "device": device_peak_flops(cuda=False)[0],
+        "cpu_bf16": cpu,
+        "command": "python -m scalelora.train --config quickstart"
+        + "".join(f" {o}" for o in args.set)
+        + (f" train.epochs={args.epochs}" if args.epochs else "")
+        + " train.precision={no,bf16}",
+        "hf_script": "benchmarks/hf_quickstart.py --bf16 (TrainingArguments(bf16=True))",
+        "epochs": args.epochs or 2.0,
+        "max_train_samples": args.max_train_samples,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "sides": sides,
+        # scalelora bf16 / scalelora fp32 steady-state samples/s, per repeat (run back to back) and median
+        "bf16_over_fp32": speedup,
+        "bf16_over_fp32_repeats": speedups,
+        "bf16_over_hf_bf16": float(
+            statistics.median(paired(PRECISION_BF16, PRECISION_HF_BF16, "steady_samples_per_second"))
+        ),
+        "test_accuracy_drop": test_drop,
+        "validation_accuracy_drop": sides[PRECISION_FP32]["validation_accuracy"]
+        - sides[PRECISION_BF16]["validation_accuracy"],
+        "rule": {"min_speedup": CPU_BF16_MIN_SPEEDUP, "max_test_accuracy_drop": CPU_BF16_MAX_ACCURACY_DROP},
+        # faster at equal accuracy by that rule: what runtime.CPU_BF16_MEASURED[feature] records
+        "bf16_pays": pays,
+    }
+
+
+def format_precision_pairs(report: dict[str, Any], out: Path | None) -> str:
+    cpu = report["cpu_bf16"]
+    have = ", ".join(f for f, present in cpu["features"].items() if present) or "no native bf16"
+    lines = [f"precision pairs on {report['device']} ({have})" + (" (smoke)" if report["smoke"] else "")]
+    lines.append(
+        f"{'side':18s} {'samples/s':>10s} {'train s':>8s} {'wall s':>8s} {'val acc':>8s} {'test acc':>8s} "
+        f"{'peak GiB':>8s}"
+    )
+    for side, entry in report["sides"].items():
+        lines.append(
+            f"{side:18s} {entry['steady_samples_per_second']:10.1f} {entry['train_seconds']:8.1f} "
+            f"{entry['wall_seconds']:8.1f} {entry['validation_accuracy']:8.4f} {entry['test_accuracy'] or 0:8.4f} "
+            f"{entry['peak_rss_bytes'] / 2**30:8.2f}"
+        )
+    repeats = ", ".join(f"{r:.3f}" for r in report["bf16_over_fp32_repeats"])
+    lines.append(f"bf16 / fp32 samples/s: {report['bf16_over_fp32']:.3f} (median of {repeats})")
+    lines.append(f"scalelora bf16 / HF bf16 samples/s: {report['bf16_over_hf_bf16']:.3f}")
+    lines.append(
+        f"test accuracy fp32 - bf16: {report['test_accuracy_drop']:+.4f} "
+        f"(validation {report['validation_accuracy_drop']:+.4f})"
+    )
+    rule = report["rule"]
+    lines.append(
+        f"bf16 pays (>= {rule['min_speedup']:.2f}x, test accuracy drop <= {rule['max_test_accuracy_drop']}): "
+        f"{report['bf16_pays']}"
+    )
+    if cpu["feature"] and not report["smoke"]:
+        source = str(out) if out else "benchmarks/results/<this JSON>"
+        lines.append(
+            f"runtime.CPU_BF16_MEASURED entry: {cpu['feature']!r}: ({report['bf16_pays']}, {source!r})"
+        )
+    return "\n".join(lines)
 
 
 def format_time_to_result(report: dict[str, Any]) -> str:
@@ -1067,6 +1237,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--time-to-result",
         action="store_true",
         help="time whole quickstart runs (command start to a saved, evaluated model) against the HF script",
+    )
+    parser.add_argument(
+        "--precision-pairs",
+        action="store_true",
+        help="whole quickstart runs on the CPU in fp32 and bf16 autocast, back to back per repeat, with HF "
+        "Trainer + PEFT in bf16: the measurement behind train.precision=auto on a CPU",
     )
     parser.add_argument("--note", help="a free-text note stored in the JSON (e.g. what else the machine ran)")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -1195,6 +1371,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {scenario.description}")
         return 0
     started = environment()
+    if args.precision_pairs:
+        check_counts(args)
+        with tempfile.TemporaryDirectory(prefix="scalelora-precision-") as tmp:
+            report = precision_pairs(args, Path(tmp))
+        report["environment"] = {**started, "load_average_end": list(os.getloadavg()), "note": args.note}
+        print(format_precision_pairs(report, args.out))
+        write_report(report, args.out)
+        return 0
     if args.time_to_result:
         check_counts(args)
         with tempfile.TemporaryDirectory(prefix="scalelora-ttr-") as tmp:

@@ -8,7 +8,9 @@ from the local data root, max_length 64, batch 32, lr 1e-3 with 6% linear warm-u
 clipping 1.0, 2 epochs, seed 42; length-grouped batches (`train_sampling_strategy="group_by_length"`,
 HF's faster configuration); then `trainer.evaluate` on validation and test (batch 128) and
 `save_pretrained` of the adapter. It writes wall-clock seconds per phase (imports, data, model, train,
-eval, save) and the accuracies to `--result`. The parent passes its launch time in
+eval, save), the accuracies and the steady-state throughput (samples/s after the first `--skip-steps`
+optimizer steps, clocked as scalelora's `steady_state` is) to `--result`. `--bf16`: bf16 autocast
+(`TrainingArguments(bf16=True)`), the comparator of `--precision-pairs`. The parent passes its launch time in
 SCALELORA_BENCH_LAUNCHED so the import phase includes interpreter start-up. It does not use scalelora.
 """
 
@@ -33,6 +35,7 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -50,6 +53,10 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="TrainingArguments(torch_compile=True)")
     parser.add_argument("--model", help="a model folder instead of the offline MiniLM-L6 (smoke runs)")
     parser.add_argument("--max-train-samples", type=int, help="a seeded subset of the training split")
+    parser.add_argument("--bf16", action="store_true", help="TrainingArguments(bf16=True): bf16 autocast")
+    parser.add_argument(
+        "--skip-steps", type=int, default=2, help="optimizer steps left out of the steady-state clock"
+    )
     args = parser.parse_args()
     launched = float(os.environ.get("SCALELORA_BENCH_LAUNCHED", STARTED))
     phases = {"imports": time.time() - launched}
@@ -113,7 +120,24 @@ def main() -> int:
         seed=42,
         use_cpu=not torch.cuda.is_available(),
         torch_compile=args.compile,
+        bf16=args.bf16,
     )
+
+    # the steady-state clock: from the end of step `skip` to the end of the last step, over the samples of
+    # the batches those steps took (one batch a step; the collator sees them in the order they are used)
+    batch_sizes: list[int] = []
+    step_ends: list[float] = []
+    collator = DataCollatorWithPadding(tokenizer)
+
+    def counting_collator(features: list) -> dict:
+        batch_sizes.append(len(features))
+        return collator(features)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, arguments: object, state: object, control: object, **kwargs: object) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
 
     def accuracy(prediction: object) -> dict:
         logits, gold = prediction
@@ -123,12 +147,25 @@ def main() -> int:
         model=model,
         args=arguments,
         train_dataset=data["train"],
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=counting_collator,
         compute_metrics=accuracy,
+        callbacks=[StepClock()],
     )
     phase("model")
-    trainer.train()
+    train_started = time.perf_counter()
+    output = trainer.train()
     phase("train")
+    steady = None
+    if len(step_ends) > args.skip_steps:
+        seconds = step_ends[-1] - (step_ends[args.skip_steps - 1] if args.skip_steps else train_started)
+        samples = sum(batch_sizes[args.skip_steps : len(step_ends)])
+        steady = {
+            "steps": len(step_ends) - args.skip_steps,
+            "skipped_steps": args.skip_steps,
+            "seconds": seconds,
+            "samples": samples,
+            "samples_per_second": samples / seconds,
+        }
     validation = trainer.evaluate(data["validation"], metric_key_prefix="validation")
     test = trainer.evaluate(data["test"], metric_key_prefix="test")
     phase("eval")
@@ -140,6 +177,10 @@ def main() -> int:
         "validation_accuracy": validation["validation_accuracy"],
         "test_accuracy": test["test_accuracy"],
         "optimizer_steps": trainer.state.global_step,
+        "steady_state": steady,
+        # HF's own figure: every step of training, the warm-up included
+        "train_samples_per_second": output.metrics.get("train_samples_per_second"),
+        "bf16": args.bf16,
     }
     args.result.write_text(json.dumps(result, indent=2) + "\n")
     return 0

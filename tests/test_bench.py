@@ -447,6 +447,90 @@ def test_smoke_time_to_result_runs_both_whole_runs(tmp_path: Path) -> None:
         assert 0 <= run["validation_accuracy"] <= 1 and 0 <= run["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
+def test_smoke_precision_pairs_runs_fp32_bf16_and_hf_bf16(tmp_path: Path) -> None:
+    out = tmp_path / "precision.json"
+    done = run_cli("scalelora.bench", ["--precision-pairs", "--smoke", "--out", str(out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "precision_pairs" and report["smoke"] is True
+    assert set(report["sides"]) == set(bench.PRECISION_SIDES)
+    for side, entry in report["sides"].items():
+        (run,) = entry["repeats"]
+        assert run["precision"] == ("no" if side == bench.PRECISION_FP32 else "bf16")
+        assert run["optimizer_steps"] == 4  # 128 rows, batch 32, 1 epoch: 2 skipped, 2 timed
+        assert run["steady_samples_per_second"] > 0 and 0 <= run["test_accuracy"] <= 1
+    assert report["bf16_over_fp32"] > 0 and isinstance(report["bf16_pays"], bool)
+    assert set(report["cpu_bf16"]["features"]) == {"amx_bf16", "avx512_bf16"}
+    assert "bf16 / fp32 samples/s" in done.stdout
+
+
+def test_precision_pairs_interleaves_the_pair_and_applies_the_rule(monkeypatch, tmp_path: Path) -> None:
+    """bf16 pays when its paired speed-up reaches runtime.CPU_BF16_MIN_SPEEDUP at a test accuracy at most
+    CPU_BF16_MAX_ACCURACY_DROP lower; each repeat's ratio is of the two runs made back to back."""
+    order: list[str] = []
+
+    def fake(speed: dict[str, list[float]], test: dict[str, float]):
+        def run(side, args, workdir, index, model, kind, extra, env_extra):
+            assert env_extra == {"CUDA_VISIBLE_DEVICES": ""}  # a CPU measurement even on a GPU host
+            repeat = sum(1 for s in order if s == side)
+            order.append(side)
+            return {
+                "side": side,
+                "steady_samples_per_second": speed[side][repeat],
+                "wall_seconds": 1.0,
+                "phase_seconds": {"train": 1.0},
+                "validation_accuracy": test[side],
+                "test_accuracy": test[side],
+                "peak_rss_bytes": 1,
+            }
+
+        return run
+
+    args = bench.parse_args(["--precision-pairs", "--repeats", "2"])
+    speed = {
+        bench.PRECISION_FP32: [100.0, 50.0],
+        bench.PRECISION_BF16: [120.0, 60.0],
+        bench.PRECISION_HF_BF16: [60.0, 30.0],
+    }
+    equal = dict.fromkeys(bench.PRECISION_SIDES, 0.8)
+    monkeypatch.setattr(bench, "time_to_result_run", fake(speed, equal))
+    report = bench.precision_pairs(args, tmp_path)
+    assert order == [
+        bench.PRECISION_FP32,
+        bench.PRECISION_BF16,
+        bench.PRECISION_HF_BF16,
+        bench.PRECISION_HF_BF16,
+        bench.PRECISION_BF16,
+        bench.PRECISION_FP32,
+    ]
+    assert report["bf16_over_fp32_repeats"] == pytest.approx([1.2, 1.2]) and report["bf16_pays"] is True
+    assert report["bf16_over_hf_bf16"] == pytest.approx(2.0)
+    order.clear()
+    lower = {**equal, bench.PRECISION_BF16: 0.79}  # 1 point below fp32
+    monkeypatch.setattr(bench, "time_to_result_run", fake(speed, lower))
+    assert bench.precision_pairs(args, tmp_path)["bf16_pays"] is False
+    order.clear()
+    slow = {**speed, bench.PRECISION_BF16: [105.0, 52.0]}  # 1.05x
+    monkeypatch.setattr(bench, "time_to_result_run", fake(slow, equal))
+    assert bench.precision_pairs(args, tmp_path)["bf16_pays"] is False
+
+
+def test_every_cpu_bf16_decision_rests_on_a_committed_measurement() -> None:
+    """runtime.CPU_BF16_MEASURED: each entry cites a committed, non-smoke --precision-pairs JSON made on a
+    CPU whose most capable bf16 feature is the entry's, and says what that JSON found."""
+    from scalelora.runtime import CPU_BF16_FEATURES, CPU_BF16_MEASURED
+
+    for feature, (pays, source) in CPU_BF16_MEASURED.items():
+        assert feature in CPU_BF16_FEATURES
+        path = ROOT / source
+        assert path.is_file() and path.parent == ROOT / "benchmarks" / "results", source
+        report = json.loads(path.read_text())
+        assert report["mode"] == "precision_pairs" and report["smoke"] is False, source
+        assert report["cpu_bf16"]["feature"] == feature, source
+        assert report["bf16_pays"] is pays, source
+
+
 # --- the trainer's own timing: what the benchmark reads -------------------------------------------
 
 
