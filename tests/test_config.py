@@ -53,16 +53,20 @@ def test_every_recipe_loads_and_validates(name):
 
 
 def test_precision_is_auto_by_default_and_the_results_recipes_keep_fp32():
-    """The committed results were trained in fp32: their recipes pin it, so `auto` choosing bf16 on
-    another host never retrains them differently (their resolved configs are what they were)."""
+    """The committed results were trained in fp32: the recipes the results study trains pin it, so
+    `auto` choosing bf16 on another host never retrains them differently (their resolved configs, which
+    the results' stamps hash, are what they were)."""
+    from studies.results import DATASETS, recipe_of
+
     assert RunConfig().train.precision == "auto" and key_info("train.precision").before == "no"
+    results_recipes = {recipe_of(dataset) for dataset in DATASETS}
+    assert "goemotions" in results_recipes  # a shipped recipe the study trains as it is
     for name in recipe_names():
-        expected = "no" if name.startswith("results_") else "auto"
+        expected = "no" if name in results_recipes or name.startswith("results_") else "auto"
         assert load_config(name).train.precision == expected, name
-    # `no` is explicit there, not YAML's false that happens to read as it
-    for path in resources.files("scalelora.recipes").iterdir():
-        if path.name.startswith("results_"):
-            assert "  precision: 'no'\n" in path.read_text(), path.name
+        if expected == "no":  # explicit, not YAML's false that happens to read as it
+            text = resources.files("scalelora.recipes").joinpath(f"{name}.yaml").read_text()
+            assert "  precision: 'no'\n" in text, name
 
 
 def test_a_half_precision_base_is_valid_with_auto_precision():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from scalelora.config import load_config
 from scalelora.study.pipeline import Pipeline, main
 
 ROWS = [
@@ -185,6 +186,23 @@ def test_pipeline_on_multi_label_data(tiny_bert, toy_multilabel, tmp_path):
     as_hot = lambda sets: [[int(n in s) for n in names] for s in sets]  # noqa: E731
     again = multi_label_metrics(as_hot(by["head_only"]["predictions"]), as_hot(gold), names)
     assert again["macro_f1"] == pytest.approx(by["head_only"]["test"]["tuned"]["macro_f1"])
+
+
+def test_the_default_row_keeps_a_precision_its_recipe_pins(tmp_path):
+    """The results recipes pin fp32 (their committed rows were trained in it): the `auto_default` row
+    keeps it, so its settings, and the stamp a finished run is reused by, stay what they were; a
+    recipe that leaves `auto` gives the row `auto`, as a user gets."""
+    recipe, overrides = Pipeline("results_emotion", tmp_path / "a", []).run_config("auto_default")
+    assert recipe == "auto" and "train.precision=no" in overrides
+    assert load_config(recipe, overrides).train.precision == "no"
+    recipe, overrides = Pipeline("emotion", tmp_path / "b", []).run_config("auto_default")
+    assert not any(o.startswith("train.precision=") for o in overrides)
+    assert load_config(recipe, overrides).train.precision == "auto"
+    # an override on the command line still wins, named once
+    _, overrides = Pipeline("results_emotion", tmp_path / "c", ["train.precision=bf16"]).run_config(
+        "auto_default"
+    )
+    assert [o for o in overrides if o.startswith("train.precision=")] == ["train.precision=bf16"]
 
 
 def test_recorded_commands_name_each_key_once(tmp_path):

@@ -241,9 +241,17 @@ class Pipeline:
                 for k in AUTO_DATA_KEYS
                 if cfg["data"][k.split(".")[1]] is not None
             ]
-            return AUTO_RECIPE, data + self.common + self.per_run.get(run, []) + [
-                f"{k}={_value(v)}" for k, v in fixed.items()
-            ]
+            # a precision the recipe pins (the results_* recipes: their committed rows were trained in
+            # fp32) holds for this row too; otherwise the row gets `auto`, what a user gets
+            pinned = cfg["train"]["precision"]
+            precision = [f"train.precision={_value(pinned)}"] if pinned != "auto" else []
+            return AUTO_RECIPE, last_of_each_key(
+                data
+                + precision
+                + self.common
+                + self.per_run.get(run, [])
+                + [f"{k}={_value(v)}" for k, v in fixed.items()]
+            )
         if run in ON_TEACHER:
             fixed["model.name"] = (
                 self.teacher_dir
