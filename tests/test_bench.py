@@ -606,7 +606,7 @@ def test_compile_auto_is_on_for_cuda_only() -> None:
 
 
 def test_throughput_clock_leaves_out_warmup_and_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scalelora.trainer import StepStats, ThroughputClock
+    from scalelora.meters import StepStats, ThroughputClock
 
     now = {"t": 0.0}
     monkeypatch.setattr(time_module(), "perf_counter", lambda: now["t"])
@@ -642,13 +642,13 @@ def test_throughput_clock_leaves_out_warmup_and_pauses(monkeypatch: pytest.Monke
 
 
 def time_module():
-    import scalelora.trainer
+    import scalelora.meters
 
-    return scalelora.trainer.time
+    return scalelora.meters.time
 
 
 def test_phase_timer_counts_a_nested_phase_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scalelora.trainer import PhaseTimer
+    from scalelora.meters import PhaseTimer
 
     now = {"t": 0.0}
     monkeypatch.setattr(time_module(), "perf_counter", lambda: now["t"])

@@ -552,7 +552,7 @@ def test_lora_on_a_real_llama_decoder_offline(tmp_path):
 
 def test_no_weight_decay_on_biases_and_norms_and_head_lr(tiny_bert, toy_data, tmp_path):
     from scalelora.models import build_model
-    from scalelora.trainer import build_optimizer
+    from scalelora.optim import build_optimizer
 
     cfg = load_config(
         "quickstart",
@@ -571,7 +571,7 @@ def test_no_weight_decay_on_biases_and_norms_and_head_lr(tiny_bert, toy_data, tm
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_schedules_warm_up_then_follow_their_shape(kind):
-    from scalelora.trainer import build_scheduler
+    from scalelora.optim import build_scheduler
 
     cfg = load_config("quickstart", [f"train.scheduler={kind}", "train.warmup_steps=10", "train.lr=1.0"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -671,7 +671,7 @@ def test_fused_adamw_is_decided_on_parameters_prepare_has_placed(tiny_bert, toy_
     on the CPU and a CUDA run would never get fused AdamW."""
     from accelerate import Accelerator
 
-    from scalelora import trainer as trainer_module
+    from scalelora import optim
 
     real_prepare_model = Accelerator.prepare_model
     placed: set[int] = set()
@@ -682,7 +682,7 @@ def test_fused_adamw_is_decided_on_parameters_prepare_has_placed(tiny_bert, toy_
         return prepared
 
     seen: list[bool] = []
-    real_decision = trainer_module.use_fused_adamw
+    real_decision = optim.use_fused_adamw
 
     def decision(params):
         params = list(params)
@@ -690,7 +690,7 @@ def test_fused_adamw_is_decided_on_parameters_prepare_has_placed(tiny_bert, toy_
         return real_decision(params)
 
     monkeypatch.setattr(Accelerator, "prepare_model", prepare_model)
-    monkeypatch.setattr(trainer_module, "use_fused_adamw", decision)
+    monkeypatch.setattr(optim, "use_fused_adamw", decision)
     cfg = load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path / "out"))
     trainer = Trainer(cfg)
     try:
@@ -709,7 +709,7 @@ def test_fused_adamw_setting_chooses_the_kernel_and_fused_makes_the_same_update(
     """`train.fused_adamw` picks torch's fused AdamW or its default (a loop over tensors on the CPU); both
     make the same update (weight-decay groups and the head learning rate included) within float rounding."""
     from scalelora.models import build_model
-    from scalelora.trainer import build_optimizer
+    from scalelora.optim import build_optimizer
 
     def optimizer_for(value: str):
         overrides = {"model.mode": "full", "train.head_lr": 0.02, "train.fused_adamw": value}
@@ -761,7 +761,7 @@ def test_adamw_state_saved_by_one_kernel_resumes_in_the_other():
 def test_fused_adamw_true_is_refused_where_it_cannot_run(tiny_bert, toy_data, tmp_path):
     from scalelora.errors import UserError
     from scalelora.models import build_model
-    from scalelora.trainer import build_optimizer
+    from scalelora.optim import build_optimizer
 
     cfg = load_config(
         "quickstart",
@@ -852,7 +852,7 @@ def fp16_trainer_on_cpu(tmp_path: Path) -> Trainer:
     trainer = Trainer(cfg)
     trainer.accelerator, trainer.model, trainer.optimizer, trainer.teacher = acc, model, optimizer, None
     trainer.class_weights = None
-    from scalelora.trainer import build_scheduler
+    from scalelora.optim import build_scheduler
 
     trainer.scheduler = acc.prepare_scheduler(build_scheduler(optimizer, cfg, total_steps=10))
     return trainer

@@ -14,7 +14,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,18 +45,18 @@ from scalelora.losses import (
     kd_kl_sum,
     kd_sigmoid_sum,
 )
+from scalelora.meters import MetricsWindow, PhaseTimer, StepStats, ThroughputClock
 from scalelora.models import (
-    HEAD_MODULES,
     count_params,
     finish_model,
     is_peft,
     load_classifier,
     load_tokenizer,
     max_positions,
-    quiet_peft,
     untrained_head,
     use_mask_dropout,
 )
+from scalelora.optim import build_optimizer, build_scheduler
 from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
     StopSignal,
@@ -99,228 +99,6 @@ class TrainState:
     identity: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class StepStats:
-    """What one optimizer step consumed and produced. Tensors stay on the device until read."""
-
-    loss: torch.Tensor
-    """This rank's share of the step's objective (the shares of all ranks add up to it)."""
-    tokens: torch.Tensor
-    samples: int
-    grad_norm: Any
-    seconds: float
-    padded_tokens: int = 0
-    """Token positions including padding (input_ids elements), all ranks."""
-    token_pairs: torch.Tensor | None = None
-    """Sum over examples of (real length)^2, all ranks: the attention work of the step."""
-
-
-class PhaseTimer:
-    """Wall seconds per phase of a run (`with phases("eval"): ...`). A phase entered inside another counts
-    for itself only (a best-adapter save inside an evaluation is `save`), so the phases never overlap."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._inner: list[float] = []  # per open phase: seconds spent in phases nested inside it
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        self._inner.append(0.0)
-        try:
-            yield
-        finally:
-            total = time.perf_counter() - started
-            inner = self._inner.pop()
-            self.seconds[name] = self.seconds.get(name, 0.0) + total - inner
-            if self._inner:
-                self._inner[-1] += total
-
-
-class ThroughputClock:
-    """Steady-state throughput of the optimizer steps this process runs after its first `skip` (warm-up).
-
-    The clock runs from the end of the last skipped step to the end of the last counted one, so data
-    loading and logging are inside it; evaluation and checkpoint saves between steps (`paused`) are
-    not. Samples, real tokens (attention-mask sums) and squared lengths stay device tensors, and the
-    device is synchronized only at the window's edges and around pauses, never on every step.
-    """
-
-    def __init__(self, skip: int, device: torch.device) -> None:
-        self.skip = skip
-        self.device = device
-        self.seen = 0
-        self.steps = 0
-        self.samples = 0
-        self.padded_tokens = 0
-        self.tokens = torch.zeros((), dtype=torch.long, device=device)
-        self.token_pairs = torch.zeros((), dtype=torch.long, device=device)
-        self.started = self._now() if skip == 0 else None
-        self.ended: float | None = None
-        self.paused_seconds = 0.0
-        self._pending_pause = 0.0  # pauses after the last counted step count once another step follows
-        self._step_just_ended = False
-        self.peak_memory: dict[str, int | None] | None = None  # as the last counted step ended
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the queued work belongs before the stamp
-        return time.perf_counter()
-
-    def step_ended(self, stats: StepStats, last: bool) -> None:
-        self.seen += 1
-        if self.started is None:
-            if self.seen == self.skip:
-                self.started = self._now()
-            return
-        self.steps += 1
-        self.samples += stats.samples
-        self.padded_tokens += stats.padded_tokens
-        self.tokens += stats.tokens
-        if stats.token_pairs is not None:
-            self.token_pairs += stats.token_pairs
-        self.paused_seconds += self._pending_pause
-        self._pending_pause = 0.0
-        self.ended = self._now() if last else time.perf_counter()
-        self._step_just_ended = True
-        # the process's peak through this step (a getrusage call; on CUDA a host-side counter): training's
-        # peak without the final evaluation, calibration and report that follow the loop
-        self.peak_memory = peak_memory_bytes(self.device)
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Time inside the block is not training (evaluation, a checkpoint)."""
-        if self.started is None:
-            yield
-            return
-        began = self._now()
-        if self._step_just_ended:
-            self.ended = began  # the step's queued device work finished only now
-            self._step_just_ended = False
-        try:
-            yield
-        finally:
-            self._pending_pause += time.perf_counter() - began
-
-    def read(self) -> dict[str, Any] | None:
-        """The steady-state numbers for summary.json; None when no step was counted."""
-        if not self.steps or self.started is None or self.ended is None:
-            return None
-        seconds = max(self.ended - self.started - self.paused_seconds, 1e-9)
-        tokens = int(self.tokens)
-        return {
-            "skipped_steps": self.skip,
-            "steps": self.steps,
-            "seconds": seconds,
-            "samples": self.samples,
-            "tokens": tokens,
-            "padded_tokens": self.padded_tokens,
-            "token_pairs": int(self.token_pairs),
-            "samples_per_second": self.samples / seconds,
-            "tokens_per_second": tokens / seconds,
-            "step_seconds": seconds / self.steps,
-            "padding_efficiency": tokens / max(self.padded_tokens, 1),
-            "peak_memory_bytes": self.peak_memory,
-        }
-
-
-class MetricsWindow:
-    """Sums over the optimizer steps since the last log line.
-
-    Loss, example and token counts stay device tensors, so adding a step never syncs the host;
-    `read` syncs once per log line, and `total_tokens` when a checkpoint needs the count.
-    """
-
-    def __init__(self, device: torch.device, tokens_before: int) -> None:
-        self.device = device
-        self.tokens_before = tokens_before
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.steps = 0
-        self.tokens = torch.zeros((), dtype=torch.long, device=self.device)
-        self.samples = 0
-        self.grad_norm: Any = None
-        self.started = time.perf_counter()
-
-    def add(self, stats: StepStats) -> None:
-        self.loss += stats.loss
-        self.steps += 1
-        self.tokens += stats.tokens
-        self.samples += stats.samples
-        self.grad_norm = stats.grad_norm
-
-    def total_tokens(self) -> int:
-        return self.tokens_before + int(self.tokens)
-
-    def read(self, accelerator: Any) -> dict[str, Any]:
-        """Mean objective over the window's steps (all ranks), last grad norm, samples/s and tokens/s;
-        then restart it."""
-        loss = self.loss
-        if accelerator.num_processes > 1:
-            loss = accelerator.reduce(loss.clone(), reduction="sum")
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        tokens = int(self.tokens)
-        values = {
-            "loss": float(loss) / max(self.steps, 1),
-            "grad_norm": float(self.grad_norm) if self.grad_norm is not None else None,
-            "samples_per_second": self.samples / seconds,
-            "tokens_per_second": tokens / seconds,
-        }
-        self.tokens_before += tokens
-        self.reset()
-        return values
-
-
-def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Biases and norm weights (all 1-D tensors) get no weight decay."""
-    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
-
-
-def is_head_parameter(name: str) -> bool:
-    return any(f"{h}." in name or name.startswith(h) for h in HEAD_MODULES)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            groups.setdefault((is_head_parameter(name), no_decay(name, param)), []).append(param)
-    param_groups = [
-        {
-            "params": params,
-            "weight_decay": 0.0 if skip_decay else cfg.train.weight_decay,
-            "lr": cfg.train.head_lr if (is_head and cfg.train.head_lr) else cfg.train.lr,
-        }
-        for (is_head, skip_decay), params in groups.items()
-    ]
-    if not param_groups:
-        raise UserError("nothing to train: every parameter is frozen (check model.mode and model.train_head)")
-    setting = cfg.train.fused_adamw
-    params = [p for g in param_groups for p in g["params"]]
-    possible = use_fused_adamw(params)
-    fused = possible if setting == "auto" else bool(setting)
-    if fused and not possible:
-        devices = sorted({str(p.device) for p in params})
-        raise UserError(
-            f"train.fused_adamw=true needs every trainable tensor on one CUDA device or on the CPU "
-            f"(they are on {', '.join(devices)}); set train.fused_adamw=auto or false"
-        )
-    return torch.optim.AdamW(param_groups, lr=cfg.train.lr, fused=fused or None)
-
-
-def use_fused_adamw(params: Iterable[torch.nn.Parameter]) -> bool:
-    """Whether torch's fused AdamW (one kernel for all tensors) can run: every trainable tensor is a
-    float on one device, and that device is the CPU or CUDA.
-
-    Ask only once `prepare` has placed the model: before that every parameter is on the CPU.
-    """
-    devices = {p.device for p in params}
-    floats = all(p.is_floating_point() for p in params)
-    return floats and len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda")
-
-
 def nonfinite_reaches_gradients(loss: torch.Tensor) -> torch.Tensor:
     """`loss` unchanged (times exactly 1) when finite; when not, a NaN whose gradients are all NaN.
 
@@ -338,31 +116,6 @@ def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
     return not bool(bad.item())
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
-    # transformers.optimization imports its trainer utilities, which import PEFT (and PEFT bitsandbytes)
-    # when installed: a full fine-tune that never imported PEFT gets it here, quiet as in models
-    with quiet_peft(cfg.model.load_in_8bit or cfg.model.load_in_4bit):
-        from transformers import (
-            get_constant_schedule_with_warmup,
-            get_cosine_schedule_with_warmup,
-            get_linear_schedule_with_warmup,
-        )
-
-    warmup = (
-        cfg.train.warmup_steps
-        if cfg.train.warmup_steps is not None
-        else int(cfg.train.warmup_ratio * total_steps)
-    )
-    if cfg.train.scheduler == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    factory = (
-        get_cosine_schedule_with_warmup
-        if cfg.train.scheduler == "cosine"
-        else get_linear_schedule_with_warmup
-    )
-    return factory(optimizer, warmup, total_steps)
 
 
 class Trainer:
