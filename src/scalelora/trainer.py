@@ -47,6 +47,7 @@ from scalelora.losses import (
 )
 from scalelora.meters import MetricsWindow, PhaseTimer, StepStats, ThroughputClock
 from scalelora.models import (
+    ParamCount,
     count_params,
     finish_model,
     is_peft,
@@ -120,34 +121,82 @@ def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
 
 class Trainer:
     """Fine-tunes one classifier as `cfg` says. Use `run_training(cfg)`, or: `Trainer(cfg)`, `setup()`,
-    `train()` (returns the summary), and `close()` in a `finally`."""
+    `train()` (returns the summary), and `close()` in a `finally`.
+
+    Its whole state is declared below. An attribute without a default is set by `__init__` or `setup`
+    (read earlier, it fails loudly); one defaulting to None is None until set, or for good where that
+    part is off (no teacher, no class weights), and `echo` and `close` read those before setup ends.
+    """
+
+    # __init__
+    cfg: RunConfig
+    state: TrainState
+    stop_signal: StopSignal
+    phases: PhaseTimer
+    startup_seconds: float | None = None
+    """The process's age when setup began: interpreter start-up, imports and config in a CLI run."""
+    # setup: the run (_setup_run, _start_records)
+    accelerator: Any = None
+    checkpointer: Checkpointer | None = None
+    extra_metrics: dict[str, Any]
+    tracker: Any = None
+    # setup: the data (_setup_data)
+    tokenizer: Any
+    splits: data_lib.Splits
+    tokenized: dict[str, Any]
+    label_names: list[str]
+    problem_type: str
+    multi_label: bool
+    tune_metric: str | None = None
+    class_weights: torch.Tensor | None = None
+    # setup: the model and what accelerate.prepare made of it (_setup_model, _setup_loaders, _prepare)
+    model: torch.nn.Module
+    params: ParamCount
+    compiled: bool = False
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    train_sampler: Any
+    eval_loaders: dict[str, Any]
+    batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+    teacher: Any = None
+    # train
+    progress: Any = None
+    window: MetricsWindow
+    throughput: ThroughputClock | None = None
+    _clock: float
+    last_eval: tuple[int, dict[str, Any], SplitOutputs] | None = None
+    """(step, metrics, outputs) of the latest validation: the final evaluation reuses it at that step."""
+    calibration: Calibration | None = None
+    """Temperature and decision rule fitted after training (None before, and with neither asked for)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.state = TrainState()
         self.stop_signal = StopSignal()
-        self.tracker: Any = None
-        self.accelerator: Any = None
-        self.checkpointer: Checkpointer | None = None
-        self.progress: Any = None
-        self.last_eval: tuple[int, dict[str, Any], SplitOutputs] | None = None
-        self.calibration: Calibration | None = None
-        """Temperature and decision rule fitted after training (None before, and with neither asked for)."""
         self.phases = PhaseTimer()
-        self.startup_seconds: float | None = None
-        """The process's age when setup began: interpreter start-up, imports and config in a CLI run."""
-        self.throughput: ThroughputClock | None = None
 
     # --- setup ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Everything `train` needs, in this order."""
         self.startup_seconds = process_seconds()
         # `model` holds all of setup but the data (timed inside): Accelerator, run folder, model, LoRA,
         # prepare, optimizer, teacher, tracker
         with self.phases("model"):
-            self._setup()
+            resume_from = self._setup_run()
+            self._setup_data()
+            model = self._setup_model()
+            self._prepare(model, *self._setup_loaders())
+            self._setup_teacher()
+            self._resume(resume_from)
+            self._start_records()
 
-    def _setup(self) -> None:
+    def _setup_run(self) -> Path | None:
+        """The Accelerator, and the run folder claimed: returns the checkpoint to resume from (None: fresh)."""
         cfg = self.cfg
         acc = self.accelerator = build_accelerator(cfg)
         # before the output folder is touched: a metric that cannot load fails the run at once
@@ -166,6 +215,12 @@ class Trainer:
         self.echo(
             f"scalelora: run {cfg.recipe or 'config'} -> {cfg.run_dir} ({acc.num_processes} process(es), {acc.distributed_type})"
         )
+        return resume_from
+
+    def _setup_data(self) -> None:
+        """The tokenizer and the tokenized splits, then what the labels decide: the metric a decision
+        rule is tuned for at each evaluation, and the class weights."""
+        cfg = self.cfg
         with self.phases("data"):
             self.tokenizer = load_tokenizer(cfg.model, cfg.data.truncation_side)
             self.splits, self.tokenized = self._load_data()
@@ -180,6 +235,10 @@ class Trainer:
         )
         self.class_weights = self._class_weights()
 
+    def _setup_model(self) -> torch.nn.Module:
+        """The classifier as model.mode says, checked against the data's lengths, counted, and compiled
+        when train.compile says; not yet prepared."""
+        cfg = self.cfg
         model, new_modules = load_classifier(
             cfg.model, self.label_names, device_map=self._device_map(), problem_type=self.problem_type
         )
@@ -191,11 +250,16 @@ class Trainer:
         self.echo(
             f"scalelora: {cfg.model.name} mode={cfg.model.mode} labels={self.label_names}; {self.params.line()}"
         )
-        if cfg.train.mask_dropout and acc.device.type == "cpu":
+        if cfg.train.mask_dropout and self.accelerator.device.type == "cpu":
             use_mask_dropout(model)
-        self.compiled = compile_enabled(cfg.train.compile, acc.device)
+        self.compiled = compile_enabled(cfg.train.compile, self.accelerator.device)
         if self.compiled:
             model = torch.compile(model)
+        return model
+
+    def _setup_loaders(self) -> tuple[Any, dict[str, Any]]:
+        """The training loader and the evaluation loaders by split, not yet prepared (sharded)."""
+        cfg = self.cfg
         collate = data_lib.PadCollator(
             self.tokenizer.pad_token_id, pad_to_multiple_of=8 if self.compiled else None
         )
@@ -211,6 +275,12 @@ class Trainer:
             for name in ("eval", "test")
             if name in self.tokenized
         }
+        return train_loader, eval_loaders
+
+    def _prepare(self, model: torch.nn.Module, train_loader: Any, eval_loaders: dict[str, Any]) -> None:
+        """accelerate.prepare: the model, the optimizer and the loaders; then the schedule, whose length
+        needs the per-rank number of batches, known once the loader is sharded."""
+        cfg, acc = self.cfg, self.accelerator
         if is_deepspeed(acc):
             # DeepSpeed builds its engine from the model and the optimizer together
             optimizer = build_optimizer(model, cfg)
@@ -220,7 +290,6 @@ class Trainer:
             self.model = acc.prepare(model)
             optimizer = build_optimizer(unwrap_model(self.model), cfg)
             self.optimizer, self.train_loader = acc.prepare(optimizer, train_loader)
-        # the schedule length needs the per-rank number of batches, known once the loader is sharded
         self.eval_loaders = {name: acc.prepare_data_loader(loader) for name, loader in eval_loaders.items()}
         self.batches_per_epoch = len(self.train_loader)
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / cfg.train.grad_accum))
@@ -234,20 +303,33 @@ class Trainer:
 
             acc.register_save_state_pre_hook(trainable_only_save_hook)
 
+    def _setup_teacher(self) -> None:
         self.teacher = build_teacher(
-            cfg,
+            self.cfg,
             self.label_names,
             self.tokenizer,
             self.splits.fingerprints["train"],
-            acc.device,
+            self.accelerator.device,
             self.problem_type,
         )
+
+    def _resume(self, resume_from: Path | None) -> None:
+        """The run's resume identity; with a checkpoint, its state loaded into the prepared objects and
+        the trainer state it saved."""
         self.state.identity = resume_identity(
-            to_dict(cfg), self.label_names, acc.num_processes, self.splits.fingerprints["train"]
+            to_dict(self.cfg),
+            self.label_names,
+            self.accelerator.num_processes,
+            self.splits.fingerprints["train"],
         )
         if resume_from is not None:
             self.state = TrainState(**self.checkpointer.resume(resume_from, self.state.identity))
-        self.tracker = build_tracker(cfg, acc.is_main_process, to_dict(cfg))
+
+    def _start_records(self) -> None:
+        """The tracker, config.yaml, and the sample predictions before training (a resumed run keeps
+        those of its first start)."""
+        cfg = self.cfg
+        self.tracker = build_tracker(cfg, self.accelerator.is_main_process, to_dict(cfg))
         self.tracker.set_summary(param_counts(self.params.trainable, self.params.total))
         self.checkpointer.write_text("config.yaml", dump_yaml(cfg))
         if not self.state.predictions_before:
@@ -849,7 +931,7 @@ class Trainer:
             if self.class_weights is not None
             else None,
             "peak_memory_gb": {k: (v / 2**30 if v is not None else None) for k, v in memory.items()},
-            "compiled": getattr(self, "compiled", False),
+            "compiled": self.compiled,
             "steady_state": self.throughput.read() if self.throughput is not None else None,
             "phase_seconds": self.phase_seconds(),
         }
