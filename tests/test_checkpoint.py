@@ -3,6 +3,7 @@ resume identity, metrics trimming, atomic files and manifests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -63,6 +64,27 @@ def test_maybe_save_asks_for_the_state_only_when_it_saves(tmp_path, monkeypatch)
     for step in range(1, 5):
         keeper.maybe_save(step, step == 4, state)
     assert saved == [2, 4] and len(asked) == 2 and keeper.last_saved_step == 4
+
+
+def test_maybe_save_enters_around_only_when_it_saves_and_takes_the_state_inside(tmp_path, monkeypatch):
+    """The loop times a save (and pauses its throughput clock, a device sync on CUDA) in `around`: never
+    on a step that saves nothing."""
+    keeper, _ = checkpointer(tmp_path, every=2)
+    events: list[str] = []
+    monkeypatch.setattr(
+        ckpt, "save_checkpoint", lambda acc, root, step, state, keep: events.append(f"save {step}") or root
+    )
+
+    @contextlib.contextmanager
+    def around():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    for step in range(1, 6):
+        keeper.maybe_save(step, step == 5, lambda: events.append("state") or {}, around)
+    saves = [["enter", "state", f"save {step}", "exit"] for step in (2, 4, 5)]
+    assert events == [event for save in saves for event in save]
 
 
 def test_a_used_output_dir_is_refused_and_overwrite_clears_only_run_outputs(tmp_path):

@@ -601,8 +601,8 @@ class Checkpointer:
     """Owns `output_dir`: the run lock, whether and from where to resume, when to write a resumable
     checkpoint and which to keep, the best model, `metrics.jsonl`, `config.yaml` and `summary.json`.
 
-    The loop asks it (`maybe_save(step, last, state)`) and hands it plain data; it never reads the
-    loop's objects. Methods marked collective are called by every rank; the main process writes.
+    The loop asks it after every step (`maybe_save(step, last, state, around)`) and hands it plain
+    data; it never reads the loop's objects. Methods marked collective are called by every rank; the main process writes.
     """
 
     def __init__(
@@ -746,12 +746,20 @@ class Checkpointer:
         periodic = bool(self.every) and step % self.every == 0
         return (periodic or last) and self.last_saved_step != step
 
-    def maybe_save(self, step: int, last: bool, state: Callable[[], dict[str, Any]]) -> Path | None:
+    def maybe_save(
+        self,
+        step: int,
+        last: bool,
+        state: Callable[[], dict[str, Any]],
+        around: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ) -> Path | None:
         """Collective. Save every `checkpoint.every` steps and once at the last step (unless that step
-        was just saved). `state` is called only when saving (it may sync the device)."""
+        was just saved). Only when saving, it enters `around()` (the loop times the save there) and
+        calls `state` inside it (it may sync the device)."""
         if not self.due(step, last):
             return None
-        return self.save(step, state())
+        with around():
+            return self.save(step, state())
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Collective. Write `checkpoints/step-N` now (on preemption, a halt, or when due)."""

@@ -466,9 +466,9 @@ class Trainer:
                     raise Preempted(
                         f"stopped by {self.stop_signal.signal_name or 'a signal on another rank'}; checkpoint {path}"
                     )
-                if self.checkpointer.due(state.global_step, last):
-                    with self.between_steps("save"):
-                        self.checkpointer.save(state.global_step, self.snapshot())
+                self.checkpointer.maybe_save(
+                    state.global_step, last, self.snapshot, around=lambda: self.between_steps("save")
+                )
         self.progress.close()
         self.snapshot()
         return self.evaluate_best_and_report()
