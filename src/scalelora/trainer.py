@@ -119,6 +119,34 @@ def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
     return not bool(bad.item())
 
 
+DECISION_METRICS = ("accuracy", "macro_f1", "micro_f1")
+
+
+def eval_record(step: int, split: str, metrics: dict[str, Any], extra: bool = True) -> dict[str, Any]:
+    """An evaluation's line in metrics.jsonl: the decision metrics, those of the tuned decision rule
+    (`tuned_<metric>`) when there is one, and with `extra` the eval.extra_metrics values (the final
+    records, `final_<split>`, leave them to summary.json)."""
+    tuned = metrics.get("tuned", {})
+    return {
+        "step": step,
+        "split": split,
+        **{key: metrics[key] for key in DECISION_METRICS},
+        **{f"tuned_{key}": tuned[key] for key in DECISION_METRICS if key in tuned},
+        **({key: metrics[key] for key in metrics.get("extra_metrics", [])} if extra else {}),
+    }
+
+
+def wandb_eval_values(record: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A validation record under W&B's keys (eval/<metric>, eval/tuned/<metric>), with the calibration
+    numbers that metrics.jsonl leaves out (eval/ece, eval/nll) taken from `metrics`."""
+    renamed = {f"tuned_{key}": f"tuned/{key}" for key in DECISION_METRICS}
+    values = {"eval/ece": metrics.get("ece"), "eval/nll": metrics.get("nll")}
+    for key, value in record.items():
+        if key not in ("step", "split"):
+            values[f"eval/{renamed.get(key, key)}"] = value
+    return values
+
+
 class Trainer:
     """Fine-tunes one classifier as `cfg` says. Use `run_training(cfg)`, or: `Trainer(cfg)`, `setup()`,
     `train()` (returns the summary), and `close()` in a `finally`.
@@ -711,40 +739,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         metrics, outputs = self.evaluate("eval", tune=self.tune_metric)
         self.last_eval = (state.global_step, metrics, outputs)
-        extra = {key: metrics[key] for key in metrics.get("extra_metrics", [])}
-        tuned = (
-            {f"tuned_{k}": metrics["tuned"][k] for k in ("accuracy", "macro_f1", "micro_f1")}
-            if "tuned" in metrics
-            else {}
-        )
-        self.checkpointer.append_metrics(
-            {
-                "step": state.global_step,
-                "split": "validation",
-                "accuracy": metrics["accuracy"],
-                "macro_f1": metrics["macro_f1"],
-                "micro_f1": metrics["micro_f1"],
-                **tuned,
-                **extra,
-            }
-        )
-        self.tracker.log_metrics(
-            {
-                "eval/accuracy": metrics["accuracy"],
-                "eval/macro_f1": metrics["macro_f1"],
-                "eval/micro_f1": metrics["micro_f1"],
-                "eval/ece": metrics.get("ece"),
-                "eval/nll": metrics.get("nll"),
-                **{f"eval/tuned/{key[len('tuned_') :]}": value for key, value in tuned.items()},
-                **{f"eval/{key}": value for key, value in extra.items()},
-            },
-            step=state.global_step,
-        )
-        shown = f" (tuned macro_f1={tuned['tuned_macro_f1']:.4f})" if tuned else ""
-        self.echo(
-            f"scalelora: step {state.global_step} validation accuracy={metrics['accuracy']:.4f} "
-            f"macro_f1={metrics['macro_f1']:.4f} micro_f1={metrics['micro_f1']:.4f}{shown}"
-        )
+        self.log_validation(metrics)
         value = metrics.get("tuned", metrics)[cfg.eval.metric]
         if state.best_value is None or value > state.best_value:
             state.best_value, state.best_step = value, state.global_step
@@ -761,6 +756,18 @@ class Trainer:
             )
             return True
         return False
+
+    def log_validation(self, metrics: dict[str, Any]) -> None:
+        """One validation record (`eval_record`): metrics.jsonl, W&B (its eval/ keys derived from the
+        record), and a log line."""
+        record = eval_record(self.state.global_step, "validation", metrics)
+        self.checkpointer.append_metrics(record)
+        self.tracker.log_metrics(wandb_eval_values(record, metrics), step=record["step"])
+        shown = f" (tuned macro_f1={record['tuned_macro_f1']:.4f})" if "tuned_macro_f1" in record else ""
+        self.echo(
+            f"scalelora: step {record['step']} validation accuracy={metrics['accuracy']:.4f} "
+            f"macro_f1={metrics['macro_f1']:.4f} micro_f1={metrics['micro_f1']:.4f}{shown}"
+        )
 
     @torch.no_grad()  # not inference_mode: see evaluation.gather_logits (ZeRO-3)
     def sample_predictions(self) -> list[dict[str, Any]]:
@@ -894,16 +901,8 @@ class Trainer:
         )
         self.checkpointer.write_summary(summary)
         for split, metrics in final_eval.items():
-            tuned = metrics.get("tuned", {})
             self.checkpointer.append_metrics(
-                {
-                    "step": state.global_step,
-                    "split": f"final_{split}",
-                    "accuracy": metrics["accuracy"],
-                    "macro_f1": metrics["macro_f1"],
-                    "micro_f1": metrics["micro_f1"],
-                    **{f"tuned_{k}": tuned[k] for k in ("accuracy", "macro_f1", "micro_f1") if k in tuned},
-                }
+                eval_record(state.global_step, f"final_{split}", metrics, extra=False)
             )
         if self.accelerator.is_main_process:
             report.write_report(cfg.run_dir, summary, log=self.echo)
