@@ -151,9 +151,10 @@ class Trainer:
     """Fine-tunes one classifier as `cfg` says. Use `run_training(cfg)`, or: `Trainer(cfg)`, `setup()`,
     `train()` (returns the summary), and `close()` in a `finally`.
 
-    Its whole state is declared below. An attribute without a default is set by `__init__` or `setup`
-    (read earlier, it fails loudly); one defaulting to None is None until set, or for good where that
-    part is off (no teacher, no class weights), and `echo` and `close` read those before setup ends.
+    Its whole state is declared below, grouped by what sets it. An attribute without a default is
+    always set there (read earlier, it fails loudly); one defaulting to None stays None until then, and
+    for good where its part is off (no teacher, no class weights, no tuned rule). `echo` and `close`
+    also run when setup failed half-way, so what they read defaults to None.
     """
 
     # __init__
@@ -175,27 +176,27 @@ class Trainer:
     label_names: list[str]
     problem_type: str
     multi_label: bool
-    tune_metric: str | None = None
+    tune_metric: str | None = None  # what a decision rule is tuned for at each evaluation
     class_weights: torch.Tensor | None = None
     # setup: the model and what accelerate.prepare made of it (_setup_model, _setup_loaders, _prepare)
     model: torch.nn.Module
     params: ParamCount
     compiled: bool = False
-    optimizer: Any
+    optimizer: Any  # Accelerate's or DeepSpeed's wrapper (step_was_skipped)
     scheduler: Any
     train_loader: Any
-    train_sampler: Any
+    train_sampler: Any  # its epoch decides the data order (see micro_batches)
     eval_loaders: dict[str, Any]
     batches_per_epoch: int
     steps_per_epoch: int
     total_steps: int
     eval_every: int
-    teacher: Any = None
+    teacher: Any = None  # None without distillation
     # train
     progress: Any = None
     window: MetricsWindow
     throughput: ThroughputClock | None = None
-    _clock: float
+    _clock: float  # perf_counter at the last snapshot, where wall_seconds counts on from
     last_eval: tuple[int, dict[str, Any], SplitOutputs] | None = None
     """(step, metrics, outputs) of the latest validation: the final evaluation reuses it at that step."""
     calibration: Calibration | None = None
