@@ -292,7 +292,7 @@ class Trainer:
         collate = data_lib.PadCollator(
             self.tokenizer.pad_token_id, pad_to_multiple_of=8 if self.compiled else None
         )
-        pin = pins_memory(acc.device)
+        pin = pins_memory(self.accelerator.device)
         train_loader = data_lib.train_dataloader(
             self.tokenized["train"], cfg.data, cfg.train.batch_size, cfg.seed, collate, pin
         )
