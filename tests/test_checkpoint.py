@@ -561,3 +561,37 @@ def test_a_checkpoint_holds_only_the_trainable_tensors(finished_tiny_run, tiny_b
     total = sum(p.numel() for p in model.parameters())
     assert saved.keys() == trainable.keys()
     assert sum(t.numel() for t in saved.values()) == sum(trainable.values()) < total / 5
+
+
+@pytest.mark.slow
+def test_a_key_problem_stops_every_rank_at_setup_with_one_line(tiny_bert, toy_data, tmp_path):
+    """The checkpoint key is checked when the run starts, on the main process, and every rank exits with
+    its one-line error before step 1, rather than at the first checkpoint (by default, the run's end)."""
+    from conftest import accelerate_launch, run_cli
+
+    key = tmp_path / "key"
+    key.write_text("00" * signing.KEY_BYTES + "\n")
+    key.chmod(0o640)  # readable by the group: others could sign checkpoints as this user
+    out = tmp_path / "out"
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *tiny_overrides(tiny_bert, toy_data, out, **{"train.max_steps": 4})],
+        env={signing.KEY_ENV: str(key)},
+        launcher=accelerate_launch(2, "cpu_2proc.yaml"),
+    )
+    # torchrun reports each rank's exit code (and ends with a summary of its own)
+    assert result.returncode != 0 and len(re.findall(r"exitcode\s*: 2 ", result.stderr)) == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("scalelora: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], errors  # both ranks, the same line
+    assert f"chmod 600 {key}" in errors[0]
+    assert "step 1" not in result.stderr and not (out / "metrics.jsonl").exists()
+
+
+def test_a_key_that_cannot_be_created_is_one_line_naming_the_setting(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv(signing.KEY_ENV, str(blocker / "checkpoint.key"))  # its folder cannot be made
+    with pytest.raises(
+        CheckpointError, match=f"cannot create the checkpoint key at {blocker}.*set {signing.KEY_ENV}"
+    ):
+        signing.check_key()

@@ -640,6 +640,9 @@ class Checkpointer:
         return Path(found) if found else None
 
     def _decide(self) -> str | None:
+        # the key signs every checkpoint, by default first at the end of training or at a preemption:
+        # a key that cannot be made or is open to other users stops the run now, before step 1
+        signing.check_key()
         self.lock.acquire()
         try:
             if self.resume_setting not in (None, "auto"):
