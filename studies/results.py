@@ -166,10 +166,10 @@ def row_differences(row: dict[str, Any], pipeline: Any) -> list[str]:
     """
     from scalelora import autoconfig
     from scalelora.config import config_differences, load_config, to_dict
-    from scalelora.study.pipeline import TRAINED_RUNS, _same_settings, baseline_settings
+    from scalelora.study.pipeline import BASELINE_RUNS, _same_settings, baseline_settings
 
     run = row["run"]
-    if run not in TRAINED_RUNS:
+    if run in BASELINE_RUNS:
         if row.get("settings") is None:
             return ["settings: not recorded"]
         now = baseline_settings(pipeline.base_cfg)

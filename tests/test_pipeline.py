@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from scalelora.config import load_config
+from scalelora.errors import ConfigError
 from scalelora.study.pipeline import Pipeline, main
 
 ROWS = [
@@ -217,3 +218,30 @@ def test_recorded_commands_name_each_key_once(tmp_path):
     _, teacher = pipeline.run_config("teacher_full")
     # the recipe's line for the run wins over the pipeline's defaults for that stage, as before
     assert "train.lr=1e-4" in teacher and "train.epochs=3" in teacher and "train.lr=0.0001" not in teacher
+
+
+def test_a_recipe_may_name_runs_of_its_own_each_the_recipe_with_its_line(tmp_path, capsys):
+    """Variants (e.g. results_imdb's long-text modes): a name in the recipe's `pipeline:` section that is
+    not a standard run is the recipe as shipped with that line on top, trainable by --runs and RUN:key."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(
+        "data: {path: emotion, max_length: 64}\n"
+        "pipeline:\n  short_texts: [data.max_length=16, train.epochs=1]\n  teacher_full: [train.epochs=1]\n"
+    )
+    pipeline = Pipeline(
+        str(recipe), tmp_path / "out", ["short_texts:train.lr=1e-3"], ("short_texts", "tfidf_lr")
+    )
+    assert pipeline.variants == ("short_texts",)
+    name, overrides = pipeline.run_config("short_texts")
+    cfg = load_config(name, overrides)
+    assert (
+        name == str(recipe) and cfg.data.max_length == 16 and cfg.train.epochs == 1 and cfg.train.lr == 1e-3
+    )
+    assert cfg.model.mode == "lora" and cfg.output_dir == str(tmp_path / "out" / "short_texts")
+    with pytest.raises(ConfigError, match="choose from .*short_texts"):
+        Pipeline(str(recipe), tmp_path / "out", [], ("long_texts",))
+    with pytest.raises(ConfigError, match="names run 'long_texts'"):
+        Pipeline(str(recipe), tmp_path / "out", ["long_texts:train.lr=1"], ("short_texts",))
+    recipe.write_text("data: {path: emotion}\npipeline:\n  tfidf_lr: [train.lr=1]\n")
+    with pytest.raises(ConfigError, match="not a baseline"):
+        Pipeline(str(recipe), tmp_path / "out", [])

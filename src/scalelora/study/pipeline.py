@@ -102,6 +102,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "auto_default": {},
     "recipe": {},
 }
+# The runs that fit a model of their own rather than train one through scalelora.train.
+BASELINE_RUNS = ("linear_probe", "tfidf_lr", "tfidf_lr_subset")
 KD_RUNS = ("lora_on_teacher_kd", "lora_base_kd")
 ON_TEACHER = ("lora_on_teacher", "lora_on_teacher_kd")
 # What the default run takes from the recipe: where the data is and which labels to keep, nothing else.
@@ -133,11 +135,7 @@ def split_overrides(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         key = item.split("=", 1)[0]
         if ":" in key:
             run, rest = item.split(":", 1)
-            if run not in TRAINED_RUNS:
-                raise ConfigError(
-                    f"override {item!r} names run '{run}'; trained runs are {', '.join(TRAINED_RUNS)}"
-                )
-            per_run.setdefault(run, []).append(rest)
+            per_run.setdefault(run, []).append(rest)  # the Pipeline checks the name against the recipe
         else:
             common.append(item)
     parse_overrides(common)  # syntax errors now, not after an hour of training
@@ -207,17 +205,28 @@ class Pipeline:
         self.recipe = recipe
         self.out = out
         self.common, self.per_run = split_overrides(overrides)
-        unknown = [r for r in runs if r not in (*RUNS, "recipe")]
-        if unknown:
-            raise ConfigError(f"--runs names {unknown}; choose from {', '.join(RUNS)}, recipe")
-        self.runs = runs
         self.fresh = fresh
         self.base_cfg = load_config(recipe, self.common)
-        bad = [run for run in self.base_cfg.pipeline if run not in TRAINED_RUNS]
+        # a recipe's `pipeline:` section may name runs of its own besides the standard ones: variants,
+        # each the recipe as shipped with its line of overrides on top (e.g. results_imdb's long-text modes)
+        self.variants = tuple(run for run in self.base_cfg.pipeline if run not in TRAINED_RUNS)
+        bad = [run for run in self.variants if not run.isidentifier() or run in BASELINE_RUNS]
         if bad:
             raise ConfigError(
-                f"--config {recipe}: its pipeline section names {bad}; trained runs are {', '.join(TRAINED_RUNS)}"
+                f"--config {recipe}: its pipeline section names {bad}: a run of its own needs a name of letters, "
+                f"digits and _ that is not a baseline ({', '.join(BASELINE_RUNS)})"
             )
+        known = (*RUNS, "recipe", *self.variants)
+        unknown = [r for r in runs if r not in known]
+        if unknown:
+            raise ConfigError(f"--runs names {unknown}; choose from {', '.join(known)}")
+        trained = (*TRAINED_RUNS, *self.variants)
+        for run in self.per_run:
+            if run not in trained:
+                raise ConfigError(
+                    f"override '{run}:...' names run '{run}'; trained runs are {', '.join(trained)}"
+                )
+        self.runs = runs
         self.teacher_dir = out / "teacher_full" / "model"
         self.cache_dir = out / "teacher_logits"
         self.rows: list[dict[str, Any]] = []
@@ -260,7 +269,7 @@ class Pipeline:
             fixed["distill.teacher"] = "cache"
             fixed["distill.cache_dir"] = self.cache_dir
         return self.recipe, last_of_each_key(
-            [f"{k}={_value(v)}" for k, v in STAGE_DEFAULTS[run].items()]
+            [f"{k}={_value(v)}" for k, v in STAGE_DEFAULTS.get(run, {}).items()]
             + list(self.base_cfg.pipeline.get(run, []))
             + self.common
             + self.per_run.get(run, [])
@@ -417,7 +426,7 @@ class Pipeline:
             if run in KD_RUNS and not cache_built:
                 self.teacher_logits()
                 cache_built = True
-            results[run] = self.train(run) if run in TRAINED_RUNS else self.baseline(run)
+            results[run] = self.baseline(run) if run in BASELINE_RUNS else self.train(run)
         self.rows = [self.make_row(run, row) for run, row in results.items()]
         self.write()
         return self.rows
@@ -437,8 +446,8 @@ class Pipeline:
     def make_row(self, run: str, row: dict[str, Any]) -> dict[str, Any]:
         trainable, total = row["trainable_params"], row["total_params"]
         predictions = row.get("predictions")
-        description = DESCRIPTIONS[run]
-        if run not in TRAINED_RUNS and "thresholds" in row.get("details", {}):
+        description = DESCRIPTIONS.get(run, f"`{run}`: the recipe with its `pipeline:` line")
+        if run in BASELINE_RUNS and "thresholds" in row.get("details", {}):
             description += ", one-vs-rest, thresholds tuned on validation"
         return {
             "dataset": self.recipe,
