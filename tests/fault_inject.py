@@ -35,7 +35,7 @@ from typing import Any
 POINTS: dict[str, tuple[str, str, str]] = {
     "forward": ("scalelora.trainer", "Trainer.compute_loss", "after"),  # mid optimizer step
     "optimizer_step": ("torch.optim.AdamW", "step", "before"),
-    "evaluate": ("scalelora.trainer", "evaluate_split", "before"),
+    "evaluate": ("scalelora.evaluator", "evaluate_split", "before"),
     "metrics": ("scalelora.checkpoint", "Checkpointer.append_metrics", "before"),
     "save_state": ("accelerate.Accelerator", "save_state", "before"),
     "weights_file": ("accelerate.utils.other", "safe_save_file", "after"),  # some checkpoint files on disk

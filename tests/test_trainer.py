@@ -933,7 +933,7 @@ def test_a_nonfinite_step_deepspeed_applied_anyway_halts_without_saving(tmp_path
 
 
 def test_a_nonfinite_loss_reaches_every_gradient_and_a_finite_one_is_untouched():
-    from scalelora.trainer import nonfinite_reaches_gradients
+    from scalelora.optim import nonfinite_reaches_gradients
 
     weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     finite = (weight * 3).sum()

@@ -53,6 +53,18 @@ class PhaseTimer:
             if self._inner:
                 self._inner[-1] += total
 
+    def read(self, startup: float | None) -> dict[str, float | None]:
+        """Wall seconds of this process by phase, up to now (what the caller writes after reading, such as
+        summary.json, report.md and the figures, is not in it): `startup` (given: process start to setup:
+        interpreter, imports, config), then the trainer's phases, 0.0 for one not entered: `data`
+        (tokenizer, loading, tokenizing), `model` (the rest of setup), `train` (the loop without
+        evaluation and checkpoints), `eval` (every evaluation, calibration, sample predictions), `save`
+        (checkpoints and adapter saves)."""
+        phases: dict[str, float | None] = {"startup": startup}
+        for name in ("data", "model", "train", "eval", "save"):
+            phases[name] = self.seconds.get(name, 0.0)
+        return phases
+
 
 class ThroughputClock:
     """Steady-state throughput of the optimizer steps this process runs after its first `skip` (warm-up).

@@ -1,5 +1,7 @@
 """The optimizer and the learning-rate schedule: AdamW with parameter groups (no decay on biases and
-norms, `train.head_lr` for the head), fused when it can run, and a warmup schedule from transformers.
+norms, `train.head_lr` for the head), fused when it can run, and a warmup schedule from transformers;
+and the two checks that keep a non-finite step from being taken (`all_finite`,
+`nonfinite_reaches_gradients`).
 """
 
 from __future__ import annotations
@@ -85,3 +87,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_step
         else get_linear_schedule_with_warmup
     )
     return factory(optimizer, warmup, total_steps)
+
+
+# --- non-finite steps ----------------------------------------------------------------------------
+
+
+def nonfinite_reaches_gradients(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged (times exactly 1) when finite; when not, a NaN whose gradients are all NaN.
+
+    DeepSpeed steps inside `backward` and has one way to discard a step: its overflow check on the
+    gradients. A loss can be NaN with finite gradients (a NaN term that does not depend on the
+    weights); this makes sure the check sees it. No host sync: the factor is computed on the device.
+    """
+    factor = torch.ones_like(loss).masked_fill(~torch.isfinite(loss.detach()), float("nan"))
+    return loss * factor
+
+
+def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
+    """Whether `value` is finite on every rank (one all-reduce when there are several)."""
+    bad = (~torch.isfinite(value)).any().float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return not bool(bad.item())

@@ -1,11 +1,12 @@
-"""The training loop: one Trainer with setup, train, train_step, evaluate. No HF Trainer.
+"""The training loop: one Trainer with setup, train, train_step. No HF Trainer.
 
 Micro-batches come from one endless, seeded stream (epoch after epoch); each optimizer step takes
 exactly `grad_accum` of them, so `global_step * grad_accum` is the stream position to resume from,
 and Accelerate's counter-based `accumulate` always syncs on the last micro-batch of a step.
 
-The loop owns no files: it asks the Checkpointer (`checkpoint.py`) when to save and where, and
-hands the summary to `report.py`.
+The loop owns no files: it asks the Checkpointer (`checkpoint.py`) when to save and where, leaves
+evaluations and the weights they choose to the Evaluator (`evaluator.py`), and hands the summary to
+`report.py`.
 """
 
 from __future__ import annotations
@@ -25,17 +26,12 @@ from tqdm.auto import tqdm
 
 from scalelora import data as data_lib
 from scalelora import report
-from scalelora.calibration import CALIBRATION_FILE, MULTI_LABEL, Calibration, fit_calibration
+from scalelora.calibration import MULTI_LABEL
 from scalelora.checkpoint import Checkpointer, resume_identity
 from scalelora.config import AUTO_RECIPE, RunConfig, dump_yaml, to_dict
 from scalelora.errors import TrainingHalted, UserError
-from scalelora.evaluation import (
-    SplitOutputs,
-    evaluate_split,
-    load_extra_metrics,
-    split_metrics,
-    write_predictions,
-)
+from scalelora.evaluation import load_extra_metrics
+from scalelora.evaluator import Evaluator
 from scalelora.losses import (
     class_weight_sum,
     combine_loss,
@@ -50,14 +46,13 @@ from scalelora.models import (
     ParamCount,
     count_params,
     finish_model,
-    is_peft,
     load_classifier,
     load_tokenizer,
     max_positions,
     untrained_head,
     use_mask_dropout,
 )
-from scalelora.optim import build_optimizer, build_scheduler
+from scalelora.optim import all_finite, build_optimizer, build_scheduler, nonfinite_reaches_gradients
 from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
     StopSignal,
@@ -100,53 +95,6 @@ class TrainState:
     identity: dict[str, Any] = field(default_factory=dict)
 
 
-def nonfinite_reaches_gradients(loss: torch.Tensor) -> torch.Tensor:
-    """`loss` unchanged (times exactly 1) when finite; when not, a NaN whose gradients are all NaN.
-
-    DeepSpeed steps inside `backward` and has one way to discard a step: its overflow check on the
-    gradients. A loss can be NaN with finite gradients (a NaN term that does not depend on the
-    weights); this makes sure the check sees it. No host sync: the factor is computed on the device.
-    """
-    factor = torch.ones_like(loss).masked_fill(~torch.isfinite(loss.detach()), float("nan"))
-    return loss * factor
-
-
-def all_finite(accelerator: Any, value: torch.Tensor) -> bool:
-    """Whether `value` is finite on every rank (one all-reduce when there are several)."""
-    bad = (~torch.isfinite(value)).any().float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    return not bool(bad.item())
-
-
-DECISION_METRICS = ("accuracy", "macro_f1", "micro_f1")
-
-
-def eval_record(step: int, split: str, metrics: dict[str, Any], extra: bool = True) -> dict[str, Any]:
-    """An evaluation's line in metrics.jsonl: the decision metrics, those of the tuned decision rule
-    (`tuned_<metric>`) when there is one, and with `extra` the eval.extra_metrics values (the final
-    records, `final_<split>`, leave them to summary.json)."""
-    tuned = metrics.get("tuned", {})
-    return {
-        "step": step,
-        "split": split,
-        **{key: metrics[key] for key in DECISION_METRICS},
-        **{f"tuned_{key}": tuned[key] for key in DECISION_METRICS if key in tuned},
-        **({key: metrics[key] for key in metrics.get("extra_metrics", [])} if extra else {}),
-    }
-
-
-def wandb_eval_values(record: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """A validation record under W&B's keys (eval/<metric>, eval/tuned/<metric>), with the calibration
-    numbers that metrics.jsonl leaves out (eval/ece, eval/nll) taken from `metrics`."""
-    renamed = {f"tuned_{key}": f"tuned/{key}" for key in DECISION_METRICS}
-    values = {"eval/ece": metrics.get("ece"), "eval/nll": metrics.get("nll")}
-    for key, value in record.items():
-        if key not in ("step", "split"):
-            values[f"eval/{renamed.get(key, key)}"] = value
-    return values
-
-
 class Trainer:
     """Fine-tunes one classifier as `cfg` says. Use `run_training(cfg)`, or: `Trainer(cfg)`, `setup()`,
     `train()` (returns the summary), and `close()` in a `finally`.
@@ -169,6 +117,7 @@ class Trainer:
     checkpointer: Checkpointer | None = None
     extra_metrics: dict[str, Any]
     tracker: Any = None
+    evaluator: Evaluator  # validation, the best weights, the final evaluation, sample predictions
     # setup: the data (_setup_data)
     tokenizer: Any
     splits: data_lib.Splits
@@ -197,10 +146,6 @@ class Trainer:
     window: MetricsWindow
     throughput: ThroughputClock | None = None
     _clock: float  # perf_counter at the last snapshot, where wall_seconds counts on from
-    last_eval: tuple[int, dict[str, Any], SplitOutputs] | None = None
-    """(step, metrics, outputs) of the latest validation: the final evaluation reuses it at that step."""
-    calibration: Calibration | None = None
-    """Temperature and decision rule fitted after training (None before, and with neither asked for)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -355,15 +300,29 @@ class Trainer:
             self.state = TrainState(**self.checkpointer.resume(resume_from, self.state.identity))
 
     def _start_records(self) -> None:
-        """The tracker, config.yaml, and the sample predictions before training (a resumed run keeps
-        those of its first start)."""
-        cfg = self.cfg
-        self.tracker = build_tracker(cfg, self.accelerator.is_main_process, to_dict(cfg))
+        """The tracker, config.yaml, the evaluator, and the sample predictions before training (a resumed
+        run keeps those of its first start)."""
+        cfg, acc = self.cfg, self.accelerator
+        self.tracker = build_tracker(cfg, acc.is_main_process, to_dict(cfg))
         self.tracker.set_summary(param_counts(self.params.trainable, self.params.total))
         self.checkpointer.write_text("config.yaml", dump_yaml(cfg))
+        self.evaluator = Evaluator(
+            cfg,
+            acc,
+            self.model,
+            self.eval_loaders,
+            self.tokenizer,
+            self.splits,
+            self.tune_metric,
+            self.extra_metrics,
+            self.checkpointer,
+            self.tracker,
+            self.phases,
+            self.echo,
+        )
         if not self.state.predictions_before:
             with self.phases("eval"):
-                self.state.predictions_before = self.sample_predictions()
+                self.state.predictions_before = self.evaluator.sample_predictions()
 
     def _load_data(self) -> tuple[data_lib.Splits, dict[str, Any]]:
         cfg, acc = self.cfg, self.accelerator
@@ -487,7 +446,7 @@ class Trainer:
                     self.log_train(window.read(self.accelerator))
                 if state.global_step % self.eval_every == 0 or last:
                     with self.between_steps("eval"):
-                        last = self.evaluate_and_track_best() or last  # early stopping ends the run here
+                        last = self.evaluator.validate(state) or last  # early stopping ends the run here
                 if self.stop_signal.requested(self.accelerator):
                     with self.between_steps("save"):
                         path = self.checkpointer.save(state.global_step, self.snapshot())
@@ -700,211 +659,18 @@ class Trainer:
         else:
             self.echo(f"scalelora: {line}")  # job logs (SLURM, CI) get plain lines, not a redrawn bar
 
-    # --- evaluation ----------------------------------------------------------------------------
-
-    def predictions_path(self, save_as: str | None) -> Path | None:
-        """predictions/<save_as>.jsonl when eval.save_predictions asks for it (None otherwise)."""
-        if save_as and self.cfg.eval.save_predictions:
-            return self.cfg.run_dir / "predictions" / f"{save_as}.jsonl"
-        return None
-
-    def evaluate(
-        self,
-        split: str = "eval",
-        calibration: Calibration | None = None,
-        tune: str | None = None,
-        save_as: str | None = None,
-    ) -> tuple[dict[str, Any], SplitOutputs]:
-        """Metrics and gathered outputs of a split: with `calibration` applied, or with a decision rule
-        tuned for `tune` on the split itself; with `save_as` and eval.save_predictions, also
-        predictions/<save_as>.jsonl."""
-        return evaluate_split(
-            self.accelerator,
-            self.model,
-            self.eval_loaders[split],
-            self.label_names,
-            self.extra_metrics,
-            self.predictions_path(save_as),
-            self.problem_type,
-            calibration,
-            tune,
-        )
-
-    def evaluate_and_track_best(self) -> bool:
-        """Evaluate, save the model when the metric improves; True when early stopping says stop.
-
-        With a decision rule to tune, it is tuned on the validation split at every evaluation and
-        `eval.metric` is read from the tuned metrics: the best checkpoint is the best under the rule the
-        final model will use.
-        """
-        cfg, state = self.cfg, self.state
-        metrics, outputs = self.evaluate("eval", tune=self.tune_metric)
-        self.last_eval = (state.global_step, metrics, outputs)
-        self.log_validation(metrics)
-        value = metrics.get("tuned", metrics)[cfg.eval.metric]
-        if state.best_value is None or value > state.best_value:
-            state.best_value, state.best_step = value, state.global_step
-            state.evals_without_improvement = 0
-            if cfg.eval.load_best_at_end:
-                with self.phases("save"):
-                    self.save_model()
-            return False
-        state.evals_without_improvement += 1
-        patience = cfg.eval.early_stopping_patience
-        if patience and state.evals_without_improvement >= patience:
-            self.echo(
-                f"scalelora: early stopping at step {state.global_step} ({patience} evaluations without improvement)"
-            )
-            return True
-        return False
-
-    def log_validation(self, metrics: dict[str, Any]) -> None:
-        """One validation record (`eval_record`): metrics.jsonl, W&B (its eval/ keys derived from the
-        record), and a log line."""
-        record = eval_record(self.state.global_step, "validation", metrics)
-        self.checkpointer.append_metrics(record)
-        self.tracker.log_metrics(wandb_eval_values(record, metrics), step=record["step"])
-        shown = f" (tuned macro_f1={record['tuned_macro_f1']:.4f})" if "tuned_macro_f1" in record else ""
-        self.echo(
-            f"scalelora: step {record['step']} validation accuracy={metrics['accuracy']:.4f} "
-            f"macro_f1={metrics['macro_f1']:.4f} micro_f1={metrics['micro_f1']:.4f}{shown}"
-        )
-
-    @torch.no_grad()  # not inference_mode: see evaluation.gather_logits (ZeRO-3)
-    def sample_predictions(self) -> list[dict[str, Any]]:
-        """Predictions for a fixed, seeded handful of validation texts (every rank runs the same forward),
-        under the fitted calibration and decision rule once there is one, as `predict` makes them."""
-        n = min(self.cfg.eval.sample_predictions, len(self.splits.eval))
-        if n == 0:
-            return []
-        rows = self.splits.eval.shuffle(seed=self.cfg.seed).select(range(n))
-        encoded = self.tokenizer(
-            list(rows["text"]),
-            list(rows["text_pair"]) if "text_pair" in rows.column_names else None,
-            truncation=True,
-            max_length=self.cfg.data.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        model = self.model
-        model.eval()
-        logits = model(**{k: v.to(self.accelerator.device) for k, v in encoded.items()}).logits
-        logits = logits.float().cpu().numpy()
-        rule = self.calibration or Calibration(self.problem_type, self.label_names)
-        probs, decided = rule.probabilities(logits), rule.decide(logits)
-        names = self.label_names
-        out = []
-        for i in range(n):
-            gold = rows[i]["label"]
-            if self.multi_label:
-                # most probable first, as predict lists them
-                chosen = sorted((k for k in range(len(names)) if decided[i, k]), key=lambda k: -probs[i, k])
-                row = {
-                    "gold": [names[k] for k in range(len(names)) if gold[k]],
-                    "predicted": [names[k] for k in chosen],
-                    "confidence": [float(probs[i, k]) for k in chosen],
-                }
-            else:
-                pred = int(decided[i])
-                row = {"gold": names[gold], "predicted": names[pred], "confidence": float(probs[i, pred])}
-            out.append({"text": rows[i]["text"], **row})
-        return out
-
     # --- the end -------------------------------------------------------------------------------
 
-    def save_model(self, calibration: Calibration | None = None, step: int | None = None) -> None:
-        """adapter/ (LoRA) or model/ (full, head_only), loadable with PEFT / transformers alone, with
-        `calibration.json` beside the weights when a calibration is given."""
-        cfg = self.cfg
-        peft_model = is_peft(unwrap_model(self.model))
-        meta: dict[str, Any] = {
-            "scalelora.json": {
-                "model_name": cfg.model.name,
-                "mode": cfg.model.mode,
-                "labels": self.label_names,
-                "problem_type": self.problem_type,
-                "max_length": cfg.data.max_length,
-                "step": self.state.global_step if step is None else step,
-                "text_pair": cfg.data.text_pair_column is not None,
-                "calibration": CALIBRATION_FILE if calibration is not None else None,
-            },
-            "labels.json": self.label_names,
-        }
-        if calibration is not None:
-            meta[CALIBRATION_FILE] = calibration.to_json()
-        self.checkpointer.save_model(self.model, self.tokenizer, meta, cfg.lora.r if peft_model else None)
-
-    def fit_calibration(self, outputs: SplitOutputs) -> Calibration | None:
-        """Temperature (eval.calibrate) and decision rule (eval.tune_thresholds) fitted on the validation
-        outputs of the final weights; None when neither is asked for."""
-        cfg = self.cfg
-        if not cfg.eval.calibrate and not self.tune_metric:
-            return None
-        calibration = fit_calibration(
-            self.problem_type,
-            outputs.logits,
-            outputs.labels,
-            self.label_names,
-            cfg.eval.calibrate,
-            self.tune_metric,
-        )
-        parts = []
-        if calibration.temperature is not None:
-            parts.append(f"temperature {calibration.temperature:.3f}")
-        if calibration.tuned:
-            rule = "per-label thresholds" if self.multi_label else "per-class biases"
-            parts.append(f"{rule} tuned for {calibration.tuned_for}")
-        self.echo(f"scalelora: fitted on validation: {', '.join(parts)}")
-        return calibration
-
     def evaluate_best_and_report(self) -> dict[str, Any]:
-        """Final evaluation with the best weights (or the last): calibration and decision rule fitted on
-        validation and stored with the model, both splits reported with and without them, then
-        summary.json, report.md and W&B."""
+        """The final evaluation (`Evaluator.final`) and the sample predictions after training, then
+        summary.json, the final records in metrics.jsonl, report.md and W&B's summary."""
         cfg, state = self.cfg, self.state
-        restored = cfg.eval.load_best_at_end and state.best_step is not None
+        final_eval = self.evaluator.final(state)
         with self.phases("eval"):
-            if restored:
-                self.checkpointer.restore_best(self.model)
-            last = self.last_eval
-            reuse = (
-                last is not None
-                and last[0] == state.global_step
-                and state.best_step in (None, state.global_step)
-            )
-            if reuse:
-                # the weights are the ones just evaluated at this step: reuse, do not run validation twice
-                outputs = last[2]
-            else:
-                _, outputs = self.evaluate("eval")
-            self.calibration = self.fit_calibration(outputs)
-            final_eval = {
-                "validation": split_metrics(
-                    outputs, self.label_names, self.problem_type, self.calibration, self.extra_metrics
-                )
-            }
-            path = self.predictions_path("validation")
-            if path is not None and self.accelerator.is_main_process:
-                write_predictions(path, outputs, self.label_names, self.problem_type, self.calibration)
-            if "test" in self.eval_loaders:
-                final_eval["test"] = self.evaluate("test", calibration=self.calibration, save_as="test")[0]
-        if self.calibration is not None or not restored:
-            with self.phases("save"):
-                self.save_model(self.calibration, step=state.best_step if restored else None)
-        with self.phases("eval"):
-            predictions_after = self.sample_predictions()
-        summary = report.build_summary(
-            cfg,
-            dict(state.__dict__),
-            self.run_facts(),
-            final_eval,
-            predictions_after,
-        )
+            after = self.evaluator.sample_predictions()
+        summary = report.build_summary(cfg, dict(state.__dict__), self.run_facts(), final_eval, after)
         self.checkpointer.write_summary(summary)
-        for split, metrics in final_eval.items():
-            self.checkpointer.append_metrics(
-                eval_record(state.global_step, f"final_{split}", metrics, extra=False)
-            )
+        self.evaluator.log_final(state.global_step, final_eval)
         if self.accelerator.is_main_process:
             report.write_report(cfg.run_dir, summary, log=self.echo)
         self.tracker.log_final(summary)
@@ -913,13 +679,13 @@ class Trainer:
 
     def run_facts(self) -> dict[str, Any]:
         """What the summary reports beyond the config and the trainer state."""
-        acc = self.accelerator
+        acc, calibration = self.accelerator, self.evaluator.calibration
         memory = peak_memory_bytes(acc.device)
         return {
             "data_source": self.splits.source,
             "labels": self.label_names,
             "problem_type": self.problem_type,
-            "calibration": self.calibration.to_json() if self.calibration is not None else None,
+            "calibration": calibration.to_json() if calibration is not None else None,
             "num_train_examples": len(self.splits.train),
             "dropped_empty": self.splits.dropped_empty,
             "params": self.params,
@@ -933,19 +699,8 @@ class Trainer:
             "peak_memory_gb": {k: (v / 2**30 if v is not None else None) for k, v in memory.items()},
             "compiled": self.compiled,
             "steady_state": self.throughput.read() if self.throughput is not None else None,
-            "phase_seconds": self.phase_seconds(),
+            "phase_seconds": self.phases.read(self.startup_seconds),
         }
-
-    def phase_seconds(self) -> dict[str, float | None]:
-        """Wall seconds of this process by phase, up to now: `startup` (process start to setup: interpreter,
-        imports, config), `data` (tokenizer, loading, tokenizing), `model` (the rest of setup), `train`
-        (the loop without evaluation and checkpoints), `eval` (every evaluation, calibration, sample
-        predictions), `save` (checkpoints and adapter saves). summary.json, report.md and the figures are
-        written after this is read."""
-        phases: dict[str, float | None] = {"startup": self.startup_seconds}
-        for name in ("data", "model", "train", "eval", "save"):
-            phases[name] = self.phases.seconds.get(name, 0.0)
-        return phases
 
     # --- output helpers ------------------------------------------------------------------------
 
