@@ -944,3 +944,39 @@ def test_a_nonfinite_loss_reaches_every_gradient_and_a_finite_one_is_untouched()
     nan_value = (weight * 3).sum() + torch.tensor(float("nan"))  # a NaN term with finite gradients
     nonfinite_reaches_gradients(nan_value).backward()
     assert torch.isnan(weight.grad).all()
+
+
+def scalelora_imports(module: str) -> set[str]:
+    """The scalelora modules `module` imports anywhere in its file (at the top or inside a function)."""
+    import ast
+
+    import scalelora
+
+    root = Path(scalelora.__file__).parent.parent
+
+    def source(name: str) -> Path | None:
+        base = root.joinpath(*name.split("."))
+        return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+    found = set()
+    for node in ast.walk(ast.parse(source(module).read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from scalelora import x`
+    return {name for name in found if name.startswith("scalelora.") and source(name) is not None}
+
+
+def test_the_pieces_the_trainer_uses_never_import_it():
+    """design.md: the trainer imports its pieces (evaluator, checkpoint, meters, optim, ...), never the
+    reverse, so none of them can reach back into the loop."""
+    pieces = scalelora_imports("scalelora.trainer")
+    assert {"scalelora.evaluator", "scalelora.checkpoint", "scalelora.optim"} <= pieces
+    seen, todo = set(), set(pieces)
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        imports = scalelora_imports(module)
+        assert "scalelora.trainer" not in imports, f"{module} imports scalelora.trainer"
+        todo |= imports - seen
