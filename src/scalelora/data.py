@@ -1,4 +1,5 @@
-"""Datasets: find and load splits, build and check the label map, tokenize once, batch by length.
+"""Datasets: find and load splits, build and check the label map, tokenize once, batch by length,
+and stream the training batches from any position.
 
 Sources: a local folder with {train,validation,test}.{jsonl,csv,parquet} (+ optional labels.json),
 a dataset name under the data root ($SCALELORA_DATA_DIR or `data.root`), or a hub dataset name.
@@ -727,6 +728,33 @@ def train_dataloader(
         # shifts dropout masks after a resume; this one keeps the global RNG untouched
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def micro_batches(
+    accelerator: Any, loader: DataLoader, sampler: Any, start: int, batches_per_epoch: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The endless seeded stream of a prepared training `loader`, epoch after epoch, from micro-batch
+    `start` (counted from the run's first); `sampler` is the one `train_dataloader` gave it.
+
+    The epoch is set here, on the loader actually iterated and on the sampler, rather than left to
+    `skip_first_batches`: Accelerate 1.0-1.14 build its skipping loader with iteration 0, whose
+    `__iter__` then resets the sampler to epoch 0 (a resume inside epoch >= 1 replayed epoch 0's
+    order). Skipped batches are dropped as index lists (Accelerate's SkipBatchSampler), never
+    loaded or collated. The sampler's epoch is checked once its pass has started.
+    """
+    epoch, offset = divmod(start, batches_per_epoch)
+    while True:
+        current = accelerator.skip_first_batches(loader, offset) if offset else loader
+        current.set_epoch(epoch)  # the loader's iteration count, which its __iter__ hands the sampler
+        sampler.set_epoch(epoch)  # where a sharded batch sampler hides the sampler from it
+        for position, batch in enumerate(current):
+            if position == 0 and sampler.epoch != epoch:
+                raise RuntimeError(
+                    f"the training sampler runs epoch {sampler.epoch}, not {epoch}: the data order "
+                    "would not be the uninterrupted run's (a change in Accelerate's data loader?)"
+                )
+            yield batch
+        epoch, offset = epoch + 1, 0
 
 
 def eval_dataloader(

@@ -393,31 +393,11 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The endless seeded stream, starting where `global_step` left it.
-
-        The epoch is set here, on the loader actually iterated and on the sampler, rather than left to
-        `skip_first_batches`: Accelerate 1.0-1.14 build its skipping loader with iteration 0, whose
-        `__iter__` then resets the sampler to epoch 0 (a resume inside epoch >= 1 replayed epoch 0's
-        order). Skipped batches are dropped as index lists (Accelerate's SkipBatchSampler), never
-        loaded or collated. The sampler's epoch is checked once its pass has started.
-        """
-        epoch, offset = divmod(self.state.global_step * self.cfg.train.grad_accum, self.batches_per_epoch)
-        while True:
-            loader = (
-                self.accelerator.skip_first_batches(self.train_loader, offset)
-                if offset
-                else self.train_loader
-            )
-            loader.set_epoch(epoch)  # the loader's iteration count, which its __iter__ hands the sampler
-            self.train_sampler.set_epoch(epoch)  # where a sharded batch sampler hides the sampler from it
-            for position, batch in enumerate(loader):
-                if position == 0 and self.train_sampler.epoch != epoch:
-                    raise RuntimeError(
-                        f"the training sampler runs epoch {self.train_sampler.epoch}, not {epoch}: the data order "
-                        "would not be the uninterrupted run's (a change in Accelerate's data loader?)"
-                    )
-                yield batch
-            epoch, offset = epoch + 1, 0
+        """The endless seeded stream (`data.micro_batches`), from where `global_step` left it."""
+        start = self.state.global_step * self.cfg.train.grad_accum
+        return data_lib.micro_batches(
+            self.accelerator, self.train_loader, self.train_sampler, start, self.batches_per_epoch
+        )
 
     def train(self) -> dict[str, Any]:
         """Run optimizer steps until `total_steps` (or early stopping); return the run's summary."""
