@@ -89,10 +89,11 @@ class ModelTeacher:
     """A separate (possibly larger) teacher that shares the label set and the tokenizer."""
 
     def __init__(
-        self, cfg: RunConfig, label_names: list[str], student_tokenizer: Any, device: torch.device
+        self, cfg: RunConfig, label_names: list[str], student_tokenizer: Any, device: torch.device | str
     ) -> None:
         from scalelora.models import load_classifier, load_tokenizer
 
+        device = torch.device(device)  # "cpu" as well as a device
         teacher_cfg = ModelConfig(
             name=cfg.distill.teacher,
             dtype=cfg.model.dtype,
