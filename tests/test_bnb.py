@@ -64,6 +64,58 @@ def test_kbit_preparation_turns_on_non_reentrant_checkpointing(tiny_bert):
     assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
 
 
+@pytest.mark.parametrize(
+    ("overrides", "on"),
+    [
+        (["model.load_in_4bit=true"], True),
+        (["model.load_in_8bit=true"], True),
+        (["model.load_in_4bit=true", "model.gradient_checkpointing=false"], False),
+        ([], False),
+    ],
+)
+def test_checkpointing_is_on_by_default_for_a_kbit_base_only(tiny_llama, overrides, on):
+    from scalelora.models import finish_model, load_classifier
+
+    cfg = load_config("quickstart", [f"model.name={tiny_llama}", *overrides])
+    assert cfg.model.gradient_checkpointing == "auto" or overrides[-1].endswith("=false")
+    base, new_modules = load_classifier(cfg.model, ["neg", "pos"], device_map="cpu")
+    lines: list[str] = []
+    model = finish_model(base, new_modules, cfg.model, cfg.lora, echo=lines.append)
+    assert all(layer.gradient_checkpointing is on for layer in model.base_model.model.model.layers)
+    said = [line for line in lines if "gradient checkpointing on" in line]
+    assert len(said) == on and (not on or "model.gradient_checkpointing=auto" in said[0])
+
+
+def test_checkpointing_changes_no_gradient_so_a_resume_may_change_it(tiny_llama):
+    """model.gradient_checkpointing is a `free` key (a resumed run may have another value, e.g. a run
+    started before `auto` resumed after it): with dropout, the recomputed forward draws the same masks."""
+    from scalelora.models import use_mask_dropout
+
+    grads = {}
+    for setting in ("true", "false"):
+        torch.manual_seed(0)  # the same new head and LoRA weights
+        _, model = quantized_model(
+            tiny_llama,
+            "model.load_in_4bit=true",
+            f"model.gradient_checkpointing={setting}",
+            "lora.dropout=0.3",
+        )
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so LoRA A gets a gradient too
+                param.data = torch.randn_like(param) * 0.1
+        use_mask_dropout(model)
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks
+        ids = torch.randint(1000, 2000, (4, 12))
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 0, 1])).backward()
+        grads[setting] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["true"].keys() == grads["false"].keys() and any("lora_A" in n for n in grads["true"])
+    for name, grad in grads["true"].items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, grads["false"][name], atol=0, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("flag", ["load_in_8bit", "load_in_4bit"])
 def test_quantized_lora_trains_on_cpu_and_saves_a_float_adapter(tiny_bert, toy_data, tmp_path, flag):
     out = tmp_path / flag

@@ -145,7 +145,12 @@ class ModelConfig:
     base of `model.name` (also as the base an adapter names) and `distill.teacher`. Off: safetensors only."""
     train_head: bool = key(True, resume="identity")
     """In lora mode, also train (and save) the classification head."""
-    gradient_checkpointing: bool = key(False, resume="free")
+    # free: non-reentrant checkpointing recomputes the same activations with the random state restored,
+    # so a step is the same with it or without (test_bnb.py); before `auto`, the default was false
+    gradient_checkpointing: bool | Literal["auto"] = key("auto", resume="free", before=False)
+    """Recompute activations in backward instead of keeping them (non-reentrant): less memory, slower
+    steps. `auto`: on for an 8/4-bit base (as PEFT's k-bit preparation defaults to; the log says so),
+    off otherwise (`checkpointing()` resolves it)."""
     load_in_8bit: bool = key(False, resume="identity")
     load_in_4bit: bool = key(False, resume="identity")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = key("nf4", resume="identity")
@@ -153,6 +158,12 @@ class ModelConfig:
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = key("bfloat16", resume="identity")
     attn_implementation: str | None = key(None, resume="identity")
     """Passed to from_pretrained (e.g. `sdpa`, `eager`); None lets transformers choose."""
+
+    def checkpointing(self) -> bool:
+        """`gradient_checkpointing` resolved: `auto` is on for an 8/4-bit base."""
+        if self.gradient_checkpointing == "auto":
+            return self.load_in_8bit or self.load_in_4bit
+        return bool(self.gradient_checkpointing)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,11 +341,15 @@ def forget_bitsandbytes_checks() -> None:
 
 @contextlib.contextmanager
 def quiet_peft(quantized: bool = False) -> Iterator[None]:
-    """Around PEFT imports and `get_peft_model`: bitsandbytes hidden unless the base is `quantized`
-    (`bitsandbytes_hidden`), and PEFT 0.21's read of transformers' deprecated
-    `is_gradient_checkpointing` (a FutureWarning on every run) silenced."""
+    """Around PEFT imports, `prepare_model_for_kbit_training` and `get_peft_model`: bitsandbytes hidden
+    unless the base is `quantized` (`bitsandbytes_hidden`), and PEFT 0.21's calls of transformers'
+    deprecated `is_gradient_checkpointing` and `gradient_checkpointing_enable` (a FutureWarning on every
+    run, and on every 8/4-bit run) silenced."""
     with bitsandbytes_hidden(not quantized), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*gradient_checkpointing_enable.* is deprecated.*", category=FutureWarning
+        )
         yield
 
 
@@ -386,11 +390,12 @@ def apply_mode(
         from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=model_cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        with quiet_peft(quantized):
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=model_cfg.checkpointing(),
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
     peft_config = peft_lora_config(model, lora, heads, quantized)
     try:
         with quiet_peft(quantized):
@@ -428,12 +433,27 @@ def untrained_head(model: nn.Module, new_modules: list[str]) -> list[str]:
 
 
 def finish_model(
-    model: nn.Module, new_modules: list[str], model_cfg: ModelConfig, lora: LoraConfig
+    model: nn.Module,
+    new_modules: list[str],
+    model_cfg: ModelConfig,
+    lora: LoraConfig,
+    echo: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """Gradient checkpointing, the training mode (LoRA, full, head only) and the trainable weights' dtype:
-    float32, or under ZeRO-3 the dtype `deepspeed.zero.Init` built the base in (`trainable_dtype`)."""
-    if model_cfg.gradient_checkpointing and not (model_cfg.load_in_8bit or model_cfg.load_in_4bit):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    float32, or under ZeRO-3 the dtype `deepspeed.zero.Init` built the base in (`trainable_dtype`).
+    `echo` gets a line when `model.gradient_checkpointing=auto` turns checkpointing on."""
+    quantized = model_cfg.load_in_8bit or model_cfg.load_in_4bit
+    if echo is not None and model_cfg.gradient_checkpointing == "auto" and model_cfg.checkpointing():
+        bits = "8-bit" if model_cfg.load_in_8bit else "4-bit"
+        echo(
+            f"scalelora: gradient checkpointing on for the {bits} base (model.gradient_checkpointing=auto; "
+            "false keeps the activations: faster steps, more memory)"
+        )
+    if model_cfg.checkpointing() and not quantized:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_mode(model, model_cfg, lora, new_modules)
     dtype = trainable_dtype(model)
     for param in model.parameters():

@@ -218,7 +218,7 @@ class Trainer:
         )
         if cfg.distill.enabled and cfg.distill.teacher == "self":
             SelfTeacher.check_base(cfg.model.name, untrained_head(model, new_modules))
-        model = finish_model(model, new_modules, cfg.model, cfg.lora)
+        model = finish_model(model, new_modules, cfg.model, cfg.lora, self.echo)
         data_lib.check_lengths(self.tokenized, max_positions(model, self.tokenizer), cfg.model.name)
         self.params = count_params(model)
         self.echo(
