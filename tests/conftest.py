@@ -144,6 +144,49 @@ def save_tiny_model(folder: Path, kind: str, **config_overrides: object) -> Path
     return folder
 
 
+DECODER_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<empty_output>"]
+
+
+def save_tiny_decoder(folder: Path) -> Path:
+    """A 2-layer, 32-wide random Llama whose tokenizer is shaped like SmolLM2-Instruct's: word-level over
+    the toy vocabulary, `<|endoftext|>` (UNK), `<|im_start|>` (BOS), `<|im_end|>` (EOS, which is also its
+    pad token and the config's pad id), `<empty_output>` (a special token with no role), and nothing added
+    to a text (no BOS or EOS)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    words = sorted(set(POSITIVE + NEGATIVE + FILLER + [w for ws in MULTI_WORDS.values() for w in ws]))
+    vocab = {token: i for i, token in enumerate(DECODER_SPECIALS + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<empty_output>"]})
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        unk_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    LlamaModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_tiny_classifier(
     folder: Path,
     tokenizer_dir: Path,
@@ -201,6 +244,11 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    return save_tiny_decoder(tmp_path_factory.mktemp("tiny-decoder"))
 
 
 @pytest.fixture(scope="session")

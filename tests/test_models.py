@@ -68,7 +68,8 @@ def test_lora_presets_of_the_other_documented_architectures(kind, expected, tmp_
 def test_decoders_get_a_pad_token_and_batched_logits_match_single(request, fixture):
     path = str(request.getfixturevalue(fixture))
     tokenizer = load_tokenizer(ModelConfig(name=path))
-    assert tokenizer.pad_token == tokenizer.eos_token is not None
+    # not EOS, which this tokenizer adds to every text: the MiniLM vocabulary's unused [PAD]
+    assert tokenizer.pad_token == "[PAD]" != tokenizer.eos_token
     model, _ = load_classifier(ModelConfig(name=path), LABELS)
     assert model.config.pad_token_id == tokenizer.pad_token_id
     model.eval()
@@ -271,3 +272,35 @@ def test_use_mask_dropout_swaps_the_base_and_lora_dropouts(tiny_bert):
     assert all(type(m) is MaskDropout for m in after.values())
     assert {m.p for name, m in after.items() if "lora_dropout" in name} == {0.2}
     assert set(model.state_dict()) == keys  # adapters save and load as before
+
+
+def test_the_pad_token_of_a_decoder_avoids_every_role_and_falls_back_to_eos():
+    from scalelora.models import unused_special_token
+
+    class Stub:
+        """A tokenizer with the attributes unused_special_token reads."""
+
+        def __init__(self, specials: dict[int, str], **roles: int) -> None:
+            from tokenizers import AddedToken
+
+            self.added_tokens_decoder = {i: AddedToken(t, special=True) for i, t in specials.items()}
+            for role in ("bos", "eos", "unk", "sep", "cls", "mask"):
+                setattr(self, f"{role}_token_id", roles.get(role))
+            self.adds = roles.get("adds", [])
+
+        def __call__(self, text: str) -> dict[str, list[int]]:
+            return {"input_ids": [*self.adds, 99]}
+
+    smollm2 = {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>", 3: "<repo_name>", 16: "<empty_output>"}
+    assert unused_special_token(Stub(smollm2, unk=0, bos=1, eos=2)) == "<empty_output>"
+    llama3 = {
+        128000: "<|begin_of_text|>",
+        128001: "<|end_of_text|>",
+        128255: "<|reserved_special_token_247|>",
+    }
+    # the highest unused id, and never one the tokenizer adds to a text itself (Llama 3's BOS)
+    assert unused_special_token(Stub(llama3, bos=128000, eos=128001)) == "<|reserved_special_token_247|>"
+    assert unused_special_token(Stub({5: "<x>", 7: "<y>"}, eos=5, adds=[7])) is None
+    assert (
+        unused_special_token(Stub({50256: "<|endoftext|>"}, bos=50256, eos=50256, unk=50256)) is None
+    )  # GPT-2

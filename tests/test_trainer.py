@@ -548,6 +548,9 @@ def test_lora_on_a_real_llama_decoder_offline(tmp_path):
     assert 100_000_000 < summary["total_params"] < 140_000_000 and summary["trainable_pct"] < 2
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    # its tokenizer pads with EOS `<|im_end|>`; a pad token no role shares is saved with the adapter
+    saved = json.loads((out / "adapter" / "tokenizer_config.json").read_text())
+    assert saved["pad_token"] == "<empty_output>"
 
 
 def test_no_weight_decay_on_biases_and_norms_and_head_lr(tiny_bert, toy_data, tmp_path):

@@ -543,7 +543,13 @@ def class_weights(
 
 
 def tokenize_split(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
-    """Tokenize without padding (batches pad dynamically); adds `length` for length grouping."""
+    """Tokenize without padding (batches pad dynamically); adds `length` for length grouping.
+
+    Raises DataError for a row whose tokens end in the pad token (`models.check_last_tokens`): a decoder
+    would classify it from the token before.
+    """
+    from scalelora.models import check_last_tokens
+
     has_pair = "text_pair" in ds.column_names
 
     def encode(batch: dict[str, list]) -> dict[str, list]:
@@ -552,6 +558,9 @@ def tokenize_split(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> dat
             batch["text_pair"] if has_pair else None,
             truncation=True,
             max_length=cfg.max_length,
+        )
+        check_last_tokens(
+            out["input_ids"], tokenizer.pad_token_id, tokenizer, lambda k: f"row {batch['idx'][k]}"
         )
         out["length"] = [len(ids) for ids in out["input_ids"]]
         return out
@@ -567,6 +576,7 @@ def tokenize_split(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> dat
         tokenizer.truncation_side,
         cfg.max_length,
         has_pair,
+        tokenizer.pad_token_id,  # the rows were checked against it (check_last_tokens)
     )
     fingerprint = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
     tokenized = ds.map(

@@ -39,10 +39,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @torch.inference_mode()
 def probe_logits(model: torch.nn.Module, tokenizer: Any, max_length: int) -> torch.Tensor:
-    encoded = tokenizer(
-        PROBE_TEXTS, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-    )
-    return model(**encoded).logits.float()
+    from scalelora.models import encode_batch
+
+    return model(**encode_batch(tokenizer, PROBE_TEXTS, None, max_length)).logits.float()
 
 
 def head_output_layer(model: torch.nn.Module, num_labels: int) -> torch.nn.Linear | None:

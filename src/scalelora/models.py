@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from scalelora.config import LoraConfig, ModelConfig
-from scalelora.errors import ConfigError, UnsafeWeightsError, UserError, one_line
+from scalelora.errors import ConfigError, DataError, UnsafeWeightsError, UserError, one_line
 
 # bitsandbytes (imported by peft) warns about optional CPU kernels on every start; it is noise here
 warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
@@ -145,12 +145,98 @@ def load_tokenizer(cfg: ModelConfig, truncation_side: str = "right") -> Any:
             f"use a local model folder, a hub name, or an alias ({', '.join(ALIASES)})"
         ) from None
     tokenizer.truncation_side = truncation_side
-    if tokenizer.pad_token is None:
-        # decoders (GPT-2, Llama) have no pad token; reuse EOS so batches can be padded
-        if tokenizer.eos_token is None:
-            raise UserError(f"model.name={cfg.name}: the tokenizer has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
+    # every batch scalelora builds (training's collator, predict, export, teacher logits) pads on the right
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id in role_token_ids(tokenizer):
+        pad = unused_special_token(tokenizer)
+        if pad is None:
+            # nothing better in the vocabulary (GPT-2): EOS, and a text that ends in it is refused
+            if tokenizer.eos_token is None:
+                raise UserError(f"model.name={cfg.name}: the tokenizer has neither a pad nor an EOS token")
+            pad = tokenizer.eos_token
+        tokenizer.pad_token = pad
     return tokenizer
+
+
+def role_token_ids(tokenizer: Any) -> set[int]:
+    """The ids of the tokenizer's role tokens other than padding (BOS, EOS, UNK, SEP, CLS, MASK): tokens a
+    text can end in (EOS added by the tokenizer or written in the text, UNK for an unknown word)."""
+    roles = ("bos_token_id", "eos_token_id", "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id")
+    return {i for i in (getattr(tokenizer, role, None) for role in roles) if isinstance(i, int)}
+
+
+def unused_special_token(tokenizer: Any) -> str | None:
+    """The pad token a decoder gets when it has none, or only one it shares with a role (SmolLM2-Instruct
+    pads with EOS `<|im_end|>`): the special token of the vocabulary with the highest id that has no role
+    and that the tokenizer does not add to a text itself (SmolLM2: `<empty_output>`; Llama 3: a reserved
+    token). Already in the vocabulary: no embedding row is added, so the base is unchanged. None when
+    there is none (GPT-2)."""
+    taken = role_token_ids(tokenizer) | set(tokenizer("a")["input_ids"])
+    candidates = [
+        (index, token.content)
+        for index, token in tokenizer.added_tokens_decoder.items()
+        if token.special and index not in taken
+    ]
+    return max(candidates)[1] if candidates else None
+
+
+def pads_like_a_role(model_config: Any) -> bool:
+    """Whether a model config has no pad id, or one it shares with EOS or BOS (decoders): its classifier,
+    which reads the last token that is not padding, needs the tokenizer's pad id (`load_tokenizer`)."""
+    pad = model_config.pad_token_id
+    roles: set[Any] = set()
+    for value in (getattr(model_config, "eos_token_id", None), getattr(model_config, "bos_token_id", None)):
+        roles |= set(value) if isinstance(value, list) else {value}
+    return pad is None or pad in roles
+
+
+def ends_in_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> list[int]:
+    """Rows of a padded batch whose last real token (the last position the attention mask keeps) is the
+    pad id. A decoder classifier reads the last token that is not the pad id, so it would read an earlier
+    token of such a row: `check_last_tokens` refuses them."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (positions * attention_mask.to(positions.dtype)).argmax(-1)
+    ends = input_ids.gather(1, last[:, None]).squeeze(1) == pad_token_id
+    return torch.nonzero(ends & (attention_mask.sum(-1) > 0)).flatten().tolist()
+
+
+def check_last_tokens(
+    rows: list[list[int]], pad_token_id: int | None, tokenizer: Any, name: Callable[[int], str]
+) -> None:
+    """Raise DataError when a tokenized row (unpadded ids) ends in the pad token; `name(i)` says which
+    row the i-th is in the message (an example id, a text number)."""
+    if pad_token_id is None:
+        return
+    bad = [i for i, ids in enumerate(rows) if ids and ids[-1] == pad_token_id]
+    if bad:
+        token = tokenizer.convert_ids_to_tokens(pad_token_id)
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise DataError(
+            f"{', '.join(name(i) for i in bad[:3])}{more}: the text ends in {token!r} (id {pad_token_id}), "
+            "the model's padding token; a decoder classifies from the last token that is not padding, so it "
+            f"would read the token before: remove the trailing {token!r} from the text"
+        )
+
+
+def encode_batch(
+    tokenizer: Any,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    name: Callable[[int], str] = "text {}".format,
+) -> Any:
+    """Tokenize, truncate and pad (on the right) a batch for inference, as predict, export and the
+    teacher-logits cache do; refuse a text that ends in the pad token (`check_last_tokens`; `name(i)`
+    names the i-th text in the message)."""
+    tokenizer.padding_side = "right"
+    encoded = tokenizer(
+        texts, pairs, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+    )
+    if tokenizer.pad_token_id is not None and "attention_mask" in encoded:
+        bad = ends_in_padding(encoded["input_ids"], encoded["attention_mask"], tokenizer.pad_token_id)
+        rows = [encoded["input_ids"][i][encoded["attention_mask"][i].bool()].tolist() for i in bad]
+        check_last_tokens(rows, tokenizer.pad_token_id, tokenizer, lambda k: name(bad[k]))
+    return encoded
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -202,10 +288,18 @@ HF_PROBLEM_TYPES = {
 
 
 def load_classifier(
-    cfg: ModelConfig, label_names: list[str], device_map: Any = None, problem_type: str | None = None
+    cfg: ModelConfig,
+    label_names: list[str],
+    device_map: Any = None,
+    problem_type: str | None = None,
+    pad_token_id: int | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """Load AutoModelForSequenceClassification for these labels (`problem_type`, single_label or
     multi_label, goes into its config, so a saved or exported model says how to read its logits).
+
+    A decoder reads the last token that is not `config.pad_token_id`: where the config has no pad id, or
+    one it shares with EOS/BOS (`pads_like_a_role`), it takes `pad_token_id`, the id of the tokenizer
+    that pads its batches (default: `load_tokenizer(cfg)`'s), so a text ending in EOS is read at its EOS.
 
     Returns (model, names of top-level modules that were newly initialised, e.g. the head).
     Raises UserError when the model cannot be found or its head has other labels, and
@@ -267,10 +361,18 @@ def load_classifier(
         ) from None
     if cfg.load_in_4bit:
         keep_4bit_training_layout(model)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model_config.eos_token_id if model_config.eos_token_id is not None else 0
-        if isinstance(model.config.pad_token_id, list):
-            model.config.pad_token_id = model.config.pad_token_id[0]
+    if pads_like_a_role(model.config) or (
+        pad_token_id is not None and pad_token_id != model.config.pad_token_id
+    ):
+        if pad_token_id is None:
+            pad_token_id = load_tokenizer(cfg).pad_token_id
+        rows = model.get_input_embeddings().num_embeddings
+        if not 0 <= pad_token_id < rows:
+            raise UserError(
+                f"model.name={cfg.name}: the tokenizer's pad id {pad_token_id} is outside the model's "
+                f"{rows} embeddings; give the tokenizer a pad token the model knows"
+            )
+        model.config.pad_token_id = pad_token_id
     new_modules = sorted({key.split(".")[0] for key in info.get("missing_keys", [])})
     return model, new_modules
 

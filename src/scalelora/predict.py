@@ -79,6 +79,7 @@ def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn
     meta_file = folder / "scalelora.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = "right"  # as training padded (an adapter saved before scalelora set it too)
     if (folder / "adapter_config.json").is_file():
         with quiet_peft():  # the base is loaded in full precision here: no bitsandbytes
             from peft import PeftModel
@@ -89,8 +90,11 @@ def load_for_inference(path: Path, allow_pickle: bool = False) -> tuple[torch.nn
                 f"{folder} has no scalelora.json; load it with PeftModel on top of {base_name} yourself"
             )
         try:
+            # the saved tokenizer's pad id is the one training read the last token by
             base, _ = load_classifier(
-                ModelConfig(name=meta["model_name"], allow_pickle=allow_pickle), meta["labels"]
+                ModelConfig(name=meta["model_name"], allow_pickle=allow_pickle),
+                meta["labels"],
+                pad_token_id=tokenizer.pad_token_id,
             )
         except UnsafeWeightsError:
             raise UnsafeWeightsError(
@@ -141,11 +145,13 @@ def predict_texts(
 ) -> list[dict[str, Any]]:
     """One result per text under `calibration` (default: raw softmax and argmax). Multi-label:
     `threshold` replaces every tuned threshold, `top_k` keeps at most the k most probable labels."""
+    from scalelora.models import encode_batch
+
     rule = calibration or Calibration(SINGLE_LABEL, list(labels))
     results = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        encoded = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        encoded = encode_batch(tokenizer, chunk, None, max_length, lambda i, start=start: f"text {start + i}")
         logits = model(**encoded).logits.float().numpy()
         probs, decided = rule.probabilities(logits), rule.decide(logits, threshold)
         for i, text in enumerate(chunk):

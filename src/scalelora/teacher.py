@@ -114,7 +114,10 @@ class ModelTeacher:
         # whole on every rank, in teacher_cfg.dtype: under ZeRO-3 transformers would partition it with
         # zero.Init, and as the teacher is never handed to DeepSpeed nothing would gather its weights
         with without_zero3_init():
-            model, new_modules = load_classifier(teacher_cfg, label_names)
+            # it reads the student's batches, padded with the student's pad id
+            model, new_modules = load_classifier(
+                teacher_cfg, label_names, pad_token_id=student_tokenizer.pad_token_id
+            )
         if new_modules:
             raise ConfigError(
                 f"distill.teacher={cfg.distill.teacher} has no trained classification head for these labels "

@@ -118,19 +118,20 @@ def shard_logits(
     Batches are made of texts of similar length (sorted by characters), so each is padded to little more
     than its own length; the rows are put back in `texts`' order.
     """
+    from scalelora.models import encode_batch
+
     sizes = [len(t) + (len(pairs[i]) if pairs is not None else 0) for i, t in enumerate(texts)]
     order = sorted(range(len(texts)), key=sizes.__getitem__)
     out = []
     with torch.inference_mode(), autocast(precision, device):
         for start in range(0, len(texts), batch_size):
             chunk = order[start : start + batch_size]
-            encoded = tokenizer(
+            encoded = encode_batch(
+                tokenizer,
                 [texts[i] for i in chunk],
                 [pairs[i] for i in chunk] if pairs is not None else None,
-                truncation=True,
-                max_length=max_length,
-                padding=True,
-                return_tensors="pt",
+                max_length,
+                lambda i, chunk=chunk: f"text {chunk[i]} of the shard",
             )
             out.append(model(**{k: v.to(device) for k, v in encoded.items()}).logits.float().cpu())
     by_length = torch.cat(out)
@@ -167,14 +168,16 @@ def load_frozen_teacher(
         allow_pickle=cfg.model.allow_pickle,
         attn_implementation=cfg.model.attn_implementation,
     )
-    model, new_modules = load_classifier(teacher_cfg, label_names, problem_type=problem_type)
+    tokenizer = load_tokenizer(teacher_cfg, cfg.data.truncation_side)
+    model, new_modules = load_classifier(
+        teacher_cfg, label_names, problem_type=problem_type, pad_token_id=tokenizer.pad_token_id
+    )
     if new_modules:
         raise UserError(
             f"--teacher {teacher} has no trained classification head for labels {label_names} "
             f"(newly initialised: {', '.join(new_modules)}); train a teacher with model.mode=full first"
         )
     model = model.to(device).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(teacher_cfg, cfg.data.truncation_side)
     _, temperature = model_folder_facts(teacher, label_names)
     return model, tokenizer, temperature
 

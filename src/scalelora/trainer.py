@@ -214,7 +214,7 @@ class Trainer:
         when train.compile says; not yet prepared."""
         cfg = self.cfg
         model, new_modules = load_classifier(
-            cfg.model, self.label_names, device_map=self._device_map(), problem_type=self.problem_type
+            cfg.model, self.label_names, self._device_map(), self.problem_type, self.tokenizer.pad_token_id
         )
         if cfg.distill.enabled and cfg.distill.teacher == "self":
             SelfTeacher.check_base(cfg.model.name, untrained_head(model, new_modules))
