@@ -461,7 +461,7 @@ def test_two_processes_train_evaluate_without_duplicates_and_resume(toy_data, tm
     assert_same_adapter(two, resumed)
 
 
-DECODER_RECIPES = {"gpt2_emotion"}
+DECODER_RECIPES = {"gpt2_emotion", "results_emotion_decoder"}
 
 
 @pytest.mark.slow
