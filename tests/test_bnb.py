@@ -192,11 +192,13 @@ PROB_TOLERANCE_4BIT = 0.05
 def test_an_adapter_trained_on_a_4bit_base_predicts_alike_on_the_full_precision_base(
     tiny_decoder, toy_data, tmp_path, capsys
 ):
-    """predict and export load the base in full precision: an adapter trained on the 4-bit (nf4) base
-    gives the same labels there, and probabilities within the 4-bit rounding of the base."""
+    """predict and export load the base in full precision (no bitsandbytes). The adapter trained on the
+    4-bit (nf4) base loads there exactly as trained (its weights on the float32 base, to 1e-5), and its
+    probabilities differ from the 4-bit model's by the 4-bit rounding of the base only (within 0.05)."""
     from scalelora.evaluation import gather_logits
-    from scalelora.models import encode_batch
+    from scalelora.models import build_model, encode_batch
     from scalelora.predict import load_for_inference
+    from scalelora.runtime import unwrap_model
     from scalelora.trainer import Trainer
 
     out = tmp_path / "run"
@@ -207,15 +209,26 @@ def test_an_adapter_trained_on_a_4bit_base_predicts_alike_on_the_full_precision_
         trainer.setup()
         trainer.train()
         outputs = gather_logits(trainer.accelerator, trainer.model, trainer.eval_loaders["test"])
+        trained = {
+            n: p.detach().clone()
+            for n, p in unwrap_model(trainer.model).named_parameters()
+            if p.requires_grad
+        }
     finally:
         trainer.close()
     assert "gradient checkpointing on for the 4-bit base" in capsys.readouterr().err
     quantized = torch.from_numpy(outputs.logits)[torch.from_numpy(outputs.idx).argsort()]
     texts = [json.loads(line)["text"] for line in (toy_data / "test.jsonl").read_text().splitlines()]
-    model, tokenizer, _, max_length = load_for_inference(out / "adapter")
+    model, tokenizer, labels, max_length = load_for_inference(out / "adapter")
     assert not any("4bit" in type(m).__name__ for m in model.modules())
+    # the trained LoRA and head weights put on a float32 base by hand
+    by_hand = build_model(load_config("quickstart", [f"model.name={tiny_decoder}"]).model, cfg.lora, labels)
+    assert set(trained) == {n for n, p in by_hand.named_parameters() if p.requires_grad}
+    assert not by_hand.load_state_dict(trained, strict=False).unexpected_keys
     with torch.no_grad():
-        full = model(**encode_batch(tokenizer, texts, None, max_length)).logits
+        batch = encode_batch(tokenizer, texts, None, max_length)
+        full, expected = model(**batch).logits, by_hand.eval()(**batch).logits
+    torch.testing.assert_close(full, expected, atol=1e-5, rtol=0)
     # nf4 rounds each base weight: on this tiny random Llama the probabilities move by about 0.02, so a
     # label can change only where the 4-bit model was within 2 x 0.05 of a tie
     torch.testing.assert_close(full.softmax(-1), quantized.softmax(-1), atol=PROB_TOLERANCE_4BIT, rtol=0)
