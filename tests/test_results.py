@@ -266,7 +266,12 @@ def test_a_committed_row_stays_current_until_what_it_ran_changes_key_by_key():
     import copy
 
     teacher = committed("sst2", "teacher_full")  # trained at a commit that recorded train.mask_dropout
+    # its model.gradient_checkpointing is false; today's default `auto` means false on a float base
+    assert teacher["config"]["model"]["gradient_checkpointing"] is False
     assert staleness(teacher) == []
+    assert staleness(teacher, "model.gradient_checkpointing=true") == [
+        "model.gradient_checkpointing: False then, True now"
+    ]
     # a key added later whose default is the behaviour before it: nothing to retrain
     older = copy.deepcopy(teacher)
     del older["config"]["train"]["label_smoothing"]

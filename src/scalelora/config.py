@@ -15,7 +15,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -49,9 +49,17 @@ DEFAULT_RESUME_CLASS = "identity"
 _SAME = object()
 
 
-def key(default: Any, *, resume: str | None = None, before: Any = _SAME) -> Any:
+def key(
+    default: Any,
+    *,
+    resume: str | None = None,
+    before: Any = _SAME,
+    resolve: Callable[[dict[str, Any]], Any] | None = None,
+) -> Any:
     """A config key as a dataclass field: `default`, its resume class and its `before` value
-    (see above). A list or mapping default is copied for each config."""
+    (see above). A list or mapping default is copied for each config. `resolve`, for a key with an
+    `auto` value that the rest of its section decides, gives that decision from the section (as a
+    mapping): config_differences compares what `auto` meant, not the word."""
     if resume is not None and resume not in RESUME_CLASSES:
         raise ValueError(f"resume={resume!r} is not one of {RESUME_CLASSES}")
     metadata: dict[str, Any] = {}
@@ -59,6 +67,8 @@ def key(default: Any, *, resume: str | None = None, before: Any = _SAME) -> Any:
         metadata["resume"] = resume
     if before is not _SAME:
         metadata["before"] = before
+    if resolve is not None:
+        metadata["resolve"] = resolve
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -147,7 +157,12 @@ class ModelConfig:
     """In lora mode, also train (and save) the classification head."""
     # free: non-reentrant checkpointing recomputes the same activations with the random state restored,
     # so a step is the same with it or without (test_bnb.py); before `auto`, the default was false
-    gradient_checkpointing: bool | Literal["auto"] = key("auto", resume="free", before=False)
+    gradient_checkpointing: bool | Literal["auto"] = key(
+        "auto",
+        resume="free",
+        before=False,
+        resolve=lambda model: bool(model.get("load_in_8bit") or model.get("load_in_4bit")),
+    )
     """Recompute activations in backward instead of keeping them (non-reentrant): less memory, slower
     steps. `auto`: on for an 8/4-bit base (as PEFT's k-bit preparation defaults to; the log says so),
     off otherwise (`checkpointing()` resolves it)."""
@@ -591,6 +606,13 @@ def config_differences(
         shown = ""
         if then is _ABSENT:
             then, shown = key_info(dotted).before, " (before the key)"
+        resolve = _key_metadata(dotted).get("resolve")
+        if resolve is not None:  # compare what `auto` decided on each side, from its own section
+            section = dotted.rpartition(".")[0]
+            if then == "auto":
+                then = resolve(_as_mapping(dotted_get(recorded, section, {})))
+            if value == "auto":
+                value = resolve(_as_mapping(dotted_get(now, section, {})))
         then, value = json.loads(json.dumps(then)), json.loads(json.dumps(value))
         if then != value:
             out.append(f"{dotted}: {then!r} then{shown}, {value!r} now")
@@ -598,6 +620,19 @@ def config_differences(
 
 
 _ABSENT = object()
+
+
+def _as_mapping(section: Any) -> dict[str, Any]:
+    return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+
+
+def _key_metadata(dotted: str) -> Any:
+    """The dataclass field metadata `key()` declared for `dotted`."""
+    section, _, name = dotted.rpartition(".")
+    cls: Any = RunConfig
+    for part in section.split(".") if section else []:
+        cls = typing.get_type_hints(cls)[part]
+    return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
 
 
 # --- loading -------------------------------------------------------------------------------------
