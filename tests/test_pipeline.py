@@ -245,3 +245,33 @@ def test_a_recipe_may_name_runs_of_its_own_each_the_recipe_with_its_line(tmp_pat
     recipe.write_text("data: {path: emotion}\npipeline:\n  tfidf_lr: [train.lr=1]\n")
     with pytest.raises(ConfigError, match="not a baseline"):
         Pipeline(str(recipe), tmp_path / "out", [])
+
+
+def test_a_run_may_distil_from_another_run_of_the_study(tiny_bert, toy_data, tmp_path):
+    """`distill.teacher=run:NAME` (the decoder study's MiniLM student of the SmolLM2 row): NAME's adapter is
+    exported merged, its logits cached on the student's data, and the student trains on that cache."""
+    recipe = tmp_path / "study.yaml"
+    recipe.write_text(
+        "pipeline:\n  big: [train.max_steps=4]\n"
+        "  small: [train.max_steps=4, distill.enabled=true, distill.teacher=run:big]\n"
+    )
+    overrides = [
+        f"model.name={tiny_bert}",
+        f"data.path={toy_data}",
+        "data.max_length=32",
+        "train.batch_size=8",
+    ]
+    out = tmp_path / "out"
+    pipeline = Pipeline(str(recipe), out, [*overrides, "eval.sample_predictions=0"], ("big", "small"))
+    assert pipeline.source_run("small") == "big" and pipeline.source_run("big") is None
+    rows = {r["run"]: r for r in pipeline.run()}
+    assert (out / "big" / "merged" / "config.json").is_file()
+    manifest = json.loads((out / "big" / "teacher_logits" / "manifest.json").read_text())
+    assert str(out / "big" / "merged") in json.dumps(manifest["teacher"])
+    small = rows["small"]
+    assert "distill.teacher=cache" in small["command"]
+    assert f"distill.cache_dir={out / 'big' / 'teacher_logits'}" in small["command"]
+    assert small["details"]["distill"]["teacher"] == "cache"
+    recipe.write_text("pipeline:\n  small: [distill.enabled=true, distill.teacher=run:small]\n")
+    with pytest.raises(ConfigError, match="must name another trained run"):
+        Pipeline(str(recipe), out, overrides, ("small",)).source_run("small")

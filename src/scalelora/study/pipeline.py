@@ -102,6 +102,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "auto_default": {},
     "recipe": {},
 }
+# `distill.teacher=run:NAME` in a run's line: distil from run NAME of the same study (its cached logits).
+SOURCE_PREFIX = "run:"
 # The runs that fit a model of their own rather than train one through scalelora.train.
 BASELINE_RUNS = ("linear_probe", "tfidf_lr", "tfidf_lr_subset")
 KD_RUNS = ("lora_on_teacher_kd", "lora_base_kd")
@@ -268,6 +270,10 @@ class Pipeline:
         if run in KD_RUNS:
             fixed["distill.teacher"] = "cache"
             fixed["distill.cache_dir"] = self.cache_dir
+        source = self.source_run(run)
+        if source is not None:  # distil from another run of this study: its cached logits
+            fixed["distill.teacher"] = "cache"
+            fixed["distill.cache_dir"] = self.out / source / "teacher_logits"
         return self.recipe, last_of_each_key(
             [f"{k}={_value(v)}" for k, v in STAGE_DEFAULTS.get(run, {}).items()]
             + list(self.base_cfg.pipeline.get(run, []))
@@ -275,6 +281,49 @@ class Pipeline:
             + self.per_run.get(run, [])
             + [f"{k}={_value(v)}" for k, v in fixed.items()]
         )
+
+    def source_run(self, run: str) -> str | None:
+        """The run of this study whose model `run` distils from: `distill.teacher=run:NAME` in its line
+        (e.g. a MiniLM student of a decoder row), or None."""
+        lines = list(self.base_cfg.pipeline.get(run, [])) + self.per_run.get(run, [])
+        named = [item.split("=", 1)[1] for item in lines if item.startswith("distill.teacher=")]
+        if not named or not named[-1].startswith(SOURCE_PREFIX):
+            return None
+        source = named[-1][len(SOURCE_PREFIX) :]
+        if source == run or source in BASELINE_RUNS or source not in (*TRAINED_RUNS, *self.variants):
+            raise ConfigError(
+                f"run {run}: distill.teacher={named[-1]} must name another trained run of this study"
+            )
+        return source
+
+    def logits_from_run(self, source: str, cfg: Any) -> Path:
+        """Cache the logits of run `source`'s saved model on `cfg`'s data (a LoRA adapter is exported merged
+        first, its fitted temperature folded into the head, as `python -m scalelora.export` does); return
+        the cache folder."""
+        from scalelora.export import merge_adapter
+        from scalelora.teacher_logits import build_cache
+
+        folder = self.out / source
+        model = folder / "model"
+        if (folder / "adapter" / "adapter_config.json").is_file():
+            model = folder / "merged"
+            adapter_time = (folder / "adapter" / "adapter_model.safetensors").stat().st_mtime
+            if (
+                not (model / "config.json").is_file()
+                or (model / "config.json").stat().st_mtime < adapter_time
+            ):
+                self.log(f"{source}: exporting the adapter merged -> {model}")
+                merge_adapter(folder / "adapter", model, overwrite=True)
+        if not (model / "config.json").is_file():
+            raise UserError(f"distilling from run {source} needs its model in {folder}; train {source} first")
+        cache = folder / "teacher_logits"
+        self.log(f"teacher logits of {source} -> {cache}")
+        try:
+            build_cache(cfg, str(model), cache)
+        except DataError as err:
+            self.log(f"rebuilding the teacher logits ({err})")
+            build_cache(cfg, str(model), cache, overwrite=True)
+        return cache
 
     # --- reuse of finished runs -----------------------------------------------------------------
 
@@ -314,6 +363,10 @@ class Pipeline:
             stamp["teacher_mtime"] = (self.teacher_dir / "model.safetensors").stat().st_mtime
         if run in KD_RUNS:
             stamp["cache"] = json.loads((self.cache_dir / "manifest.json").read_text())["teacher"]
+        source = self.source_run(run)
+        if source is not None:
+            cache = self.logits_from_run(source, cfg)
+            stamp["cache"] = json.loads((cache / "manifest.json").read_text())["teacher"]
         # the teacher is reused only with its weights: the runs after it train on them
         has_weights = run != "teacher_full" or (self.teacher_dir / "model.safetensors").is_file()
         reused = self._reusable(run, stamp) if has_weights else None
