@@ -111,8 +111,14 @@ def test_dataset_names_resolve_and_unknown_ones_are_refused():
         "sst2",
         "codemix_hindi",
     ]
+    # the two sections of their own, by name or recipe; a folder two of them share names the study's
+    assert results.resolve_datasets(["imdb", "results_emotion_decoder", "emotion"]) == [
+        "imdb",
+        "emotion_decoder",
+        "emotion",
+    ]
     with pytest.raises(UserError, match="not a study dataset; use emotion"):
-        results.resolve_datasets(["imdb"])
+        results.resolve_datasets(["ag_news"])
 
 
 def test_a_single_class_row_misses_its_target_whatever_its_score():
@@ -361,3 +367,38 @@ def test_the_entry_point_without_a_checkout_is_one_line(tmp_path, monkeypatch, c
     assert entry.main(["--render-only"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "studies/results.py of a scalelora checkout" in err
+
+
+def row(dataset: str, run: str, accuracy: float, macro_f1: float | None = None) -> dict:
+    return {
+        "dataset": dataset,
+        "run": run,
+        "test": {"accuracy": accuracy, "macro_f1": accuracy if macro_f1 is None else macro_f1},
+    }
+
+
+def test_the_long_document_and_decoder_targets_are_their_issues_and_counted_apart():
+    rows = [
+        row("imdb", "tfidf_lr", 0.900),
+        row("imdb", "truncate_256", 0.905),
+        row("imdb", "head_tail_512", 0.916),
+        row("imdb", "chunk", 0.914),
+        row("imdb", "auto_default", 0.899),
+        row("emotion_decoder", "smollm2_lora", 0.912),
+        row("emotion_decoder", "smollm2_lora_4bit", 0.9015),
+        row("emotion_decoder", "minilm_from_smollm2", 0.92, macro_f1=0.881),
+        row("emotion", "lora_on_teacher", 0.93, macro_f1=0.8908),
+    ]
+    targets = {(t["dataset"], t["target"]): t for t in results.check_targets(rows)}
+    best = targets[("imdb", "best long-text row (head_tail_512) >= TF-IDF + 1 pt (accuracy)")]
+    assert best["met"] and best["bar"] == pytest.approx(0.910) and best["section"] == "imdb"
+    assert targets[("imdb", "best long-text row (head_tail_512) >= truncate-256 + 1 pt (accuracy)")]["met"]
+    assert not targets[("imdb", "default (no tuning) >= TF-IDF (accuracy)")]["met"]
+    assert targets[("emotion_decoder", "D1 >= 0.91 (accuracy)")]["met"]
+    four_bit = targets[("emotion_decoder", "D2 >= D1 - 1 pt (accuracy)")]
+    assert not four_bit["met"] and four_bit["bar"] == pytest.approx(0.902)
+    student = targets[("emotion_decoder", "D3 >= emotion's (2) - 1 pt")]
+    assert student["met"] and student["bar"] == pytest.approx(0.8808)
+    page = "\n".join(results.targets_section(list(targets.values())))
+    assert "long documents (imdb): 2 of 3 met" in page and "decoders (emotion on SmolLM2): 2 of 3 met" in page
+    assert "0 of 0 targets met with every setting chosen on validation (the six datasets)" in page
