@@ -829,10 +829,11 @@ class LinearClassifier(torch.nn.Module):
         return SimpleNamespace(logits=self.linear(input_ids))
 
 
-def fp16_trainer_on_cpu(tmp_path: Path) -> Trainer:
+def fp16_trainer_on_cpu(tmp_path: Path, fused: bool = False) -> Trainer:
     """A Trainer on Accelerate's fp16 code paths (scaled backward, unscale_ in clip_grad_norm_, the scaler's
     step and update in the optimizer's step) with a real GradScaler on the CPU: only fp16 autocast, which
-    needs CUDA, is left out. The real fp16 path is the gpu-marked test below."""
+    needs CUDA, is left out. The real fp16 path is the gpu-marked test below. `fused`: torch's fused
+    AdamW, which handles the scaler's inf check itself, so the scaler always calls its `step()`."""
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
@@ -849,7 +850,7 @@ def fp16_trainer_on_cpu(tmp_path: Path) -> Trainer:
     )
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     model = LinearClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused or None)
     model, optimizer = acc.prepare(model, optimizer)
     acc.native_amp = True  # after prepare: there it would wrap the forward in (CUDA) autocast
     trainer = Trainer(cfg)
@@ -868,8 +869,9 @@ def micro_batch(nan: bool = False) -> dict[str, torch.Tensor]:
     return {"input_ids": features, "labels": torch.tensor([0, 1] * 4), "idx": torch.arange(8)}
 
 
-def test_fp16_step_after_a_skipped_nonfinite_step_unscales_once(tmp_path):
-    trainer = fp16_trainer_on_cpu(tmp_path)
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
+def test_fp16_step_after_a_skipped_nonfinite_step_unscales_once(tmp_path, fused):
+    trainer = fp16_trainer_on_cpu(tmp_path, fused)
     weight = trainer.model.linear.weight
     trainer.train_step([micro_batch(nan=True)])  # NaN loss: skipped, counted
     assert trainer.state.nonfinite_skipped == 1
@@ -879,15 +881,21 @@ def test_fp16_step_after_a_skipped_nonfinite_step_unscales_once(tmp_path):
     assert trainer.state.nonfinite_skipped == 1 and trainer.state.nonfinite_in_row == 0
 
 
-def test_the_schedule_does_not_step_when_the_scaler_or_a_nonfinite_skip_skips_the_step(tmp_path):
-    trainer = fp16_trainer_on_cpu(tmp_path)
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused_adamw"])
+def test_the_schedule_does_not_step_when_the_scaler_or_a_nonfinite_skip_skips_the_step(tmp_path, fused):
+    """With fused AdamW the scaler calls its step() even on an overflow (the kernel skips the update
+    itself), so Accelerate's `step_was_skipped` stays False: the skip is read from the scale dropping."""
+    trainer = fp16_trainer_on_cpu(tmp_path, fused)
+    assert trainer.optimizer.optimizer.defaults["fused"] is (True if fused else None)
     inner = trainer.scheduler.scheduler
     trainer.train_step([micro_batch()])
     assert inner.last_epoch == 1
     trainer.model.inf_grad = True  # an fp16 overflow: the scaler skips the step, and so must the schedule
     weight = trainer.model.linear.weight.detach().clone()
+    scale = trainer.accelerator.scaler.get_scale()
     trainer.train_step([micro_batch()])
-    assert torch.equal(trainer.model.linear.weight.detach(), weight) and trainer.optimizer.step_was_skipped
+    assert torch.equal(trainer.model.linear.weight.detach(), weight)
+    assert trainer.accelerator.scaler.get_scale() < scale  # the scaler saw the overflow
     assert inner.last_epoch == 1 and trainer.state.nonfinite_skipped == 0  # the scaler's, not an error
     trainer.model.inf_grad = False
     trainer.train_step([micro_batch(nan=True)])  # a skipped non-finite step

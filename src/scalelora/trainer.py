@@ -576,8 +576,14 @@ class Trainer:
         loss_finite = all_finite(acc, objective)
         grads_finite = grad_norm is None or math.isfinite(float(grad_norm))
         if loss_finite and (grads_finite or cfg.train.precision == "fp16"):
+            scaler = acc.scaler
+            scale = scaler.get_scale() if scaler is not None else None
             self.optimizer.step()
-            if not self.optimizer.step_was_skipped:
+            # an optimizer that handles the scaler's inf check itself (fused AdamW:
+            # `_step_supports_amp_scaling`) is always called, so Accelerate's step_was_skipped stays
+            # False on an overflow; the scaler's update() lowering the scale is what marks the skip
+            overflow = scale is not None and scaler.get_scale() < scale
+            if not (self.optimizer.step_was_skipped or overflow):
                 self.scheduler.step()
             self.state.nonfinite_in_row = 0
             return
