@@ -46,15 +46,22 @@ GEMM = "gemm"  # not a side: the child that measures the machine's matmul throug
 HF_SIDES = (HF, HF_GROUPED)
 ALL_SIDES = (HF, HF_GROUPED, SCALELORA, SCALELORA_NOGROUP, SCALELORA_TORCH_DROPOUT, KD_CACHE, KD_SELF)
 
-# Dense bf16 tensor-core peaks (FLOP/s) used for MFU, matched against torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-}
+# Dense bf16 tensor-core peaks (FLOP/s, NVIDIA's datasheets without sparsity) used for MFU, matched in
+# this order against torch.cuda.get_device_name(): the first name the device's contains wins, so a form
+# factor comes before its family. The H100 and H200 form factors differ in clocks and power: the SXM
+# parts ("NVIDIA H100 80GB HBM3", "NVIDIA H200") 989 TFLOP/s, the NVL cards 835, the H100 PCIe 756.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("A10G", 125e12),
+    ("L4", 121e12),
+)
 
 
 @dataclass
@@ -647,8 +654,13 @@ def device_peak_flops(cuda: bool | None = None) -> tuple[str, float | None]:
 
         return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})", None
     name = torch.cuda.get_device_name()
-    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-    return name, peak
+    return name, peak_bf16_flops(name)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak (FLOP/s) of the GPU `torch.cuda.get_device_name()` calls `device_name`;
+    None for one not in PEAK_BF16_FLOPS."""
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
 
 
 def layer_widths(model_path: str) -> tuple[int, int]:

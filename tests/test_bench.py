@@ -386,6 +386,28 @@ def test_vectorized_pad_collator_matches_row_by_row_padding() -> None:
         assert batch["idx"].tolist() == [r["idx"] for r in rows]
 
 
+@pytest.mark.parametrize(
+    ("name", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989),  # SXM5
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H100 NVL", 835),
+        ("NVIDIA H200", 989),
+        ("NVIDIA H200 NVL", 835),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L40", 181),
+        ("NVIDIA L4", 121),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_the_gpu_peak_is_looked_up_by_the_full_device_name(name: str, tflops: int | None) -> None:
+    """The H100's and H200's form factors differ in clocks and power, so in dense bf16 peak: one peak for
+    every H100 overstated a PCIe card's by 31% (and understated its MFU)."""
+    peak = bench.peak_bf16_flops(name)
+    assert (None if peak is None else round(peak / 1e12)) == tflops
+
+
 def test_achieved_flops_against_measured_gemm_and_the_device_peak(monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks.hardware import StepFlops
 
