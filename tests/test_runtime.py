@@ -33,10 +33,26 @@ from scalelora.runtime import (
 )
 from scalelora.trainer import Trainer, run_training
 
+SPIKE_BYTES = 768 * 2**20
 
-def test_runs_with_other_precisions_follow_each_other_in_one_process(tiny_bert, toy_data, tmp_path):
-    """What the pipeline does: an fp32 stage, then a bf16 one, in the same Python process."""
+
+def test_runs_with_other_precisions_follow_each_other_in_one_process(
+    tiny_bert, toy_data, tmp_path, monkeypatch
+):
+    """What the pipeline does: an fp32 stage, then a bf16 one, in the same Python process. Each reports
+    its own peak memory: the first holds 768 MiB more for a moment, and the second, which does not,
+    reports a peak that much lower (the process's peak, read as before, stayed the first's)."""
+    import numpy as np
+
+    step = Trainer.train_step
+
+    def step_with_a_spike(self, group):
+        np.ones(SPIKE_BYTES // 8).sum()  # written (resident), then freed (unmapped) at once
+        return step(self, group)
+
+    monkeypatch.setattr(Trainer, "train_step", step_with_a_spike)
     first = run_training(load_config("quickstart", tiny_overrides(tiny_bert, toy_data, tmp_path / "fp32")))
+    monkeypatch.setattr(Trainer, "train_step", step)
     second = run_training(
         load_config(
             "quickstart",
@@ -45,6 +61,47 @@ def test_runs_with_other_precisions_follow_each_other_in_one_process(tiny_bert, 
     )
     assert first["precision"] == "no" and second["precision"] == "bf16"
     assert read_summary(tmp_path / "bf16")["precision"] == "bf16"
+    peaks = [run["peak_memory_gb"]["host"] * 2**30 for run in (first, second)]
+    if os.access(runtime.CLEAR_REFS, os.W_OK):
+        assert [run["peak_memory_scope"] for run in (first, second)] == [{"gpu": None, "host": "run"}] * 2
+        assert peaks[0] - peaks[1] > SPIKE_BYTES * 2 / 3, [peak / 2**20 for peak in peaks]
+    else:  # the host peak cannot be reset here: it is the process's, and says so
+        assert second["peak_memory_scope"]["host"] == "process" and peaks[1] >= peaks[0]
+
+
+def test_peak_memory_resets_per_run_and_says_where_it_cannot(tmp_path, monkeypatch):
+    """Outside a run, and where /proc/self/clear_refs cannot be written, the peaks are the process's
+    and say so; CUDA's are reset on every device once CUDA is initialized (before, nothing was
+    allocated); without /proc the host peak is ru_maxrss."""
+    memory = {"gpu": None, "host": 1}
+    assert runtime.peak_memory_scope(memory) == {"gpu": None, "host": "process"}
+    with runtime.run_peak_memory():
+        assert runtime.peak_memory_scope(memory) == {
+            "gpu": None,
+            "host": "run" if os.access(runtime.CLEAR_REFS, os.W_OK) else "process",
+        }
+        assert runtime.peak_memory_scope({"gpu": 1, "host": 1})["gpu"] == "run"
+    assert runtime.peak_memory_scope(memory)["host"] == "process"
+
+    monkeypatch.setattr(runtime, "CLEAR_REFS", tmp_path / "no-proc" / "clear_refs")
+    with runtime.run_peak_memory():
+        assert runtime.peak_memory_scope(memory) == {"gpu": None, "host": "process"}
+
+    reset: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset.append)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    runtime.reset_peak_memory()
+    assert reset == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    runtime.reset_peak_memory()
+    assert reset == [0, 1]
+
+    import resource
+
+    monkeypatch.setattr(runtime, "PROC_STATUS", tmp_path / "no-proc" / "status")
+    assert runtime.host_peak_bytes() == resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 AMX, AVX512_BF16 = {"amx_bf16", "amx_tile", "avx512_bf16", "avx512f"}, {"avx512_bf16", "avx512f"}

@@ -34,6 +34,8 @@ SUMMARY_KEYS = {
     "seed",
     "versions",
     "sample_predictions",
+    "peak_memory_gb",
+    "peak_memory_scope",
 }
 
 

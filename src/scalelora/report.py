@@ -72,6 +72,8 @@ def build_summary(
     import torch
     import transformers
 
+    from scalelora.runtime import peak_memory_scope
+
     before = {row["text"]: row for row in state["predictions_before"]}
     samples = [
         {
@@ -117,6 +119,9 @@ def build_summary(
         "deepspeed": facts["deepspeed"],
         "class_weights": facts["class_weights"],
         "peak_memory_gb": facts["peak_memory_gb"],
+        # `run`: this run's own peak; `process`: since its process started (the host peak where
+        # /proc/self/clear_refs cannot be written)
+        "peak_memory_scope": peak_memory_scope(facts["peak_memory_gb"]),
         "seed": cfg.seed,
         "commit": source_commit(),
         # the auto recipe's settings come from rules that no key names: their version says which

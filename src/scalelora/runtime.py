@@ -316,15 +316,76 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
     return bool(setting)
 
 
-def peak_memory_bytes(device: torch.device | str | None = None) -> dict[str, int | None]:
-    """Peak accelerator memory allocated by this process (None off CUDA) and its peak resident host memory."""
+# Linux: writing "5" here resets the process's peak resident size (VmHWM in /proc/self/status) to its
+# current size (proc(5)); ru_maxrss is never reset
+CLEAR_REFS = Path("/proc/self/clear_refs")
+PROC_STATUS = Path("/proc/self/status")
+# what the peaks read now cover (see `run_peak_memory`): None outside a run, whose peaks are the process's
+_peak_scope: dict[str, str] | None = None
+
+
+def host_peak_bytes() -> int:
+    """This process's peak resident size: VmHWM (which `reset_peak_memory` can reset), or `ru_maxrss`
+    where /proc cannot be read."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def reset_peak_memory() -> dict[str, str]:
+    """Reset this process's peak memory readings to what it holds now; returns what each peak read from
+    now on covers: `run` (from now) or `process` (from the process start: the reset is not possible here).
+
+    CUDA: the caching allocator's peaks of every device, once CUDA is initialized (before that nothing
+    was allocated). Host: the peak resident size through /proc/self/clear_refs (Linux; not writable in
+    some containers, where the host peak stays the process's).
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+    try:
+        CLEAR_REFS.write_text("5")
+        host = "run"
+    except OSError:
+        host = "process"
+    return {"gpu": "run", "host": host}
+
+
+@contextlib.contextmanager
+def run_peak_memory() -> Iterator[dict[str, str]]:
+    """Inside the block, `peak_memory_bytes` reads the peaks since the block began, where that can be
+    reset (`reset_peak_memory`, and `peak_memory_scope` says where): one run's own peak when several
+    runs share a process (a study trains every row in one)."""
+    global _peak_scope
+    _peak_scope = reset_peak_memory()
+    try:
+        yield _peak_scope
+    finally:
+        _peak_scope = None
+
+
+def peak_memory_bytes(device: torch.device | str | None = None) -> dict[str, int | None]:
+    """Peak accelerator memory allocated by this process (None off CUDA) and its peak resident host
+    memory: since `run_peak_memory` began, where it could reset them (see `peak_memory_scope`)."""
     device = torch.device(device) if device is not None else None
     on_cuda = torch.cuda.is_available() and (device is None or device.type == "cuda")
     gpu = int(torch.cuda.max_memory_allocated(device)) if on_cuda else None
-    host = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-    return {"gpu": gpu, "host": host}
+    return {"gpu": gpu, "host": host_peak_bytes()}
+
+
+def peak_memory_scope(memory: dict[str, Any]) -> dict[str, str | None]:
+    """What each peak of `memory` (a `peak_memory_bytes` reading) covers: `run` (since this run's
+    `run_peak_memory` began), `process` (since the process started), None where there is no reading."""
+    return {
+        key: None if value is None else (_peak_scope or {}).get(key, "process")
+        for key, value in memory.items()
+    }
 
 
 def reset_accelerate_state() -> None:

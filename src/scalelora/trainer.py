@@ -65,6 +65,7 @@ from scalelora.runtime import (
     pins_memory,
     process_seconds,
     reset_accelerate_state,
+    run_peak_memory,
     unwrap_model,
 )
 from scalelora.teacher import SelfTeacher, build_teacher, mean_pool
@@ -720,9 +721,10 @@ def run_training(cfg: RunConfig) -> dict[str, Any]:
     """
     reset_accelerate_state()
     trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        return trainer.train()
-    finally:
-        trainer.close()
-        reset_accelerate_state()
+    with run_peak_memory():  # the summary's peaks are this run's, not an earlier one's in the process
+        try:
+            trainer.setup()
+            return trainer.train()
+        finally:
+            trainer.close()
+            reset_accelerate_state()

@@ -397,6 +397,7 @@ class Pipeline:
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine_line(),
             "peak_memory_gb": summary.get("peak_memory_gb"),
+            "peak_memory_scope": summary.get("peak_memory_scope"),
             "train_tokens": summary.get("train_tokens"),
             "autoconfig_rules": summary.get("autoconfig_rules"),
             "load_average": [load_before, load_average()],
@@ -524,6 +525,8 @@ class Pipeline:
             "machine": row.get("machine") or machine_line(),
             "load_average": row.get("load_average"),
             "peak_memory_gb": row.get("peak_memory_gb"),
+            # `run`: the row's own peak; `process`: since the study's process started (see summary.json)
+            "peak_memory_scope": row.get("peak_memory_scope"),
             "train_tokens": row.get("train_tokens"),
             "command": row.get("command"),
             "config": row.get("config"),
