@@ -627,6 +627,40 @@ def test_compile_auto_is_on_for_cuda_only() -> None:
     assert compile_enabled(False, torch.device("cuda", 0)) is False
 
 
+def test_train_compile_decides_whether_prepare_compiles_and_the_launch_with_what(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Accelerate compiles the model in `prepare` (around DDP, and DeepSpeed's module in place), never
+    scalelora before it; the launch config's dynamo backend names the backend but does not turn it on."""
+    from accelerate.utils import DynamoBackend
+
+    from scalelora.config import load_config
+    from scalelora.runtime import build_accelerator, compiles, dynamo_plugin, reset_accelerate_state
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    assert dynamo_plugin(True, cpu).backend == DynamoBackend.INDUCTOR
+    assert dynamo_plugin("auto", cuda).backend == DynamoBackend.INDUCTOR
+    assert dynamo_plugin("auto", cpu).backend == dynamo_plugin(False, cuda).backend == DynamoBackend.NO
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # what `accelerate launch` sets by default
+    assert dynamo_plugin(True, cpu).backend == DynamoBackend.INDUCTOR
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    assert dynamo_plugin(True, cpu).backend == DynamoBackend.EAGER
+    assert dynamo_plugin(False, cpu).backend == DynamoBackend.NO
+    for setting, compiled in (("true", True), ("false", False)):
+        reset_accelerate_state()
+        accelerator = build_accelerator(
+            load_config("quickstart", [f"output_dir={tmp_path}", f"train.compile={setting}"])
+        )
+        assert compiles(accelerator) is compiled
+        warned = (
+            "the launch config's dynamo_backend=eager is not used: train.compile=false"
+            in capsys.readouterr().err
+        )
+        assert warned is not compiled
+    reset_accelerate_state()
+
+
 def test_throughput_clock_leaves_out_warmup_and_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
     from scalelora.meters import StepStats, ThroughputClock
 
@@ -817,6 +851,9 @@ def test_unwrap_model_removes_compile_and_ddp_like_wrappers() -> None:
     assert unwrap_model(DeepSpeedEngine(compiled)) is inner
     assert unwrap_model(DeepSpeedEngine(compiled), keep_compiled=True) is compiled
     assert list(unwrap_model(compiled).state_dict()) == ["weight", "bias"]  # no `_orig_mod.` prefix
+    # Accelerate compiles around DDP: the model alone has no compiled wrapper to keep
+    around = torch.compile(DeepSpeedEngine(inner))
+    assert unwrap_model(around) is inner and unwrap_model(around, keep_compiled=True) is inner
 
 
 def test_plot_draws_the_figure_and_prints_the_table_from_the_json(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 from scalelora import checkpoint as ckpt
@@ -595,3 +596,183 @@ def test_a_key_that_cannot_be_created_is_one_line_naming_the_setting(tmp_path, m
         CheckpointError, match=f"cannot create the checkpoint key at {blocker}.*set {signing.KEY_ENV}"
     ):
         signing.check_key()
+
+
+# --- train.compile between save and resume, and strict loading -------------------------------------------
+
+# dynamo's `eager` backend: torch.compile's wrapper and its names, through Accelerate's compile, without
+# inductor's minute of compiling on CPU
+EAGER_DYNAMO = {"ACCELERATE_DYNAMO_BACKEND": "EAGER"}
+COMPILED_RUN = {"train.max_steps": 2, "train.compile": "true"}
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny_run(tiny_bert, toy_data, tmp_path_factory) -> Path:
+    """A finished 2-step run with train.compile=true (read-only: copy it before changing anything)."""
+    from scalelora.trainer import run_training
+
+    out = tmp_path_factory.mktemp("compiled") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in EAGER_DYNAMO.items():
+            patch.setenv(name, value)
+        summary = run_training(
+            config_lib.load_config("quickstart", tiny_overrides(tiny_bert, toy_data, out, **COMPILED_RUN))
+        )
+    assert summary["compiled"] is True
+    return out
+
+
+def saved_weights(run: Path) -> tuple[Path, dict]:
+    """The newest checkpoint's weights file and its tensors."""
+    from safetensors.torch import load_file
+
+    newest = ckpt.checkpoint_dirs(run / "checkpoints")[-1] / "model.safetensors"
+    return newest, load_file(str(newest))
+
+
+def test_a_compiled_run_saves_checkpoint_and_adapter_under_the_models_own_names(compiled_tiny_run):
+    """torch.compile's wrapper prefixes names with `_orig_mod.`: a model loaded without it matches none."""
+    from safetensors.torch import load_file
+
+    _, checkpoint = saved_weights(compiled_tiny_run)
+    adapter = load_file(str(compiled_tiny_run / "adapter" / "adapter_model.safetensors"))
+    for tensors in (checkpoint, adapter):
+        assert tensors and not [key for key in tensors if "_orig_mod" in key]
+
+
+def resumed_trainer(run: Path, tiny_bert, toy_data, compile_on: bool, **extra):
+    from scalelora.trainer import Trainer
+
+    overrides = tiny_overrides(
+        tiny_bert, toy_data, run, **{**extra, "train.compile": str(compile_on).lower()}
+    )
+    return Trainer(config_lib.load_config("quickstart", [*overrides, "resume=auto"]))
+
+
+@pytest.mark.parametrize("saved_compiled", [False, True], ids=["eager-then-compiled", "compiled-then-eager"])
+def test_a_resume_with_train_compile_toggled_restores_every_trained_weight(
+    saved_compiled, finished_tiny_run, compiled_tiny_run, tiny_bert, toy_data, tmp_path, monkeypatch
+):
+    """train.compile is free on resume: the resumed model holds exactly the checkpoint's weights either
+    way (before, the names differed by `_orig_mod.`, and strict=False restored nothing, silently)."""
+    from scalelora.runtime import unwrap_model
+
+    for name, value in EAGER_DYNAMO.items():
+        monkeypatch.setenv(name, value)
+    source = compiled_tiny_run if saved_compiled else finished_tiny_run
+    run = shutil.copytree(source, tmp_path / "run")
+    extra = (
+        COMPILED_RUN if saved_compiled else {"tracking.report_to": "wandb", "tracking.wandb.mode": "disabled"}
+    )
+    _, saved = saved_weights(run)
+    saved = {key.replace("_orig_mod.", ""): value for key, value in saved.items()}
+    trainer = resumed_trainer(run, tiny_bert, toy_data, compile_on=not saved_compiled, **extra)
+    try:
+        trainer.setup()
+        assert trainer.compiled is not saved_compiled
+        model = unwrap_model(trainer.model)
+        trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        assert trainable.keys() == saved.keys()
+        for name, value in trainable.items():
+            assert torch.equal(value, saved[name]), f"{name} was not restored"
+    finally:
+        trainer.close()
+
+
+def rewrite_checkpoint_weights(run: Path, edit) -> Path:
+    """The newest checkpoint with its weights file edited by `edit` (tensors -> tensors), re-signed."""
+    from safetensors.torch import save_file
+
+    path, tensors = saved_weights(run)
+    save_file(edit(tensors), str(path))
+    ckpt.write_manifest(path.parent)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda tensors: {f"_orig_mod.{key}": value for key, value in tensors.items()},
+            r"(\d+) of its tensors match no weight of this model \(first: _orig_mod\.base_model.*"
+            r"\1 trainable weights of this model are not in it",
+        ),
+        (
+            lambda tensors: {key: value for key, value in tensors.items() if "lora_B" not in key},
+            r"does not fit this run's model: 4 trainable weights of this model are not in it "
+            r"\(first: base_model\.model\.bert\.encoder\.layer\.0\.attention\.self\.query\.lora_B",
+        ),
+    ],
+    ids=["names-match-nothing", "a-trainable-weight-missing"],
+)
+def test_a_checkpoint_whose_weights_do_not_match_the_model_is_refused(
+    edit, message, finished_tiny_run, tiny_bert, toy_data, tmp_path
+):
+    """Accelerate loads the trainable-only weights with strict=False; the load is checked strictly over
+    the trainable weights: a tensor that matches nothing, or a trainable weight not in the file, is a
+    one-line error naming the file, never a run that goes on with the weights it had."""
+    run = shutil.copytree(finished_tiny_run, tmp_path / "run")
+    path = rewrite_checkpoint_weights(run, edit)
+    trainer = resumed_trainer(
+        run,
+        tiny_bert,
+        toy_data,
+        compile_on=False,
+        **{"tracking.report_to": "wandb", "tracking.wandb.mode": "disabled"},
+    )
+    try:
+        with pytest.raises(CheckpointError, match=message) as raised:
+            trainer.setup()
+    finally:
+        trainer.close()
+    assert str(raised.value).startswith(f"{path} does not fit this run's model") and "\n" not in str(
+        raised.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda tensors: {f"_orig_mod.{key}": value for key, value in tensors.items()},
+            "1 trainable weights of this model are not in it \\(first: base_model.model.classifier.weight\\)",
+        ),
+        (
+            lambda tensors: {key: value for key, value in tensors.items() if "lora_B" not in key},
+            "4 trainable weights of this model are not in it \\(first: base_model.*query.lora_B",
+        ),
+        (
+            lambda tensors: {
+                **tensors,
+                "base_model.model.bert.pooler.dense.lora_A.weight": torch.ones(8, 32),
+            },
+            "1 of its tensors match no weight of this model \\(first: base_model.model.bert.pooler.dense",
+        ),
+    ],
+    ids=["names-match-nothing", "a-trainable-weight-missing", "a-tensor-matches-nothing"],
+)
+def test_restoring_the_best_adapter_is_strict_too(edit, message, tiny_bert, tmp_path):
+    """restore_best loads the adapter saved at the best evaluation back; one that does not match the
+    model is a one-line error, not a final evaluation of the last weights under the best one's name."""
+    from accelerate.utils import DistributedType
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from scalelora.config import LoraConfig, ModelConfig
+    from scalelora.models import build_model
+
+    class Accelerator(OneProcess):
+        distributed_type = DistributedType.NO
+
+    model = build_model(ModelConfig(name=str(tiny_bert)), LoraConfig(), ["neg", "pos"])
+    keeper = ckpt.Checkpointer(Accelerator(), tmp_path, None, False, None, keep_last=2)
+    best = {key: torch.full_like(value, 0.5) for key, value in get_peft_model_state_dict(model).items()}
+    (tmp_path / "adapter").mkdir()
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file(best, str(weights))
+    keeper.restore_best(model)
+    restored = get_peft_model_state_dict(model)
+    assert all(torch.equal(restored[key], value) for key, value in best.items())
+    save_file(edit(best), str(weights))
+    with pytest.raises(CheckpointError, match=f"{weights} does not fit this run's model: .*{message}"):
+        keeper.restore_best(model)

@@ -22,7 +22,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, free_port, read_summary, run_cli, save_tiny_classifier, tiny_overrides
+from conftest import (
+    ROOT,
+    free_port,
+    read_summary,
+    run_cli,
+    save_tiny_classifier,
+    save_tiny_model,
+    tiny_overrides,
+)
 from fault_inject import UNSAFE_LOAD
 from scalelora.checkpoint import check_adapter_weights
 from scalelora.errors import CheckpointError
@@ -61,7 +69,7 @@ def sharded_variant(name: str, folder: Path) -> Path:
     return path
 
 
-def launcher(config: Path) -> list[str]:
+def launcher(config: Path, dynamo_backend: str | None = None) -> list[str]:
     # no --cpu: it would silently switch DeepSpeed off; the trainer picks gloo itself without CUDA
     return [
         sys.executable,
@@ -73,6 +81,7 @@ def launcher(config: Path) -> list[str]:
         "2",
         "--main_process_port",
         str(free_port()),
+        *(["--dynamo_backend", dynamo_backend] if dynamo_backend else []),
     ]
 
 
@@ -178,10 +187,14 @@ def test_adapter_is_gathered_complete_and_trained(runs, name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_reloaded_adapter_reproduces_the_trained_models_probabilities(runs, name):
+    assert_reload_reproduces_the_run(runs[name]["full"])
+
+
+def assert_reload_reproduces_the_run(run: Path) -> None:
+    """The run's adapter, loaded into its base with PEFT alone, gives the probabilities the run reported."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    run = runs[name]["full"]
     summary = read_summary(run)
     tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
     base_path = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -228,6 +241,58 @@ def test_zero_matches_plain_ddp(runs, name):
     ddp, zero = adapter(runs["ddp"]["full"]), adapter(runs[name]["full"])
     for key in ddp:
         torch.testing.assert_close(zero[key], ddp[key], atol=1e-5, rtol=1e-4)
+
+
+# --- train.compile under ZeRO-2 ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled_zero2(tmp_path_factory, tiny_bert, toy_data, ds_env):
+    """A 4-step ZeRO-2 run with train.compile=true (DeepSpeed's engine.compile through Accelerate, with
+    dynamo's `eager` backend: the compiled module and its names, without inductor's minutes), and a copy
+    resumed from its step-2 checkpoint with train.compile=false. The base has no dropout: compiled
+    code draws its dropout masks otherwise than eager, so only then can the two runs match."""
+    root = tmp_path_factory.mktemp("zero2-compiled")
+    base = save_tiny_model(
+        root / "bert-no-dropout", "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    config = sharded_variant("zero2", root)
+    full = root / "full"
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *tiny_overrides(base, toy_data, full, **RUN, **{"train.compile": "true"})],
+        env=ds_env,
+        launcher=launcher(config, dynamo_backend="eager"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = interrupted_copy(full, root / "resumed")
+    result = run_cli(
+        "scalelora.train",
+        ["--config", "quickstart", *tiny_overrides(base, toy_data, resumed, **RUN), "resume=auto"],
+        env=ds_env,
+        launcher=launcher(config),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"full": full, "resumed": resumed, "resume_log": result.stderr}
+
+
+def test_a_compiled_zero2_adapter_reloads_to_the_runs_predictions(compiled_zero2):
+    """Compiled before `prepare`, DeepSpeed's module was torch.compile's wrapper: the adapter's names
+    carried its `_orig_mod.` prefix, the shape check passed, and a reload loaded nothing."""
+    full = compiled_zero2["full"]
+    assert read_summary(full)["compiled"] is True and read_summary(full)["deepspeed"]["zero_stage"] == 2
+    names = list(adapter(full))
+    assert names and not [name for name in names if "_orig_mod" in name]
+    assert_reload_reproduces_the_run(full)
+
+
+def test_a_zero2_resume_with_train_compile_switched_off_ends_with_the_compiled_runs_adapter(compiled_zero2):
+    assert "resumed from" in compiled_zero2["resume_log"] and "step-2" in compiled_zero2["resume_log"]
+    assert read_summary(compiled_zero2["resumed"])["compiled"] is False
+    full, resumed = adapter(compiled_zero2["full"]), adapter(compiled_zero2["resumed"])
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
 
 
 def test_check_adapter_weights_refuses_the_few_byte_zero3_adapter(tmp_path):

@@ -32,12 +32,14 @@ from scalelora.config import config_keys, dotted_get, key_info, resume_keys
 from scalelora.errors import CheckpointError, UntrustedCheckpointError, UserError, one_line
 from scalelora.files import atomic_write_json, atomic_write_text, fsync_dir, raise_disk_error, replace_dir
 from scalelora.runtime import (
+    COMPILED_PREFIX,
     check_on_each_node,
     decide_on_main,
     deepspeed_hidden,
     is_deepspeed,
     model_state_dict,
     unwrap_model,
+    without_compiled_prefix,
     zero_stage,
 )
 
@@ -272,11 +274,47 @@ def latest_valid_checkpoint(root: Path, log: Any = print, trust_unsigned: bool =
 
 
 def trainable_only_save_hook(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
-    """Accelerate save hook: keep only trainable tensors (LoRA + head), not the frozen base, in each checkpoint."""
+    """Accelerate save hook: keep only trainable tensors (LoRA + head), not the frozen base, in each
+    checkpoint, under the model's own names (never torch.compile's `_orig_mod.`). `load_checkpoint`
+    loads them strictly over the trainable weights."""
     for i, model in enumerate(models):
-        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        trainable = {name.replace(COMPILED_PREFIX, "") for name in trainable_names(model)}
         if i < len(weights):
-            weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+            weights[i] = {k: v for k, v in without_compiled_prefix(weights[i]).items() if k in trainable}
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def absent_trainable(model: torch.nn.Module, missing: Iterable[str]) -> list[str]:
+    """The trainable weights of `model` that a load left as they were (its `missing` names), sorted; a
+    weight tied under several names counts as loaded when one of them was."""
+    missing = set(missing)
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.requires_grad:
+            names.setdefault(id(param), []).append(name)
+    return sorted(aliases[0] for aliases in names.values() if all(name in missing for name in aliases))
+
+
+def check_weights_loaded(source: Path, absent: list[str], unexpected: Iterable[str]) -> None:
+    """Raise CheckpointError unless a load from `source` matched: every tensor in it is a weight of the
+    model (no `unexpected` name) and every trainable weight came from it (none `absent`). A load that
+    matches nothing is an error, never a run that goes on with the weights it had."""
+    stray = sorted(unexpected)
+    if not absent and not stray:
+        return
+    parts = []
+    if stray:
+        parts.append(f"{len(stray)} of its tensors match no weight of this model (first: {stray[0]})")
+    if absent:
+        parts.append(f"{len(absent)} trainable weights of this model are not in it (first: {absent[0]})")
+    raise CheckpointError(
+        f"{source} does not fit this run's model: {'; '.join(parts)}; it was written for another model or "
+        "LoRA setting, or by a scalelora that compiled the model before `prepare` (names starting with "
+        f"{COMPILED_PREFIX}); resume from a checkpoint of this run, or start over with overwrite=true"
+    )
 
 
 def private_dir(path: Path) -> tuple[int, int]:
@@ -379,12 +417,22 @@ def load_checkpoint(accelerator: Any, path: Path, trust_unsigned: bool = False) 
     # our save hook keeps only trainable tensors, hence strict=False; DeepSpeed saves the whole module
     # itself (the hook is not used there) and its load_checkpoint takes no `strict`
     try:
-        with safe_load.verified_loading(accelerator, listed, uses_deepspeed):
+        with safe_load.verified_loading(accelerator, listed, uses_deepspeed) as loads:
             accelerator.load_state(str(path), **({} if uses_deepspeed else {"strict": False}))
     except CheckpointError:
         raise
     except Exception as err:  # torch/safetensors raise several types for foreign or mismatched files
         raise CheckpointError(f"cannot load checkpoint {path}: {one_line(err, 200)}") from None
+    if not uses_deepspeed:
+        # strict over the trainable weights, which are all the hook saved: Accelerate keeps no result
+        for i, model in enumerate(accelerator._models):
+            load = next((load for load in loads if load.model is model), None)
+            weights = path / f"model{f'_{i}' if i else ''}.safetensors"
+            if load is None:
+                raise CheckpointError(
+                    f"{weights} was not loaded: the checkpoint holds no weights for this model"
+                )
+            check_weights_loaded(weights, absent_trainable(model, load.missing), load.unexpected)
     try:
         state = json.loads(listed.read_bytes(TRAINER_STATE))
     except ValueError:
@@ -794,17 +842,26 @@ class Checkpointer:
         if hasattr(unwrapped, "peft_config"):
             from peft import set_peft_model_state_dict
 
+            weights = self.model_dir(True) / "adapter_model.safetensors"
             trainable = [p for p in unwrapped.parameters() if p.requires_grad]
             with gathered_for_write(acc, trainable):  # ZeRO-3 shards are empty tensors
-                set_peft_model_state_dict(
-                    unwrapped, load_file(str(self.model_dir(True) / "adapter_model.safetensors"))
-                )
+                try:
+                    result = set_peft_model_state_dict(unwrapped, load_file(str(weights)))
+                except KeyError as err:  # PEFT looks a modules_to_save weight up by its name
+                    check_weights_loaded(weights, [str(err.args[0])], [])
+                absent = absent_trainable(unwrapped, result.missing_keys)
+            check_weights_loaded(weights, absent, result.unexpected_keys)
             return
         # transformers 5 dropped modeling_utils.load_sharded_checkpoint: read the shards ourselves
         shards = sorted(self.model_dir(False).glob("model*.safetensors"))
+        missing, unexpected = set(unwrapped.state_dict()), set()
         with gathered_for_write(acc, unwrapped.parameters()):
             for shard in shards:
-                unwrapped.load_state_dict(load_file(str(shard)), strict=False)
+                result = unwrapped.load_state_dict(load_file(str(shard)), strict=False)
+                missing &= set(result.missing_keys)
+                unexpected |= set(result.unexpected_keys)
+            absent = absent_trainable(unwrapped, missing)
+        check_weights_loaded(self.model_dir(False), absent, unexpected)
 
     # --- small files ---------------------------------------------------------------------------
 

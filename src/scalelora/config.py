@@ -232,7 +232,9 @@ class TrainConfig:
     compile: bool | Literal["auto"] = key(False, resume="free")
     """torch.compile the model (shapes bounded by padding to multiples of 8). `auto`: on where it pays,
     which is on CUDA; off on CPU, where a compiled MiniLM LoRA step ran at 0.89x eager after 65 s of
-    compiling (docs/performance.md)."""
+    compiling (docs/performance.md). Accelerate's `prepare` compiles it (around DDP; DeepSpeed's module
+    in place), with the backend the launch config names (`dynamo_backend`), inductor when it names none;
+    a launch config's backend alone does not compile."""
     # identity: another random stream for the dropout masks; before it, torch's dropout ran
     mask_dropout: bool = key(True, resume="identity", before=False)
     """On CPU, the model's and LoRA's dropout layers draw their masks four elements per 64-bit random draw

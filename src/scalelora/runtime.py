@@ -21,8 +21,10 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DeepSpeedPlugin,
     DistributedType,
+    DynamoBackend,
     GradientAccumulationPlugin,
     InitProcessGroupKwargs,
+    TorchDynamoPlugin,
     set_seed,
 )
 
@@ -169,6 +171,7 @@ def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Acce
         # torch.get_float32_matmul_precision(), which torch.compile's inductor calls, raise
         torch.set_float32_matmul_precision("high" if choice.tf32 else "highest")
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    dynamo = dynamo_plugin(cfg.train.compile, torch.device("cpu" if no_cuda else "cuda"))
     kwargs_handlers = []
     if no_cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Without an explicit gloo backend Accelerate silently runs DeepSpeed launches as one process on CPU.
@@ -189,6 +192,7 @@ def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Acce
         log_with=log_with,
         project_dir=str(cfg.run_dir),
         kwargs_handlers=kwargs_handlers,
+        dynamo_plugin=dynamo,
         # the DeepSpeed JSON says "auto" for clipping; fill it from the recipe (0 = no clipping in DeepSpeed)
         deepspeed_plugin=DeepSpeedPlugin(gradient_clipping=cfg.train.max_grad_norm or 0.0)
         if deepspeed_launch
@@ -199,6 +203,14 @@ def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Acce
     line = choice.log_line()
     if line and accelerator.is_main_process:
         print(line, file=sys.stderr, flush=True)
+    launched = launch_dynamo_backend()
+    if launched and dynamo.backend == DynamoBackend.NO and accelerator.is_main_process:
+        print(
+            f"scalelora: warning: the launch config's dynamo_backend={launched} is not used: train.compile="
+            f"{str(cfg.train.compile).lower()} does not compile here (train.compile=true compiles with it)",
+            file=sys.stderr,
+            flush=True,
+        )
     set_seed(cfg.seed)
     return accelerator
 
@@ -264,8 +276,10 @@ def deepspeed_summary(accelerator: Accelerator) -> dict[str, Any] | None:
 
 
 def unwrap_model(model: torch.nn.Module, keep_compiled: bool = False) -> torch.nn.Module:
-    """The model inside the wrappers `prepare` adds (DDP, DataParallel, DeepSpeed's engine) and, unless
-    `keep_compiled`, torch.compile's.
+    """The model inside the wrappers `prepare` adds (DDP, DataParallel, DeepSpeed's engine, torch.compile's
+    OptimizedModule). With `keep_compiled`, a compiled wrapper around the model itself is kept (one
+    process: a forward that runs compiled, with no wrapper's synchronisation); one around DDP, where
+    Accelerate puts it, is not, as it cannot run the model without DDP.
 
     Accelerate's `unwrap_model` does the same but imports DeepSpeed (when installed) to test
     `isinstance(model, DeepSpeedEngine)`, which costs a plain CPU run 0.3 s and prints "Setting
@@ -281,16 +295,28 @@ def unwrap_model(model: torch.nn.Module, keep_compiled: bool = False) -> torch.n
             or type(model).__name__ == "DeepSpeedEngine"
         ):
             model = model.module
-        elif not keep_compiled and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
+        elif isinstance(inner := getattr(model, "_orig_mod", None), torch.nn.Module):
+            if keep_compiled and unwrap_model(inner) is inner:
+                return model
+            model = inner
         else:
             return model
 
 
+COMPILED_PREFIX = "_orig_mod."
+
+
+def without_compiled_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """`state` under the model's own names: torch.compile's wrapper prefixes its module's with
+    `_orig_mod.`, which a model loaded without it does not know (its load then matches nothing)."""
+    return {key.replace(COMPILED_PREFIX, ""): value for key, value in state.items()}
+
+
 def model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Collective under ZeRO-3 (every rank must call it): the full state dict of the unwrapped model."""
+    """Collective under ZeRO-3 (every rank must call it): the full state dict of the unwrapped model,
+    under its own names (no `_orig_mod.`: Accelerate's unwrap keeps a compiled wrapper)."""
     if is_deepspeed(accelerator):
-        return accelerator.get_state_dict(model)  # gathers ZeRO-3 shards
+        return without_compiled_prefix(accelerator.get_state_dict(model))  # gathers ZeRO-3 shards
     return unwrap_model(model).state_dict()
 
 
@@ -314,6 +340,35 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)
+
+
+DEFAULT_COMPILE_BACKEND = "inductor"
+
+
+def launch_dynamo_backend() -> str | None:
+    """The dynamo backend `accelerate launch` was given (`--dynamo_backend`, or `dynamo_config` in its
+    config file), lower case; None when it names none (`no`) or the run was not launched by it."""
+    value = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    return None if value == "no" else value
+
+
+def dynamo_plugin(setting: bool | str, device: torch.device) -> TorchDynamoPlugin:
+    """How `prepare` compiles the model: `train.compile` resolved for `device` decides whether (a launch
+    config's dynamo backend alone never compiles), and the launch's backend, or inductor, with what.
+
+    Accelerate compiles after wrapping: the DDP wrapper inside the compiled one, and under DeepSpeed
+    the engine's module in place (`engine.compile`). The modules `save_state` and `load_state` see are
+    never torch.compile's wrapper, so checkpoint and adapter names never carry its `_orig_mod.` prefix,
+    and a resume may switch train.compile either way.
+    """
+    if not compile_enabled(setting, device):
+        return TorchDynamoPlugin(backend="no")
+    return TorchDynamoPlugin(backend=launch_dynamo_backend() or DEFAULT_COMPILE_BACKEND)
+
+
+def compiles(accelerator: Accelerator) -> bool:
+    """Whether `prepare` compiles the model (`dynamo_plugin`)."""
+    return accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
 
 
 # Linux: writing "5" here resets the process's peak resident size (VmHWM in /proc/self/status) to its

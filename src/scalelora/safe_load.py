@@ -31,6 +31,7 @@ import pickle
 import re
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -194,10 +195,22 @@ def verified_engine(files: ListedFiles, original: Any) -> Any:
     return VerifiedCheckpointEngine()
 
 
+@dataclass
+class ModelLoad:
+    """What one of Accelerate's model-weight loads (`load_model`, safetensors) did: the names of `model`
+    it left as they were (`missing`) and those in the file that matched nothing (`unexpected`)."""
+
+    model: torch.nn.Module
+    missing: set[str]
+    unexpected: set[str]
+
+
 @contextlib.contextmanager
-def verified_loading(accelerator: Any, files: ListedFiles, deepspeed: bool) -> Iterator[None]:
+def verified_loading(accelerator: Any, files: ListedFiles, deepspeed: bool) -> Iterator[list[ModelLoad]]:
     """Inside the block, `accelerator.load_state(files.folder)` reads every file through `files.open`
-    and unpickles nothing but tensors, numbers and the allowlisted DeepSpeed types.
+    and unpickles nothing but tensors, numbers and the allowlisted DeepSpeed types. The block gets the
+    list of model-weight loads, filled as they happen (Accelerate loads with strict=False and keeps
+    no result: checking it is the caller's).
 
     Accelerate's RNG load swallows every error ("Could not load random states"), so an error raised
     here is also re-raised when the block ends.
@@ -205,6 +218,7 @@ def verified_loading(accelerator: Any, files: ListedFiles, deepspeed: bool) -> I
     import accelerate.checkpointing as accelerate_checkpointing
 
     errors: list[CheckpointError] = []
+    loads: list[ModelLoad] = []
     accelerate_load = accelerate_checkpointing.load
     accelerate_load_model = accelerate_checkpointing.load_model
 
@@ -224,7 +238,10 @@ def verified_loading(accelerator: Any, files: ListedFiles, deepspeed: bool) -> I
         try:
             with files.open(filename) as handle:
                 # the descriptor's own path: safetensors maps the file already checked, not the name again
-                return accelerate_load_model(model, fd_path(handle.fileno()), *args, **kwargs)
+                result = accelerate_load_model(model, fd_path(handle.fileno()), *args, **kwargs)
+                missing, unexpected = result
+                loads.append(ModelLoad(model, set(missing), set(unexpected)))
+                return result
         except CheckpointError as err:
             errors.append(err)
             raise
@@ -239,7 +256,7 @@ def verified_loading(accelerator: Any, files: ListedFiles, deepspeed: bool) -> I
     try:
         for engine, original in saved:
             engine.checkpoint_engine = verified_engine(files, original)
-        yield
+        yield loads
     finally:
         accelerate_checkpointing.load = accelerate_load
         accelerate_checkpointing.load_model = accelerate_load_model

@@ -57,7 +57,7 @@ from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
     StopSignal,
     build_accelerator,
-    compile_enabled,
+    compiles,
     decide_on_main,
     deepspeed_summary,
     is_deepspeed,
@@ -211,8 +211,10 @@ class Trainer:
         self.class_weights = self._class_weights()
 
     def _setup_model(self) -> torch.nn.Module:
-        """The classifier as model.mode says, checked against the data's lengths, counted, and compiled
-        when train.compile says; not yet prepared."""
+        """The classifier as model.mode says, checked against the data's lengths and counted; not yet
+        prepared. `prepare` compiles it when train.compile says (`runtime.dynamo_plugin`): compiled here,
+        before it, DeepSpeed's engine and `save_state` would hold torch.compile's wrapper, and the
+        checkpoint and adapter names would carry its `_orig_mod.` prefix."""
         cfg = self.cfg
         model, new_modules = load_classifier(
             cfg.model, self.label_names, self._device_map(), self.problem_type, self.tokenizer.pad_token_id
@@ -227,9 +229,7 @@ class Trainer:
         )
         if cfg.train.mask_dropout and self.accelerator.device.type == "cpu":
             use_mask_dropout(model)
-        self.compiled = compile_enabled(cfg.train.compile, self.accelerator.device)
-        if self.compiled:
-            model = torch.compile(model)
+        self.compiled = compiles(self.accelerator)
         return model
 
     def _setup_loaders(self) -> tuple[Any, dict[str, Any]]:
