@@ -312,11 +312,13 @@ def without_compiled_prefix(state: dict[str, Any]) -> dict[str, Any]:
     return {key.replace(COMPILED_PREFIX, ""): value for key, value in state.items()}
 
 
-def model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def model_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """Collective under ZeRO-3 (every rank must call it): the full state dict of the unwrapped model,
-    under its own names (no `_orig_mod.`: Accelerate's unwrap keeps a compiled wrapper)."""
+    under its own names (no `_orig_mod.`: Accelerate's unwrap keeps a compiled wrapper); under ZeRO-3
+    None on every rank but the main one, where the shards are gathered."""
     if is_deepspeed(accelerator):
-        return without_compiled_prefix(accelerator.get_state_dict(model))  # gathers ZeRO-3 shards
+        state = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards
+        return None if state is None else without_compiled_prefix(state)
     return unwrap_model(model).state_dict()
 
 
