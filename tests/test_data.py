@@ -82,20 +82,25 @@ def test_max_train_samples_is_a_seeded_random_subset_not_the_first_rows():
 
 
 @pytest.mark.parametrize(
-    ("train", "validation", "message"),
+    ("train", "validation", "labels", "message"),
     [
         (
             rows(("a", "pos"), ("b", "neg")),
             rows(("c", "meh")),
+            None,
             r"split 'validation' row 0: label 'meh' is not in the label map",
         ),
-        (rows(("a", 0), ("b", 1)), rows(("c", 0.5)), r"label 0.5 in column 'label' is not an integer"),
-        (rows(("a", 0), ("b", 1)), rows(("c", 7)), r"label 7 is out of range for 2 labels"),
-        (rows(("a", "pos"), ("", "neg")), None, r"split 'train' row 1: empty text .* data\.drop_empty=true"),
+        (rows(("a", 0), ("b", 1)), rows(("c", 0.5)), None, r"label 0.5 in column 'label' is not an integer"),
+        # integer labels are ids into a given label map (labels.json); without one they are values
+        (rows(("a", 0), ("b", 1)), rows(("c", 7)), ["neg", "pos"], r"label 7 is out of range for 2 labels"),
+        (rows(("a", "pos"), ("", "neg")), None, None, r"split 'train' row 1: empty text .* data\.drop_empty=true"),
+        # the row is the bad one's, also past the first rows (names and ids are checked in Arrow)
+        (rows(("a", "pos"), ("b", "neg")), rows(("c", "neg"), ("d", "up")), None, r"'validation' row 1: label 'up'"),
+        (rows(("a", 1), ("b", 0)), rows(("c", 1), ("d", 4)), ["n", "p", "x"], r"'validation' row 1: label 4 is out"),
     ],
 )
-def test_bad_labels_and_texts_name_the_split_row_and_fix(tmp_path, train, validation, message):
-    folder = folder_with(tmp_path, train, validation)
+def test_bad_labels_and_texts_name_the_split_row_and_fix(tmp_path, train, validation, labels, message):
+    folder = folder_with(tmp_path, train, validation, labels=labels)
     with pytest.raises(DataError, match=message):
         load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
 

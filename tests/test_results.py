@@ -295,12 +295,22 @@ def test_a_committed_row_stays_current_until_what_it_ran_changes_key_by_key():
 
 
 def test_the_default_row_compares_the_rules_that_chose_its_settings(monkeypatch):
+    import copy
+
     from scalelora import autoconfig
 
-    default = committed("sst2", "auto_default")
+    committed_row = committed("sst2", "auto_default")
+    rules = committed_row.get("autoconfig_rules") or 1
+    default = copy.deepcopy(committed_row)
+    default["autoconfig_rules"] = autoconfig.RULES_VERSION
     assert staleness(default) == []  # the data-chosen keys differ from the recipe's, by design
     monkeypatch.setattr(autoconfig, "RULES_VERSION", autoconfig.RULES_VERSION + 1)
-    assert staleness(default) == [f"autoconfig rules: version 1 then, {autoconfig.RULES_VERSION} now"]
+    assert staleness(default) == [
+        f"autoconfig rules: version {autoconfig.RULES_VERSION - 1} then, {autoconfig.RULES_VERSION} now"
+    ]
+    assert staleness(committed_row) == [
+        f"autoconfig rules: version {rules} then, {autoconfig.RULES_VERSION} now"
+    ]
 
 
 def test_baselines_compare_their_data_settings_and_every_row_names_its_code():

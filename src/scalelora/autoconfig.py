@@ -17,6 +17,12 @@ from scalelora.config import RunConfig
 
 # Training-set size at which one epoch is enough; smaller sets get proportionally more epochs (1..10).
 EXAMPLES_PER_RUN = 50_000
+# Examples between evaluations (and checkpoints) when one epoch holds more: counted in optimizer steps,
+# never in wall time, so which checkpoint is kept does not depend on the machine.
+EXAMPLES_PER_EVAL = 50_000
+# The token lengths come from a seeded sample of at most this many training texts (every text of a
+# smaller set): the 99th percentile of 100,000 is within a fraction of a token of the whole set's.
+LENGTH_SAMPLE_ROWS = 100_000
 # Label skew (largest class / smallest class) from which the loss weights classes by inverse frequency.
 SKEW_FOR_CLASS_WEIGHTS = 3.0
 MANY_CLASSES = 10
@@ -25,7 +31,10 @@ MAX_LENGTH_BOUNDS = (32, 256)
 # The version of the rules below. The default rows of the results study record it: a rule that changes
 # what is chosen for some data changes no config key, so the rows compare this instead. Raise it with
 # every change to `choose` that can change a choice.
-RULES_VERSION = 1
+RULES_VERSION = 2
+# 2: eval.every and checkpoint.every every ~EXAMPLES_PER_EVAL examples when an epoch is longer; token
+#    lengths measured untruncated on a sample of at most LENGTH_SAMPLE_ROWS texts (1 measured every text,
+#    cut at the model's limit)
 # Every key `choose` may set (what the data decides rather than the recipe).
 CHOSEN_KEYS = (
     "data.max_length",
@@ -35,6 +44,8 @@ CHOSEN_KEYS = (
     "train.head_lr",
     "train.epochs",
     "train.class_weights",
+    "eval.every",
+    "checkpoint.every",
 )
 
 
@@ -55,6 +66,50 @@ def length_cap(lengths: np.ndarray, limit: int | None) -> tuple[int, float]:
     return int(min(max(8 * math.ceil(quantile / 8), low), high)), quantile
 
 
+def length_reason(
+    lengths: np.ndarray, num_train: int, max_length: int, quantile: float, limit: int | None
+) -> str:
+    """Why `max_length`: the real percentile (of every text, or of the sample), and when a bound cut it
+    below the percentile, which bound and the share of texts that will be truncated."""
+    texts = (
+        f"the {num_train:,} training texts"
+        if len(lengths) >= num_train
+        else f"a seeded sample of {len(lengths):,} of the {num_train:,} training texts"
+    )
+    reason = f"99% of {texts} have at most {quantile:,.0f} tokens"
+    if max_length >= quantile:
+        return reason
+    bound = (
+        f"the model's {limit} positions"
+        if limit is not None and max_length == limit
+        else f"the auto default's bound {MAX_LENGTH_BOUNDS[1]} (attention costs grow with length squared)"
+    )
+    longer = float(np.mean(lengths > max_length)) if len(lengths) else 0.0
+    return f"{reason}; capped at {bound}, so {100 * longer:.1f}% of them are longer and will be truncated"
+
+
+def eval_interval(num_train: int, examples_per_step: int) -> tuple[int, int] | None:
+    """(steps between evaluations and checkpoints, steps per epoch) when one epoch holds more than about
+    EXAMPLES_PER_EVAL examples; None when evaluating once per epoch is often enough."""
+    steps_per_epoch = max(1, math.ceil(num_train / max(examples_per_step, 1)))
+    interval = max(1, round(EXAMPLES_PER_EVAL / max(examples_per_step, 1)))
+    return (interval, steps_per_epoch) if steps_per_epoch > interval else None
+
+
+def length_sample(train: Any, tokenizer: Any) -> np.ndarray:
+    """Untruncated token lengths (special tokens included) of every training text, or of a seeded sample
+    of LENGTH_SAMPLE_ROWS of them on a larger set."""
+    from scalelora import data as data_lib
+    from scalelora import tokens
+
+    table = data_lib.arrow_table(train)
+    rows = data_lib.seeded_subset(table.num_rows, LENGTH_SAMPLE_ROWS, seed=0)
+    if rows is not None:
+        table = table.take(np.sort(rows))
+    pairs = table.column("text_pair").to_pylist() if "text_pair" in table.column_names else None
+    return tokens.token_lengths(tokenizer, table.column("text").to_pylist(), pairs)
+
+
 def choose(
     num_train: int,
     label_counts: np.ndarray,
@@ -62,9 +117,13 @@ def choose(
     position_limit: int | None,
     user_rank: int | None = None,
     multi_label: bool = False,
+    examples_per_step: int = 32,
 ) -> list[Choice]:
     """Every setting the auto default picks for data of this shape, with the reason for each
-    (`user_rank`: a `lora.r` the user set, which `lora.alpha` follows)."""
+    (`lengths`: untruncated token lengths of the training texts or of a sample of them; `user_rank`: a
+    `lora.r` the user set, which `lora.alpha` follows; `examples_per_step`: the global batch)."""
+    from scalelora.data import CLASS_WEIGHT_MAX_RATIO  # lazily: importing data.py imports torch
+
     k = len(label_counts)
     seen = label_counts[label_counts > 0]
     skew = float(seen.max() / seen.min()) if len(seen) else 1.0
@@ -75,7 +134,7 @@ def choose(
         Choice(
             "data.max_length",
             max_length,
-            f"99% of the {num_train:,} training texts have at most {quantile:.0f} tokens",
+            length_reason(lengths, num_train, max_length, quantile, position_limit),
         ),
         Choice(
             "lora.target_modules",
@@ -104,9 +163,23 @@ def choose(
             "train.epochs",
             epochs,
             f"about {EXAMPLES_PER_RUN:,} example visits in all for {num_train:,} training examples; "
-            "evaluated every epoch, the best epoch is kept and 2 without progress stop the run",
+            f"evaluated every epoch (every ~{EXAMPLES_PER_EVAL:,} examples on larger sets), the best evaluation "
+            "is kept and 2 without progress stop the run",
         ),
     ]
+    cadence = eval_interval(num_train, examples_per_step)
+    if cadence is not None:
+        interval, steps_per_epoch = cadence
+        why = (
+            f"one epoch is {steps_per_epoch:,} steps of {examples_per_step} examples: every {interval:,} steps "
+            f"(about {interval * examples_per_step:,} examples)"
+        )
+        choices.append(Choice("eval.every", interval, f"{why}, not only at the end of the epoch"))
+        choices.append(
+            Choice(
+                "checkpoint.every", interval, f"{why}, so a run stopped by anything loses at most that much"
+            )
+        )
     if multi_label:
         choices.append(
             Choice(
@@ -121,7 +194,8 @@ def choose(
             Choice(
                 "train.class_weights",
                 "balanced",
-                f"the largest class is {skew:.1f}x the smallest: weigh classes by inverse frequency",
+                f"the largest class is {skew:.1f}x the smallest: weigh classes by inverse frequency"
+                + (f" (bounded at {CLASS_WEIGHT_MAX_RATIO:g}x)" if skew > CLASS_WEIGHT_MAX_RATIO else ""),
             )
         )
     else:
@@ -129,6 +203,28 @@ def choose(
             Choice("train.class_weights", "none", f"the classes are balanced enough ({skew:.1f}x at most)")
         )
     return choices
+
+
+def choose_from_data(
+    cfg: RunConfig, splits: Any, lengths: np.ndarray, tokenizer: Any, num_processes: int
+) -> list[str]:
+    """The `auto` recipe: pick the data-dependent settings for these splits (`lengths`: `length_sample`),
+    set them on `cfg` unless the user set them, and return the log lines."""
+    from scalelora import data as data_lib
+
+    model_limit = getattr(tokenizer, "model_max_length", None)
+    limit = model_limit if isinstance(model_limit, int) and 0 < model_limit <= 100_000 else None
+    explicit = cfg.explicit_keys
+    choices = choose(
+        len(splits.train),
+        data_lib.label_counts(splits.train, len(splits.label_names)),
+        np.asarray(lengths),
+        limit,
+        user_rank=cfg.lora.r if "lora.r" in explicit else None,
+        multi_label=splits.problem_type == data_lib.MULTI_LABEL,
+        examples_per_step=cfg.train.batch_size * cfg.train.grad_accum * num_processes,
+    )
+    return apply(cfg, choices, explicit)
 
 
 def apply(cfg: RunConfig, choices: list[Choice], explicit: set[str]) -> list[str]:

@@ -119,6 +119,14 @@ class DataConfig:
     """Draw each epoch's training examples with probability inverse to their class's frequency (with
     replacement; every class equally likely), still grouped by length and exactly resumable."""
     num_workers: int = key(0, resume="free")
+    # where the data is held, never what is trained: every value gives the same rows and tokens (tested),
+    # so a run from before the key (every split in memory) compares equal to one with the default
+    cache: Literal["auto", "always", "never"] = key("auto", resume="free")
+    """Load and tokenize a local folder once per machine into an on-disk cache that every process
+    memory-maps and the next run on the same files and settings reuses: `auto` when its split files
+    total 32 MiB or more, `always`, or `never` (in memory, every process its own copy)."""
+    cache_dir: str | None = key(None, resume="free")
+    """Where the data cache lives; default `$SCALELORA_CACHE/data`, else `~/.cache/scalelora/data`."""
 
     def __post_init__(self) -> None:
         _check_positive("data.max_length", self.max_length)

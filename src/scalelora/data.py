@@ -3,6 +3,11 @@ and stream the training batches from any position.
 
 Sources: a local folder with {train,validation,test}.{jsonl,csv,parquet} (+ optional labels.json),
 a dataset name under the data root ($SCALELORA_DATA_DIR or `data.root`), or a hub dataset name.
+
+Every pass over all rows runs in Arrow or numpy, never through `datasets`' row formatter (about 2 s per
+200k rows) or a Python loop over the rows; the Python line-by-line readers run only once a file is known
+to be bad, to name its first bad line. Large local files are loaded and tokenized once per machine into
+an on-disk cache (`datacache.py`) that every process memory-maps.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -29,6 +36,17 @@ from scalelora.errors import ConfigError, DataError, one_line
 DATA_DIR_ENV = "SCALELORA_DATA_DIR"
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SPLIT_NAMES = {"train": "train", "eval": "validation", "test": "test"}
+"""The Splits attribute of each split and the name summary.json gives it (as its `eval` block does)."""
+CLASS_WEIGHT_MAX_RATIO = 20.0
+"""`balanced` class weights: no class weighs more than this many times the lightest (the largest class);
+multi-label: no pos_weight above it (a positive counts as at most this many negatives). Above every
+label skew of the committed results (emotion's 9.4x the largest), so their weights are unchanged."""
+TRUNCATION_WARN_SHARE = 0.01
+JSONL_BLOCK_BYTES = 16 << 20  # Arrow's JSON reader refuses a line longer than its block
+FINGERPRINT_ROWS = 20_000
+
+Log = Callable[[str], None]
 
 datasets.disable_progress_bars()
 
@@ -49,6 +67,17 @@ class Splits:
     fingerprints: dict[str, str] = field(default_factory=dict)
     dropped_empty: dict[str, int] = field(default_factory=dict)
     problem_type: str = SINGLE_LABEL
+    files: dict[str, str] = field(default_factory=dict)
+    """Where each split (train, eval, test) came from: a file, or `hub:NAME split S`."""
+    truncated: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Rows longer than `data.max_length` (cut), by split name (SPLIT_NAMES): {"rows": n, "share": x}."""
+
+    def named(self) -> Iterator[tuple[str, datasets.Dataset]]:
+        """(attribute, split) for train, eval and, when there is one, test."""
+        for name in ("train", "eval", "test"):
+            ds = getattr(self, name)
+            if ds is not None:
+                yield name, ds
 
 
 # --- finding the data ----------------------------------------------------------------------------
@@ -82,22 +111,130 @@ def split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
-def load_local_split(path: Path) -> datasets.Dataset:
-    """Load one split file. Raises DataError naming the file (and the first bad line of a JSONL/CSV)."""
-    builder = FILE_FORMATS[path.suffix]
-    bad_line = find_bad_line(path)  # before datasets, which names no line and logs its own tracebacks
-    if bad_line:
-        raise DataError(bad_line)
+def wanted_splits(cfg: DataConfig) -> list[str]:
+    return [cfg.train_split, cfg.eval_split] + ([cfg.test_split] if cfg.test_split else [])
+
+
+def local_files(cfg: DataConfig, folder: Path) -> dict[str, Path]:
+    """The file of each wanted split (a missing test split is left out). Raises DataError for a missing
+    train or eval split."""
+    files = {}
+    for split in wanted_splits(cfg):
+        path = split_file(folder, split)
+        if path is None:
+            if split == cfg.test_split:
+                continue
+            raise DataError(
+                f"{folder}: no {split}.jsonl/.csv/.parquet file for split '{split}' "
+                f"(set data.{'train' if split == cfg.train_split else 'eval'}_split to an existing split)"
+            )
+        files[split] = path
+    return files
+
+
+# --- reading files -------------------------------------------------------------------------------
+
+
+def read_split(path: Path) -> pa.Table:
+    """One split file as an Arrow table. Raises DataError naming the file (and the first bad line).
+
+    JSONL goes through Arrow's reader, checked for what that reader lets pass (invalid UTF-8 inside a
+    string, two objects on one line): a file it refuses or that fails a check goes to the line-by-line
+    reader, which names the bad line. CSV rows are counted against the header by Arrow's parser, then
+    loaded by `datasets` (its types and missing values, as before). Parquet and `.json` load through
+    `datasets` as before.
+    """
+    if path.suffix == ".jsonl":
+        table = read_jsonl(path)
+        if table is not None:
+            return table
+    elif path.suffix == ".csv" and csv_rows_sound(path):
+        return load_with_datasets(path)
+    return load_local_split(path).data.table
+
+
+def read_jsonl(path: Path) -> pa.Table | None:
+    """The JSONL file as Arrow reads it, or None when Arrow refuses it or the table does not hold exactly
+    one row per non-blank line of valid UTF-8 (the slow reader then decides)."""
+    import pyarrow.json as pajson
+
+    try:
+        table = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=JSONL_BLOCK_BYTES))
+        table.validate(full=True)  # Arrow keeps a string's bytes as they are: this checks they are UTF-8
+    except (pa.ArrowException, OSError):
+        return None
+    if table.num_rows == 0 or table.num_rows != count_lines(path):
+        return None
+    return table
+
+
+def count_lines(path: Path) -> int:
+    """Non-blank lines, counted in bytes (a line of spaces counts: the slow reader then decides)."""
+    lines = blank = 0
+    previous = b"\n"
+    with path.open("rb") as handle:
+        while chunk := handle.read(64 << 20):
+            lines += chunk.count(b"\n")
+            blank += (
+                chunk.count(b"\n\n") + chunk.count(b"\n\r\n") + (previous == b"\n" and chunk[:1] == b"\n")
+            )
+            previous = chunk[-1:]
+    if previous != b"\n":
+        lines += 1  # the last line has no newline
+    return lines - blank
+
+
+def csv_rows_sound(path: Path) -> bool:
+    """Whether every row of a CSV file has as many fields as its header (Arrow's parser, with the Python
+    reader's quoting rules); False also when Arrow cannot parse it at all."""
+    import pyarrow.csv as pacsv
+
+    bad: list[Any] = []
+
+    def invalid(row: Any) -> str:
+        bad.append(row)
+        return "skip"
+
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            header = next(csv.reader(handle), [])
+        if not header or len(set(header)) != len(header):
+            return False
+        reader = pacsv.open_csv(
+            path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=invalid),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string())),
+        )
+        rows = sum(batch.num_rows for batch in reader)
+    except (pa.ArrowException, OSError, UnicodeDecodeError, csv.Error, StopIteration):
+        return False
+    return not bad and rows > 0
+
+
+def load_with_datasets(path: Path) -> pa.Table:
+    """Load one split file with `datasets` (in memory). Raises DataError naming the file."""
     datasets_logger = datasets.logging.get_logger("datasets")
     level = datasets_logger.level
     datasets_logger.setLevel(datasets.logging.CRITICAL)  # its error is re-raised below as one line
     try:
-        # keep_in_memory: small classification sets; avoids a cache folder per edit of the file
-        return datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True)
+        # keep_in_memory: no cache folder per edit of the file (large files are cached by datacache.py)
+        ds = datasets.load_dataset(
+            FILE_FORMATS[path.suffix], data_files=str(path), split="train", keep_in_memory=True
+        )
     except Exception as err:  # datasets raises many types for a malformed file
         raise DataError(describe_bad_file(path, err)) from None
     finally:
         datasets_logger.setLevel(level)
+    return ds.data.table
+
+
+def load_local_split(path: Path) -> datasets.Dataset:
+    """Load one split file the slow way: every line checked in Python first (naming the first bad one),
+    then `datasets`. Raises DataError naming the file (and the first bad line of a JSONL/CSV)."""
+    bad_line = find_bad_line(path)  # before datasets, which names no line and logs its own tracebacks
+    if bad_line:
+        raise DataError(bad_line)
+    return datasets.Dataset(datasets.table.InMemoryTable(load_with_datasets(path)))
 
 
 def find_bad_line(path: Path) -> str | None:
@@ -142,38 +279,43 @@ def describe_bad_file(path: Path, err: Exception | None, only_lines: bool = Fals
     return f"{path}: cannot be read as {path.suffix[1:]} ({one_line(err, 200)})"
 
 
-def load_raw_splits(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], list[str] | None, str]:
-    """Return (split -> Dataset, label names from labels.json/ClassLabel or None, source description)."""
-    wanted = [cfg.train_split, cfg.eval_split] + ([cfg.test_split] if cfg.test_split else [])
+def read_labels_file(folder: Path) -> list[str] | None:
+    labels_file = folder / "labels.json"
+    if not labels_file.is_file():
+        return None
+    try:
+        names = json.loads(labels_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as bad:
+        raise DataError(f"{labels_file}: not valid JSON ({bad.msg})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{labels_file}: must be a JSON list of label names")
+    return names
+
+
+@dataclass
+class RawSplits:
+    tables: dict[str, pa.Table]
+    label_names: list[str] | None
+    """From labels.json or a ClassLabel feature (None: inferred from the labels)."""
+    source: str
+    files: dict[str, str]
+
+
+def load_raw_splits(cfg: DataConfig, log: Log | None = None) -> RawSplits:
+    """Each wanted split as an Arrow table, the label names the data declares, and where it came from."""
     folder = resolve_local_folder(cfg)
-    if folder is not None:
-        splits = {}
-        for split in wanted:
-            path = split_file(folder, split)
-            if path is None:
-                if split == cfg.test_split:
-                    continue
-                raise DataError(
-                    f"{folder}: no {split}.jsonl/.csv/.parquet file for split '{split}' "
-                    f"(set data.{'train' if split == cfg.train_split else 'eval'}_split to an existing split)"
-                )
-            splits[split] = load_local_split(path)
-        names = None
-        labels_file = folder / "labels.json"
-        if labels_file.is_file():
-            try:
-                names = json.loads(labels_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as bad:
-                raise DataError(f"{labels_file}: not valid JSON ({bad.msg})") from None
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise DataError(f"{labels_file}: must be a JSON list of label names")
-        return splits, names, str(folder)
-    return load_hub_splits(cfg, wanted)
+    if folder is None:
+        return load_hub_splits(cfg, wanted_splits(cfg))
+    files = local_files(cfg, folder)
+    tables = {}
+    for split, path in files.items():
+        with stage(log, f"read {path.name}") as done:
+            tables[split] = read_split(path)
+            done(f"{tables[split].num_rows:,} rows, {path.stat().st_size / 2**20:,.0f} MiB")
+    return RawSplits(tables, read_labels_file(folder), str(folder), {s: str(p) for s, p in files.items()})
 
 
-def load_hub_splits(
-    cfg: DataConfig, wanted: list[str]
-) -> tuple[dict[str, datasets.Dataset], list[str] | None, str]:
+def load_hub_splits(cfg: DataConfig, wanted: list[str]) -> RawSplits:
     root = data_root(cfg)
     try:
         loaded = datasets.load_dataset(cfg.path, cfg.hub_config)
@@ -196,18 +338,33 @@ def load_hub_splits(
         splits[split] = loaded[split]
     feature = splits[cfg.train_split].features.get(cfg.label_column)
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    return splits, names, f"hub:{cfg.path}"
+    tables = {split: arrow_table(ds) for split, ds in splits.items()}
+    files = {split: f"hub:{cfg.path} split {split}" for split in splits}
+    return RawSplits(tables, names, f"hub:{cfg.path}", files)
 
 
 # --- labels ---------------------------------------------------------------------------------------
+
+
+def shown(names: list[str], limit: int = 20) -> str:
+    """A label map for a message: whole up to `limit` names, else its start and its size."""
+    if len(names) <= limit:
+        return str(names)
+    return f"[{', '.join(map(repr, names[:limit]))}, ...] ({len(names)} labels)"
 
 
 def is_integer_label(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def infer_label_names(values: list[Any]) -> list[str]:
-    """Sorted distinct training labels (by value, never by object identity)."""
+def infer_label_names(values: list[Any], other_values: list[Any] = ()) -> list[str]:
+    """Sorted distinct training labels (by value, never by object identity).
+
+    Integer labels are values, not positions: the classes are the distinct integers of the training
+    split and of `other_values` (the other splits), sorted numerically and named as written, so labels
+    1..5 are 5 classes (never a 6th, empty class 0) and a class that only the validation split has is
+    still one.
+    """
     distinct = set()
     for value in values:
         if is_integer_label(value):
@@ -220,34 +377,45 @@ def infer_label_names(values: list[Any]) -> list[str]:
             row = next(i for i, v in enumerate(values) if v is shown or v == shown)
             raise DataError(
                 f"training split row {row}: label {shown!r} is neither a name nor an integer id; "
-                "classification labels must be names or integers 0..K-1: fix the label column"
+                "classification labels must be names or integers: fix the label column"
             )
     if all(isinstance(v, int) for v in distinct):
-        top = max(distinct)
-        if min(distinct) < 0:
-            raise DataError(
-                f"negative label {min(distinct)} in the training split; labels must be 0..K-1 or names"
-            )
-        return [str(i) for i in range(top + 1)]
+        distinct.update(int(v) for v in other_values if is_integer_label(v))
+        return [str(v) for v in sorted(distinct)]
     if any(isinstance(v, int) for v in distinct):
         raise DataError("the label column mixes integers and strings; use one kind")
     return sorted(distinct)
 
 
-def encode_labels(values: list[Any], names: list[str], split: str, column: str) -> list[int]:
-    """Map raw labels (names or integer ids) to ids in `names`; DataError naming the first bad one."""
+def integer_index(names: list[str], by_value: bool) -> dict[int, int] | None:
+    """With label names inferred from integer labels (`by_value`), the id of each integer value."""
+    return {int(name): i for i, name in enumerate(names)} if by_value else None
+
+
+def encode_labels(
+    values: list[Any], names: list[str], split: str, column: str, by_value: bool = False, first_row: int = 0
+) -> list[int]:
+    """Map raw labels (names or integers) to ids in `names`; DataError naming the first bad one.
+
+    An integer label is an id (0..K-1) into `names` when the names are given (data.labels, labels.json,
+    a ClassLabel), and a value looked up among them when they were inferred from the labels (`by_value`).
+    """
     index = {name: i for i, name in enumerate(names)}
+    values_index = integer_index(names, by_value)
     ids = []
-    for row, value in enumerate(values):
+    for row, value in enumerate(values, start=first_row):
         if isinstance(value, str):
             if value not in index:
                 raise DataError(
-                    f"split '{split}' row {row}: label '{value}' is not in the label map {names}; "
+                    f"split '{split}' row {row}: label '{value}' is not in the label map {shown(names)}; "
                     "add it to labels.json / data.labels or filter it out with data.keep_labels"
                 )
             ids.append(index[value])
         elif is_integer_label(value):
-            if not 0 <= int(value) < len(names):
+            if values_index is not None and int(value) in values_index:
+                ids.append(values_index[int(value)])
+                continue
+            if values_index is not None or not 0 <= int(value) < len(names):
                 raise DataError(
                     f"split '{split}' row {row}: label {value} is out of range for {len(names)} labels "
                     "(integer labels must be 0..K-1; set data.labels to name them)"
@@ -302,11 +470,18 @@ def detect_problem_type(values: list[Any], setting: str, split: str, separator: 
 
 
 def encode_label_sets(
-    values: list[Any], names: list[str], split: str, column: str, allow_empty: bool
+    values: list[Any],
+    names: list[str],
+    split: str,
+    column: str,
+    allow_empty: bool,
+    by_value: bool = False,
 ) -> list[list[float]]:
-    """Map label lists (names or integer ids; a plain label is a one-label set) to multi-hot rows in
-    `names` order. Raises DataError naming the row of the first unknown label or empty list."""
+    """Map label lists (names or integers, as `encode_labels` reads them; a plain label is a one-label
+    set) to multi-hot rows in `names` order. Raises DataError naming the row of the first unknown label
+    or empty list."""
     index = {name: i for i, name in enumerate(names)}
+    values_index = integer_index(names, by_value)
     rows = []
     for row, value in enumerate(values):
         members = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -319,270 +494,586 @@ def encode_label_sets(
         for member in members:
             if isinstance(member, str) and member in index:
                 hot[index[member]] = 1.0
-            elif is_integer_label(member) and 0 <= int(member) < len(names):
+            elif is_integer_label(member) and values_index is not None and int(member) in values_index:
+                hot[values_index[int(member)]] = 1.0
+            elif is_integer_label(member) and values_index is None and 0 <= int(member) < len(names):
                 hot[int(member)] = 1.0
             else:
                 raise DataError(
                     f"split '{split}' row {row}: label {member!r} in the list {list(members)!r} is not in the "
-                    f"label map {names}; add it to labels.json / data.labels or filter it out with data.keep_labels"
+                    f"label map {shown(names)}; add it to labels.json / data.labels or filter it out with data.keep_labels"
                 )
         rows.append(hot)
     return rows
 
 
-def fingerprint(ds: datasets.Dataset, columns: list[str]) -> str:
-    digest = hashlib.sha256()
-    for column in columns:
-        for value in ds[column]:
-            digest.update(repr(value).encode())
-            digest.update(b"\x00")
-    return digest.hexdigest()[:16]
+def is_json_column(column: pa.ChunkedArray) -> bool:
+    return getattr(column.type, "extension_name", None) == "arrow.json"
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Load, validate and label-encode the train/eval/test splits.
+def column_values(column: pa.ChunkedArray) -> list[Any]:
+    """A column's values as Python objects. `datasets` keeps a JSON column whose rows hold different kinds
+    (a list here, a string there) as JSON text (its `arrow.json` extension type): decoded here, as its
+    row formatter would."""
+    if is_json_column(column):
+        return [
+            None if v is None else json.loads(v) for v in column.cast(column.type.storage_type).to_pylist()
+        ]
+    return column.to_pylist()
 
-    Raises DataError for missing files or columns, unknown / float / out-of-range labels, empty
-    texts (unless `drop_empty`), and splits that are empty after filtering.
-    """
-    raw, file_names, source = load_raw_splits(cfg)
-    check_columns(raw, cfg)
-    raw_labels, problem = read_labels(raw, cfg)
-    multi = problem == MULTI_LABEL
-    if multi and cfg.class_balanced:
+
+def plain_kind(column: pa.ChunkedArray) -> str | None:
+    """`name` (strings) or `int` for a label column without nulls that Arrow alone can encode; None for
+    anything else (lists, floats, nulls, ...), which the row-by-row encoder checks and reports."""
+    if column.null_count:
+        return None
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return "name"
+    if pa.types.is_integer(column.type):
+        return "int"
+    return None
+
+
+@dataclass
+class LabelMap:
+    """The label names (in id order) and how each split's labels become ids: in Arrow (`kind`: names or
+    integers, single-label, no nulls) or row by row (`values`: anything else), both naming the first bad
+    row of a split in the same words."""
+
+    names: list[str]
+    problem_type: str
+    by_value: bool
+    """The names were inferred from integer labels: an integer is looked up among them, not an id."""
+    kind: str | None
+    columns: dict[str, pa.ChunkedArray]
+    values: dict[str, list[Any]] | None = None
+
+    def encode(self, split: str, cfg: DataConfig) -> pa.Array:
+        """A split's labels as int64 ids, or multi-hot lists (list<double>)."""
+        if self.values is not None:
+            values = self.values[split]
+            if self.problem_type == MULTI_LABEL:
+                hot = encode_label_sets(
+                    values, self.names, split, cfg.label_column, cfg.allow_empty_labels, self.by_value
+                )
+                return pa.array(hot, type=pa.list_(pa.float64()))
+            return pa.array(
+                encode_labels(values, self.names, split, cfg.label_column, self.by_value), pa.int64()
+            )
+        column, names = self.columns[split], self.names
+        if self.kind == "name":
+            found = pc.index_in(column.cast(pa.string()), value_set=pa.array(names, pa.string()))
+            if found.null_count:
+                row = int(np.flatnonzero(pc.is_null(found).to_numpy(zero_copy_only=False))[0])
+                encode_labels([column[row].as_py()], names, split, cfg.label_column, first_row=row)  # raises
+            return pc.cast(found, pa.int64()).combine_chunks()
+        values = column.to_numpy().astype(np.int64)
+        if self.by_value:
+            return pa.array(np.searchsorted(np.asarray([int(n) for n in names]), values))
+        bad = np.flatnonzero((values < 0) | (values >= len(names)))
+        if len(bad):
+            row = int(bad[0])
+            encode_labels([int(values[row])], names, split, cfg.label_column, first_row=row)  # raises
+        return pa.array(values)
+
+
+def build_label_map(raw: RawSplits, cfg: DataConfig) -> LabelMap:
+    """The label map of the data and how to encode it (see LabelMap). Raises DataError / ConfigError for
+    labels of mixed kinds, a repeated name, an unknown `data.keep_labels` name, or `data.class_balanced`
+    on multi-label data."""
+    columns = {split: table.column(cfg.label_column) for split, table in raw.tables.items()}
+    kinds = {plain_kind(column) for column in columns.values()}
+    if len(kinds) == 1 and None not in kinds and not cfg.label_separator and cfg.problem_type != MULTI_LABEL:
+        kind = kinds.pop()
+        given = list(cfg.labels) if cfg.labels else raw.label_names
+        if given is not None:
+            names = list(given)
+        elif kind == "name":
+            names = sorted(pc.unique(columns[cfg.train_split]).to_pylist())
+        else:
+            values = np.unique(np.concatenate([c.to_numpy() for c in columns.values()]))
+            names = [str(int(v)) for v in values]
+        check_label_map(names, cfg)
+        return LabelMap(names, SINGLE_LABEL, given is None and kind == "int", kind, columns)
+    values = {
+        split: split_label_strings(column_values(column), cfg.label_separator)
+        for split, column in columns.items()
+    }
+    problem = check_label_kinds(values, cfg)
+    if problem == MULTI_LABEL and cfg.class_balanced:
         raise ConfigError(
             "data.class_balanced=true has no sound rule for multi-label data (a row carries several labels, so "
             "no draw makes every label equally likely); use train.class_weights=balanced (per-label pos_weight)"
         )
-    names = label_map(raw_labels[cfg.train_split], file_names, cfg, multi)
-    encoded: dict[str, datasets.Dataset] = {}
-    dropped: dict[str, int] = {}
-    for split, ds in raw.items():
-        table = label_table(split, ds, raw_labels[split], names, cfg, multi)
-        table, dropped_rows = drop_empty_texts(split, table, cfg)
-        if dropped_rows:
-            dropped[split] = dropped_rows
-        if cfg.keep_labels:
-            table = keep_only(table, names, cfg, multi)
-        if len(table) == 0:
+    names, by_value = label_map(values, raw.label_names, cfg, problem == MULTI_LABEL)
+    return LabelMap(names, problem, by_value, None, columns, values)
+
+
+def check_label_kinds(values: dict[str, list[Any]], cfg: DataConfig) -> str:
+    """The problem type, decided on the training split. Raises DataError when a split mixes lists and
+    plain labels, or holds another kind of label than the training split."""
+    problem = detect_problem_type(
+        values[cfg.train_split], cfg.problem_type, cfg.train_split, cfg.label_separator
+    )
+    train_lists = any(isinstance(v, (list, tuple)) for v in values[cfg.train_split])
+    for split, split_values in values.items():
+        detect_problem_type(split_values, problem, split, cfg.label_separator)  # mixed rows within the split
+        if split_values and isinstance(split_values[0], (list, tuple)) != train_lists:
+            kind = "a list" if train_lists else "a plain label"
             raise DataError(
-                f"split '{split}' is empty after filtering (data.keep_labels={cfg.keep_labels}, data.drop_empty)"
+                f"split '{split}' row 0: label {split_values[0]!r} is not {kind} as in the training split; "
+                "give every split the same kind of label"
             )
-        encoded[split] = table
-    train, evaluation, test = subsample(encoded, cfg, seed)
-    label_names = list(cfg.keep_labels) if cfg.keep_labels else names
-    result = Splits(label_names, train, evaluation, test, source, dropped_empty=dropped, problem_type=problem)
-    for name, ds in (("train", train), ("eval", evaluation), ("test", test)):
-        if ds is not None:
-            result.fingerprints[name] = fingerprint(ds, ["idx", "text", "label"])
-    return result
+    return problem
 
 
-def check_columns(raw: dict[str, datasets.Dataset], cfg: DataConfig) -> None:
+def label_map(
+    values: dict[str, list[Any]], file_names: list[str] | None, cfg: DataConfig, multi: bool
+) -> tuple[list[str], bool]:
+    """The label names, in id order: `data.labels`, else the data's own list, else inferred from the
+    labels (`infer_label_names`); and whether they were inferred from integers (`by_value`). Raises
+    DataError for a repeated name or a `data.keep_labels` name not in the map."""
+
+    def flat(split_values: list[Any]) -> list[Any]:
+        if not multi:
+            return split_values
+        return [m for v in split_values for m in (v if isinstance(v, (list, tuple)) else [v])]
+
+    given = list(cfg.labels) if cfg.labels else file_names
+    if given is not None:
+        names, by_value = list(given), False
+    else:
+        train = flat(values[cfg.train_split])
+        others = [v for split, vs in values.items() if split != cfg.train_split for v in flat(vs)]
+        names = infer_label_names(list(train), others)
+        by_value = bool(train) and all(is_integer_label(v) for v in train)
+    check_label_map(names, cfg)
+    return names, by_value
+
+
+def check_label_map(names: list[str], cfg: DataConfig) -> None:
+    if len(set(names)) != len(names):
+        raise DataError(f"the label map {shown(names)} repeats a name")
+    missing = [label for label in cfg.keep_labels or [] if label not in names]
+    if missing:
+        raise DataError(f"data.keep_labels names {missing}, not in the label map {shown(names)}")
+
+
+# --- the encoded tables ---------------------------------------------------------------------------
+
+
+def text_column(table: pa.Table, name: str) -> pa.Array | pa.ChunkedArray:
+    """A text column as strings, anything that is not a string (null, a number) as ""."""
+    column = table.column(name)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return pc.fill_null(column, "") if column.null_count else column  # no copy of a clean column
+    if is_json_column(column):
+        return pa.array([v if isinstance(v, str) else "" for v in column_values(column)], pa.string())
+    return pc.fill_null(pa.nulls(table.num_rows, pa.string()), "")
+
+
+def label_table(split: str, table: pa.Table, labels: pa.Array, cfg: DataConfig) -> pa.Table:
+    """The split as `text` (+ `text_pair`), encoded `label` and its row number `idx`."""
+    columns = {"text": text_column(table, cfg.text_column)}
+    if cfg.text_pair_column:
+        columns["text_pair"] = text_column(table, cfg.text_pair_column)
+    columns["label"] = labels
+    columns["idx"] = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    return pa.table(columns)
+
+
+def blank_rows(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Rows whose text is empty or only whitespace."""
+    blank = pc.or_(pc.equal(pc.utf8_length(texts), 0), pc.utf8_is_space(texts))
+    return np.flatnonzero(blank.to_numpy(zero_copy_only=False))
+
+
+def drop_empty_texts(split: str, table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, int]:
+    """The table without blank texts, and how many were dropped. Raises DataError naming the first one
+    unless `data.drop_empty`."""
+    empty = blank_rows(table.column("text"))
+    if not len(empty):
+        return table, 0
+    if not cfg.drop_empty:
+        raise DataError(
+            f"split '{split}' row {int(empty[0])}: empty text in column '{cfg.text_column}' "
+            f"({len(empty)} such rows); set data.drop_empty=true to drop them"
+        )
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[empty] = False
+    return table.filter(pa.array(keep)), len(empty)
+
+
+def multi_hot(labels: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """Multi-hot label lists as a (rows, labels) float array."""
+    flat = pc.list_flatten(labels).to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.float64).reshape(-1, width)
+
+
+def keep_only(table: pa.Table, names: list[str], cfg: DataConfig, multi: bool) -> pa.Table:
+    """The rows and labels of `data.keep_labels`, relabelled in its order. Multi-label: each row keeps
+    only the kept labels, and a row left with none is dropped unless empty label sets are allowed."""
+    keep = cfg.keep_labels
+    position = table.column_names.index("label")
+    if multi:
+        hot = multi_hot(table.column("label"), len(names))[:, [names.index(label) for label in keep]]
+        rows = np.arange(len(hot)) if cfg.allow_empty_labels else np.flatnonzero(hot.any(axis=1))
+        kept = pa.array(hot[rows].tolist(), type=pa.list_(pa.float64()))
+        return table.take(pa.array(rows, pa.int64())).set_column(position, "label", kept)
+    keep_ids = np.full(len(names), -1, dtype=np.int64)
+    for new, label in enumerate(keep):
+        keep_ids[names.index(label)] = new
+    new_ids = keep_ids[table.column("label").to_numpy()]
+    rows = np.flatnonzero(new_ids >= 0)
+    return table.take(pa.array(rows, pa.int64())).set_column(position, "label", pa.array(new_ids[rows]))
+
+
+def seeded_subset(size: int, wanted: int | None, seed: int) -> np.ndarray | None:
+    """The rows of a seeded random subset of `wanted` rows, in `datasets`' `shuffle(seed).select(range(n))`
+    order (so subsets are the ones earlier versions drew); None when the split is not larger."""
+    if not wanted or wanted >= size:
+        return None
+    return np.random.default_rng(seed).permutation(size)[:wanted]
+
+
+def subsample(encoded: dict[str, pa.Table], cfg: DataConfig, seed: int) -> dict[str, pa.Table]:
+    """The train, eval and test tables (by Splits attribute), each cut to a seeded random
+    `data.max_train_samples` / `data.max_eval_samples` rows when it has more."""
+    wanted = {
+        "train": (cfg.train_split, cfg.max_train_samples),
+        "eval": (cfg.eval_split, cfg.max_eval_samples),
+    }
+    if cfg.test_split and cfg.test_split in encoded:
+        wanted["test"] = (cfg.test_split, cfg.max_eval_samples)
+    out = {}
+    for name, (split, limit) in wanted.items():
+        table = encoded[split]
+        rows = seeded_subset(table.num_rows, limit, seed)
+        out[name] = table if rows is None else table.take(pa.array(rows))
+    return out
+
+
+def fingerprint(table: pa.Table | datasets.Dataset, columns: list[str]) -> str:
+    """sha256 of each value's repr, column after column (as earlier versions hashed them row by row, so
+    the resume identity of their checkpoints still matches)."""
+    digest = hashlib.sha256()
+    for column in columns:
+        values = arrow_column(table, column)
+        for start in range(
+            0, len(values), FINGERPRINT_ROWS
+        ):  # in slices: a few MB of Python objects at a time
+            part = values.slice(start, FINGERPRINT_ROWS).to_pylist()
+            digest.update(("\x00".join(map(repr, part)) + "\x00").encode())
+    return digest.hexdigest()[:16]
+
+
+def check_several_classes(table: pa.Table, names: list[str], multi: bool, where: str) -> None:
+    """Raise DataError when every training row has the same label (set): nothing to learn, and every
+    metric would read 1.0."""
+    if table.num_rows == 0:
+        return
+    if multi:
+        hot = multi_hot(table.column("label"), len(names))
+        if (hot == hot[0]).all():
+            shown = [names[k] for k in np.flatnonzero(hot[0])]
+            raise DataError(
+                f"{where}: every training row has the label set {shown}; a classifier needs training rows "
+                "that differ: add rows with other labels (or check data.keep_labels and data.max_train_samples)"
+            )
+        return
+    present = np.unique(table.column("label").to_numpy())
+    if len(present) == 1:
+        raise DataError(
+            f"{where}: every training row has the label '{names[int(present[0])]}'; a classifier needs at least "
+            "2 classes in training: add rows of another class (or check data.keep_labels and data.max_train_samples)"
+        )
+
+
+def to_dataset(table: pa.Table, fingerprint_value: str) -> datasets.Dataset:
+    """A `datasets.Dataset` over an Arrow table, without a copy (a memory-mapped table stays one) and
+    without cache files: its `shuffle` and `select` keep their indices in memory."""
+    return datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint_value)
+
+
+def load_splits(cfg: DataConfig, seed: int, log: Log | None = None) -> Splits:
+    """Load, validate and label-encode the train/eval/test splits (in memory).
+
+    Raises DataError for missing files or columns, unknown / float / out-of-range labels, empty
+    texts (unless `drop_empty`), splits that are empty after filtering, and a training split with a
+    single class.
+    """
+    raw = load_raw_splits(cfg, log)
+    return encode_splits(raw, cfg, seed, log)
+
+
+def encode_splits(raw: RawSplits, cfg: DataConfig, seed: int, log: Log | None = None) -> Splits:
+    """`load_splits` from the raw tables."""
+    with stage(log, "check and encode the labels") as done:
+        check_columns(raw.tables, cfg)
+        labels = build_label_map(raw, cfg)
+        names, multi = labels.names, labels.problem_type == MULTI_LABEL
+        encoded: dict[str, pa.Table] = {}
+        dropped: dict[str, int] = {}
+        for split, table in raw.tables.items():
+            encoded_table, dropped_rows = drop_empty_texts(
+                split, label_table(split, table, labels.encode(split, cfg), cfg), cfg
+            )
+            if dropped_rows:
+                dropped[split] = dropped_rows
+            if cfg.keep_labels:
+                encoded_table = keep_only(encoded_table, names, cfg, multi)
+            if encoded_table.num_rows == 0:
+                raise DataError(
+                    f"split '{split}' is empty after filtering (data.keep_labels={cfg.keep_labels}, data.drop_empty)"
+                )
+            encoded[split] = encoded_table
+        tables = subsample(encoded, cfg, seed)
+        label_names = list(cfg.keep_labels) if cfg.keep_labels else names
+        files = {name: raw.files[split] for name, split in split_of(cfg, tables).items()}
+        check_several_classes(tables["train"], label_names, multi, files["train"])
+        prints = {name: fingerprint(table, ["idx", "text", "label"]) for name, table in tables.items()}
+        done(
+            f"{len(label_names)} labels, {labels.problem_type}, {sum(t.num_rows for t in tables.values()):,} rows"
+        )
+    return Splits(
+        label_names,
+        to_dataset(tables["train"], prints["train"]),
+        to_dataset(tables["eval"], prints["eval"]),
+        to_dataset(tables["test"], prints["test"]) if "test" in tables else None,
+        raw.source,
+        fingerprints=prints,
+        dropped_empty=dropped,
+        problem_type=labels.problem_type,
+        files=files,
+    )
+
+
+def split_of(cfg: DataConfig, tables: dict[str, Any]) -> dict[str, str]:
+    """The data's split name behind each Splits attribute present in `tables`."""
+    names = {"train": cfg.train_split, "eval": cfg.eval_split, "test": cfg.test_split}
+    return {name: names[name] for name in tables}
+
+
+def check_columns(raw: dict[str, pa.Table], cfg: DataConfig) -> None:
     """Raises DataError naming the first split without the text, pair or label column."""
-    for split, ds in raw.items():
+    for split, table in raw.items():
         for column in [cfg.text_column, cfg.label_column] + (
             [cfg.text_pair_column] if cfg.text_pair_column else []
         ):
-            if column not in ds.column_names:
+            if column not in table.column_names:
                 raise DataError(
-                    f"split '{split}' has no column '{column}' (columns: {', '.join(ds.column_names)}); "
+                    f"split '{split}' has no column '{column}' (columns: {', '.join(table.column_names)}); "
                     f"set data.{'label' if column == cfg.label_column else 'text'}_column"
                 )
 
 
-def read_labels(raw: dict[str, datasets.Dataset], cfg: DataConfig) -> tuple[dict[str, list[Any]], str]:
-    """Each split's label values (strings split on `data.label_separator`) and the problem type, decided
-    on the training split. Raises DataError when a split mixes lists and plain labels, or holds another
-    kind of label than the training split."""
-    raw_labels = {
-        split: split_label_strings(list(ds[cfg.label_column]), cfg.label_separator)
-        for split, ds in raw.items()
-    }
-    problem = detect_problem_type(
-        raw_labels[cfg.train_split], cfg.problem_type, cfg.train_split, cfg.label_separator
-    )
-    train_lists = any(isinstance(v, (list, tuple)) for v in raw_labels[cfg.train_split])
-    for split, values in raw_labels.items():
-        detect_problem_type(values, problem, split, cfg.label_separator)  # mixed rows within the split
-        if values and isinstance(values[0], (list, tuple)) != train_lists:
-            kind = "a list" if train_lists else "a plain label"
-            raise DataError(
-                f"split '{split}' row 0: label {values[0]!r} is not {kind} as in the training split; "
-                "give every split the same kind of label"
+# --- columns without the row formatter ------------------------------------------------------------
+
+
+def arrow_table(ds: datasets.Dataset | pa.Table) -> pa.Table:
+    """The rows of a Dataset (its indices applied) or a table, as an Arrow table."""
+    if isinstance(ds, pa.Table):
+        return ds
+    table = ds.data.table
+    if ds._indices is not None:
+        table = table.take(ds._indices.column(0))
+    return table
+
+
+def arrow_column(ds: datasets.Dataset | pa.Table, name: str) -> pa.ChunkedArray:
+    if isinstance(ds, pa.Table):
+        return ds.column(name)
+    column = ds.data.table.column(name)
+    return column.take(ds._indices.column(0)) if ds._indices is not None else column
+
+
+def numpy_column(ds: datasets.Dataset | pa.Table, name: str) -> np.ndarray:
+    """A column of numbers as a numpy array."""
+    return arrow_column(ds, name).to_numpy()
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+
+class stage:
+    """One step of the data phase: on a terminal a progress bar (with `total`), else one log line when it
+    ends, with what it did and its time. `with stage(log, "tokenize train", total=n) as done:` gives
+    `done(note)`, and `done.advance(rows)` moves the bar. Without `log` (another process), silent."""
+
+    def __init__(self, log: Log | None, what: str, total: int | None = None) -> None:
+        self.log, self.what, self.total = log, what, total
+        self.note = ""
+        self.bar: Any = None
+
+    def __enter__(self) -> stage:
+        import sys
+        import time
+
+        self.started = time.perf_counter()
+        if self.log is not None and self.total and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc=self.what, unit="rows", unit_scale=True, leave=False)
+        return self
+
+    def __call__(self, note: str) -> None:
+        self.note = note
+
+    def advance(self, rows: int) -> None:
+        if self.bar is not None:
+            self.bar.update(rows)
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        import time
+
+        if self.bar is not None:
+            self.bar.close()
+        if self.log is not None and kind is None:
+            seconds = time.perf_counter() - self.started
+            self.log(
+                f"scalelora: data: {self.what}"
+                + (f": {self.note}" if self.note else "")
+                + f" ({seconds:.1f} s)"
             )
-    return raw_labels, problem
-
-
-def label_map(
-    train_values: list[Any], file_names: list[str] | None, cfg: DataConfig, multi: bool
-) -> list[str]:
-    """The label names, in id order: `data.labels`, else the data's own list, else inferred from the
-    training labels. Raises DataError for a repeated name or a `data.keep_labels` name not in the map."""
-    if multi:
-        train_values = [m for v in train_values for m in (v if isinstance(v, (list, tuple)) else [v])]
-    names = list(cfg.labels) if cfg.labels else file_names or infer_label_names(list(train_values))
-    if len(set(names)) != len(names):
-        raise DataError(f"the label map {names} repeats a name")
-    missing = [label for label in cfg.keep_labels or [] if label not in names]
-    if missing:
-        raise DataError(f"data.keep_labels names {missing}, not in the label map {names}")
-    return names
-
-
-def label_table(
-    split: str, ds: datasets.Dataset, values: list[Any], names: list[str], cfg: DataConfig, multi: bool
-) -> datasets.Dataset:
-    """The split as `text` (+ `text_pair`), encoded `label` and its row number `idx`; a text that is not
-    a string becomes empty. Raises DataError for a label not in the map."""
-    ids: list[Any] = (
-        encode_label_sets(values, names, split, cfg.label_column, cfg.allow_empty_labels)
-        if multi
-        else encode_labels(values, names, split, cfg.label_column)
-    )
-    columns = {
-        "text": [t if isinstance(t, str) else "" for t in list(ds[cfg.text_column])],
-        "label": ids,
-        "idx": list(range(len(ds))),
-    }
-    if cfg.text_pair_column:
-        columns["text_pair"] = [t if isinstance(t, str) else "" for t in list(ds[cfg.text_pair_column])]
-    return datasets.Dataset.from_dict(columns)
-
-
-def drop_empty_texts(split: str, table: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, int]:
-    """The table without blank texts, and how many were dropped. Raises DataError naming the first one
-    unless `data.drop_empty`."""
-    empty = [i for i, t in enumerate(table["text"]) if not t.strip()]
-    if not empty:
-        return table, 0
-    if not cfg.drop_empty:
-        raise DataError(
-            f"split '{split}' row {empty[0]}: empty text in column '{cfg.text_column}' "
-            f"({len(empty)} such rows); set data.drop_empty=true to drop them"
-        )
-    empty_set = set(empty)
-    return table.select([i for i in range(len(table)) if i not in empty_set]), len(empty)
-
-
-def keep_only(table: datasets.Dataset, names: list[str], cfg: DataConfig, multi: bool) -> datasets.Dataset:
-    """The rows and labels of `data.keep_labels`, relabelled in its order. Multi-label: each row keeps
-    only the kept labels, and a row left with none is dropped unless empty label sets are allowed."""
-    keep = cfg.keep_labels
-    # vectorised: a row-by-row filter + map costs seconds per split on sets of 10k rows
-    if multi:
-        hot = np.asarray(table["label"], dtype=np.float32)[:, [names.index(label) for label in keep]]
-        rows = np.arange(len(hot)) if cfg.allow_empty_labels else np.flatnonzero(hot.any(axis=1))
-        return table.select(rows).remove_columns("label").add_column("label", hot[rows].tolist())
-    keep_ids = {names.index(label): new for new, label in enumerate(keep)}
-    old_ids = np.asarray(table["label"], dtype=np.int64)
-    rows = np.flatnonzero(np.isin(old_ids, list(keep_ids)))
-    new_ids = np.vectorize(keep_ids.get, otypes=[np.int64])(old_ids[rows]) if len(rows) else []
-    return table.select(rows).remove_columns("label").add_column("label", list(map(int, new_ids)))
-
-
-def subsample(
-    encoded: dict[str, datasets.Dataset], cfg: DataConfig, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset | None]:
-    """The train, eval and test splits, each cut to a seeded random `data.max_train_samples` /
-    `data.max_eval_samples` rows when it has more."""
-    train = encoded[cfg.train_split]
-    if cfg.max_train_samples and cfg.max_train_samples < len(train):
-        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
-    evaluation = encoded[cfg.eval_split]
-    test = encoded.get(cfg.test_split) if cfg.test_split else None
-    if cfg.max_eval_samples:
-        if cfg.max_eval_samples < len(evaluation):
-            evaluation = evaluation.shuffle(seed=seed).select(range(cfg.max_eval_samples))
-        if test is not None and cfg.max_eval_samples < len(test):
-            test = test.shuffle(seed=seed).select(range(cfg.max_eval_samples))
-    return train, evaluation, test
 
 
 # --- class weights --------------------------------------------------------------------------------
 
 
-def is_multi_label(ds: datasets.Dataset) -> bool:
-    return len(ds) > 0 and isinstance(ds[0]["label"], list)
+def is_multi_label(ds: datasets.Dataset | pa.Table) -> bool:
+    return pa.types.is_list(arrow_column(ds, "label").type)
 
 
-def label_counts(ds: datasets.Dataset, num_labels: int) -> np.ndarray:
+def label_counts(ds: datasets.Dataset | pa.Table, num_labels: int) -> np.ndarray:
     """Rows per label (multi-label: rows carrying the label)."""
     if is_multi_label(ds):
-        return np.asarray(ds["label"], dtype=np.float64).sum(axis=0).astype(np.int64)
-    return np.bincount(np.asarray(ds["label"], dtype=np.int64), minlength=num_labels)
+        return multi_hot(arrow_column(ds, "label"), num_labels).sum(axis=0).astype(np.int64)
+    return np.bincount(numpy_column(ds, "label").astype(np.int64), minlength=num_labels)
+
+
+@dataclass
+class Weights:
+    values: list[float] | None
+    capped: list[str] = field(default_factory=list)
+    """The labels whose `balanced` weight CLASS_WEIGHT_MAX_RATIO bounded."""
 
 
 def class_weights(
-    setting: str | dict[str, float], label_names: list[str], train: datasets.Dataset
+    setting: str | dict[str, float], label_names: list[str], train: datasets.Dataset | pa.Table
 ) -> list[float] | None:
-    """The per-class weights `train.class_weights` asks for, in label order (None for `none`).
+    """The per-class weights `train.class_weights` asks for, in label order (None for `none`); see
+    `bounded_class_weights`."""
+    return bounded_class_weights(setting, label_names, train).values
+
+
+def bounded_class_weights(
+    setting: str | dict[str, float], label_names: list[str], train: datasets.Dataset | pa.Table
+) -> Weights:
+    """The per-class weights `train.class_weights` asks for, in label order, and the labels it bounded.
 
     `balanced` is N / (K * count_k) over the training split as filtered (keep_labels, subsets), so
     every class carries the same total weight; a class absent from training gets the weight of a
-    class seen once. Multi-label: per-label BCE `pos_weight`, `balanced` being (N - count_k) / count_k
-    (negatives / positives). Raises ConfigError for a mapping that names labels the data does not have.
+    class seen once. No class weighs more than CLASS_WEIGHT_MAX_RATIO times the lightest (a clip, as
+    for any inverse-frequency weight: a class of one example among 1M would otherwise weigh ~2,000 and
+    decide its batch's gradient alone). Multi-label: per-label BCE `pos_weight`, `balanced` being
+    (N - count_k) / count_k (negatives / positives), at most CLASS_WEIGHT_MAX_RATIO. Raises ConfigError
+    for a mapping that names labels the data does not have.
     """
     if setting == "none":
-        return None
+        return Weights(None)
     if setting == "balanced":
         counts = label_counts(train, len(label_names))
+        rows = arrow_table(train).num_rows
         if is_multi_label(train):
-            return [(len(train) - int(c)) / max(int(c), 1) for c in counts]
-        return [len(train) / (len(label_names) * max(int(c), 1)) for c in counts]
+            raw = [(rows - int(c)) / max(int(c), 1) for c in counts]
+            ceiling = CLASS_WEIGHT_MAX_RATIO
+        else:
+            raw = [rows / (len(label_names) * max(int(c), 1)) for c in counts]
+            ceiling = CLASS_WEIGHT_MAX_RATIO * min(raw)
+        capped = [name for name, w in zip(label_names, raw) if w > ceiling]
+        return Weights([min(w, ceiling) for w in raw], capped)
     unknown = [name for name in setting if name not in label_names]
     if unknown:
         raise ConfigError(
             f"train.class_weights names {unknown}, which are not labels of this data ({label_names}); "
             "use the label names (after data.keep_labels)"
         )
-    return [float(setting.get(name, 1.0)) for name in label_names]
+    return Weights([float(setting.get(name, 1.0)) for name in label_names])
 
 
-# --- tokenization and batching --------------------------------------------------------------------
-
-
-def tokenize_split(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
-    """Tokenize without padding (batches pad dynamically); adds `length` for length grouping.
-
-    Raises DataError for a row whose tokens end in the pad token (`models.check_last_tokens`): a decoder
-    would classify it from the token before.
-    """
-    from scalelora.models import check_last_tokens
-
-    has_pair = "text_pair" in ds.column_names
-
-    def encode(batch: dict[str, list]) -> dict[str, list]:
-        out = tokenizer(
-            batch["text"],
-            batch["text_pair"] if has_pair else None,
-            truncation=True,
-            max_length=cfg.max_length,
+def class_weight_tensor(
+    cfg: Any, label_names: list[str], splits: Splits, device: Any, log: Log
+) -> torch.Tensor | None:
+    """`train.class_weights` resolved against the loaded labels, on `device` (None: unweighted), with its
+    log lines (the weights, the bound when it applied, and a warning for a double correction)."""
+    setting = cfg.train.class_weights
+    weights = bounded_class_weights(setting, label_names, splits.train)
+    if weights.values is None:
+        return None
+    if cfg.data.class_balanced and setting == "balanced":
+        log(
+            "scalelora: warning: data.class_balanced=true already samples every class equally often; "
+            "train.class_weights=balanced on top counts the imbalance twice"
         )
-        check_last_tokens(
-            out["input_ids"], tokenizer.pad_token_id, tokenizer, lambda k: f"row {batch['idx'][k]}"
+    shown = ", ".join(f"{name}={w:.3g}" for name, w in zip(label_names, weights.values))
+    multi = splits.problem_type == MULTI_LABEL
+    kind = "per-label pos_weight" if multi else "class weights"
+    log(f"scalelora: {kind} ({setting if isinstance(setting, str) else 'given'}): {shown}")
+    if weights.capped:
+        bound = "a positive at most" if multi else "no class more than"
+        log(
+            f"scalelora: {kind} bounded ({bound} {CLASS_WEIGHT_MAX_RATIO:g}x "
+            + ("a negative" if multi else "the largest class")
+            + f"): {len(weights.capped)} rare label(s), e.g. {', '.join(weights.capped[:5])}"
         )
-        out["length"] = [len(ids) for ids in out["input_ids"]]
-        return out
+    return torch.tensor(weights.values, dtype=torch.float32, device=device)
 
-    keep = {"label", "idx"}
-    remove = [c for c in ds.column_names if c not in keep]
-    # an explicit fingerprint: otherwise datasets dill-hashes the whole tokenizer, ~1 s per split
-    settings = (
-        ds._fingerprint,
-        type(tokenizer).__name__,
-        getattr(tokenizer, "name_or_path", ""),
-        len(tokenizer),
-        tokenizer.truncation_side,
-        cfg.max_length,
-        has_pair,
-        tokenizer.pad_token_id,  # the rows were checked against it (check_last_tokens)
-    )
-    fingerprint = hashlib.sha256(repr(settings).encode()).hexdigest()[:16]
-    tokenized = ds.map(
-        encode, batched=True, batch_size=1000, remove_columns=remove, new_fingerprint=fingerprint
-    )
-    return tokenized.rename_column("label", "labels")
+
+# --- tokenization ---------------------------------------------------------------------------------
+
+
+def tokenize_split(ds: datasets.Dataset | pa.Table, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
+    """Tokenize without padding (batches pad dynamically); adds `length` for length grouping and renames
+    `label` to `labels` (in memory; `tokenize_table` says how many rows were truncated)."""
+    return tokenize_table(arrow_table(ds), tokenizer, cfg.max_length)[0]
+
+
+def tokenize_table(
+    table: pa.Table, tokenizer: Any, max_length: int, progress: Callable[[int], None] | None = None
+) -> tuple[datasets.Dataset, int]:
+    """The tokenized table in memory, and how many of its rows were truncated."""
+    from scalelora import tokens
+
+    batches, truncated = [], 0
+    for batch, cut in tokens.tokenize_batches(table, tokenizer, max_length, progress):
+        batches.append(batch)
+        truncated += cut
+    tokenized = pa.Table.from_batches(batches) if batches else empty_tokens(table, tokenizer)
+    key = hashlib.sha256(repr((tokens.tokenizer_fingerprint(tokenizer), max_length, table.num_rows)).encode())
+    return to_dataset(tokenized, key.hexdigest()[:16]), truncated
+
+
+def empty_tokens(table: pa.Table, tokenizer: Any) -> pa.Table:
+    from scalelora import tokens
+
+    columns, _ = tokens.encode(tokenizer, [], None, 1)
+    columns["labels"] = pa.array([], table.column("label").type)
+    columns["idx"] = pa.array([], pa.int64())
+    return pa.table(columns)
+
+
+def truncation_record(rows: int, total: int) -> dict[str, Any]:
+    return {"rows": int(rows), "share": rows / total if total else 0.0}
+
+
+def truncation_lines(truncated: dict[str, dict[str, Any]], max_length: int) -> list[str]:
+    """A warning for each split with more than TRUNCATION_WARN_SHARE of its rows cut at max_length."""
+    return [
+        f"scalelora: warning: {100 * t['share']:.1f}% of the {split} texts ({t['rows']:,}) are longer than "
+        f"data.max_length={max_length} tokens and are cut to it (data.truncation_side says which end is kept)"
+        for split, t in truncated.items()
+        if t["share"] > TRUNCATION_WARN_SHARE
+    ]
 
 
 def check_lengths(tokenized: dict[str, datasets.Dataset], limit: int | None, model_name: str) -> None:
@@ -594,13 +1085,130 @@ def check_lengths(tokenized: dict[str, datasets.Dataset], limit: int | None, mod
     if limit is None:
         return
     for split, ds in tokenized.items():
-        lengths = np.asarray(ds["length"])
+        lengths = numpy_column(ds, "length")
         if len(lengths) and lengths.max() > limit:
             row = int(lengths.argmax())
             raise DataError(
                 f"split '{split}' row {row} has {int(lengths[row])} tokens, more than the {limit} positions "
                 f"model.name={model_name} handles; set data.max_length={limit} (or lower) so longer texts are truncated"
             )
+
+
+# --- a run's data ---------------------------------------------------------------------------------
+
+Choose = Callable[[Splits, np.ndarray], None]
+"""The auto default: sets config keys from the loaded splits and the untruncated token lengths of a
+training sample (`autoconfig.length_sample`), before tokenizing."""
+
+
+def load_data(
+    cfg: Any, tokenizer: Any, accelerator: Any, log: Log, choose: Choose | None = None
+) -> tuple[Splits, dict[str, datasets.Dataset]]:
+    """A run's splits and their tokens (`train`, `eval`, `test`), with `Splits.truncated` filled in.
+
+    Large local files (`data.cache`, `datacache.plan`) are loaded and tokenized once per machine, by its
+    local main process, into the on-disk cache that every process memory-maps, and a later run with the
+    same files and settings reuses it. Other data is loaded in memory by every process, the main process
+    first (a hub download happens once, and its data error is every rank's). `log` prints on the main
+    process; each step there gets a line with its time (a progress bar on a terminal).
+    """
+    from scalelora import datacache
+    from scalelora.runtime import decide_on_main
+
+    main_log = log if accelerator.is_main_process else None
+    plan = datacache.plan(cfg.data, cfg.seed)
+    if main_log is not None:
+        where = "in memory" if plan is None else f"{plan.total_bytes / 2**20:,.0f} MiB, cached on disk"
+        main_log(f"scalelora: data: {cfg.data.path} ({where})")
+    if plan is not None:
+        return load_cached(cfg, tokenizer, accelerator, main_log, choose, plan)
+
+    def load(show: Log | None) -> tuple[Splits, dict[str, datasets.Dataset]]:
+        splits = load_splits(cfg.data, cfg.seed, show)
+        if choose is not None:
+            from scalelora.autoconfig import length_sample
+
+            choose(splits, length_sample(splits.train, tokenizer))
+        return splits, tokenize_splits(splits, tokenizer, cfg.data.max_length, show)
+
+    loaded = decide_on_main(accelerator, lambda: load(main_log), share_value=False)
+    splits, tokenized = loaded if accelerator.is_main_process else load(None)
+    for line in truncation_lines(splits.truncated, cfg.data.max_length):
+        log(line)
+    return splits, tokenized
+
+
+def tokenize_splits(
+    splits: Splits, tokenizer: Any, max_length: int, log: Log | None
+) -> dict[str, datasets.Dataset]:
+    """Each split tokenized in memory; `splits.truncated` filled in."""
+    from scalelora import tokens
+
+    tokenized = {}
+    for name, ds in splits.named():
+        table = arrow_table(ds)
+        with stage(log, f"tokenize {name}", total=table.num_rows) as done:
+            tokenized[name], cut = tokenize_table(table, tokenizer, max_length, done.advance)
+            done(f"{table.num_rows:,} rows, {cut:,} truncated, {tokens.parallelism_note()}")
+        splits.truncated[SPLIT_NAMES[name]] = truncation_record(cut, table.num_rows)
+    return tokenized
+
+
+def load_cached(
+    cfg: Any, tokenizer: Any, accelerator: Any, log: Log | None, choose: Choose | None, plan: Any
+) -> tuple[Splits, dict[str, datasets.Dataset]]:
+    """`load_data` through the on-disk cache: the local main process of each machine builds what is
+    missing (rows, the auto default's length sample, tokens), the others wait, every process maps it."""
+    from scalelora import datacache
+
+    nonce = datacache.shared_nonce(accelerator)
+    with stage(log, "look up the cache") as done:
+        reused = datacache.ready(plan.rows_dir)
+        done(f"{plan.rows_dir} ({'reused' if reused else 'to build'})")
+    lengths_file = plan.lengths_file(tokenizer) if choose is not None else None
+
+    def build_rows() -> None:
+        if not datacache.ready(plan.rows_dir):
+            splits = load_splits(cfg.data, cfg.seed, log)
+            with stage(log, "write the rows to the cache") as done:
+                datacache.write_rows(plan.rows_dir, splits)
+                done(f"{datacache.size_of(plan.rows_dir) / 2**20:,.0f} MiB")
+        if lengths_file is not None and not lengths_file.exists():
+            from scalelora.autoconfig import length_sample
+
+            with stage(log, "measure token lengths for the auto default"):
+                sample = length_sample(datacache.read_rows(plan.rows_dir).train, tokenizer)
+            datacache.write_lengths(lengths_file, sample)
+
+    wanted = [plan.rows_dir / "meta.json"] + ([lengths_file] if lengths_file is not None else [])
+    datacache.on_each_machine(accelerator, build_rows, wanted, nonce)
+    splits = datacache.read_rows(plan.rows_dir)
+    if choose is not None:
+        choose(splits, np.load(lengths_file))
+    tokens_dir = plan.tokens_dir(tokenizer)
+
+    def build_tokens() -> None:
+        if not datacache.ready(tokens_dir):
+            datacache.write_tokens(tokens_dir, splits, tokenizer, cfg.data.max_length, log)
+        elif log is not None:
+            log(f"scalelora: data: tokens at data.max_length={cfg.data.max_length}: reused {tokens_dir.name}")
+
+    datacache.on_each_machine(accelerator, build_tokens, [tokens_dir / "meta.json"], nonce)
+    tokenized, meta = datacache.read_tokens(tokens_dir)
+    for name, ds in splits.named():
+        splits.truncated[SPLIT_NAMES[name]] = truncation_record(meta["truncated"][name], len(ds))
+    if accelerator.is_local_main_process:
+        datacache.touch(plan.rows_dir)
+        datacache.touch(tokens_dir)
+        evicted = datacache.evict(plan.folder_dir, "rows-") + datacache.evict(plan.rows_dir, "tokens-")
+        if log is not None and evicted:
+            log(
+                f"scalelora: data: cache: removed {len(evicted)} older entr{'y' if len(evicted) == 1 else 'ies'} of {plan.folder}"
+            )
+    for line in truncation_lines(splits.truncated, cfg.data.max_length):
+        if log is not None:
+            log(line)
+    return splits, tokenized
 
 
 def epoch_draw(rng: np.random.Generator, size: int, labels: np.ndarray | None) -> np.ndarray:
@@ -624,11 +1232,11 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __init__(
         self,
-        lengths: list[int],
+        lengths: list[int] | np.ndarray,
         batch_size: int,
         seed: int,
         group_factor: int = 50,
-        labels: list[int] | None = None,
+        labels: list[int] | np.ndarray | None = None,
     ) -> None:
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
@@ -663,7 +1271,7 @@ class LengthGroupedSampler(Sampler[int]):
 class SeededRandomSampler(Sampler[int]):
     """A plain shuffle (or class-balanced draw) that depends only on (seed, epoch), for data.group_by_length=false."""
 
-    def __init__(self, size: int, seed: int, labels: list[int] | None = None) -> None:
+    def __init__(self, size: int, seed: int, labels: list[int] | np.ndarray | None = None) -> None:
         self.size, self.seed, self.epoch = size, seed, 0
         self.labels = np.asarray(labels, dtype=np.int64) if labels is not None else None
 
@@ -720,9 +1328,9 @@ def train_dataloader(
     """`pin_memory`: batches in page-locked memory, for asynchronous copies to a GPU
     (`runtime.pins_memory(device)` says when)."""
     sampler: Sampler[int]
-    labels = list(ds["labels"]) if cfg.class_balanced else None
+    labels = numpy_column(ds, "labels") if cfg.class_balanced else None
     if cfg.group_by_length:
-        sampler = LengthGroupedSampler(list(ds["length"]), batch_size, seed, labels=labels)
+        sampler = LengthGroupedSampler(numpy_column(ds, "length"), batch_size, seed, labels=labels)
     else:
         sampler = SeededRandomSampler(len(ds), seed, labels=labels)
     columns = [c for c in ds.column_names if c != "length"]
@@ -776,7 +1384,7 @@ def eval_dataloader(
 ) -> DataLoader:
     """Sorted by length (little padding); order does not matter for metrics. `pin_memory`: as
     `train_dataloader`'s."""
-    order = np.argsort(-np.asarray(list(ds["length"])), kind="stable").tolist()
+    order = np.argsort(-numpy_column(ds, "length"), kind="stable")
     columns = [c for c in ds.column_names if c != "length"]
     return DataLoader(
         ds.select(order).with_format(columns=columns),

@@ -98,6 +98,8 @@ def build_summary(
         "calibration": facts.get("calibration"),
         "num_train_examples": facts["num_train_examples"],
         "dropped_empty": facts["dropped_empty"],
+        # rows longer than data.max_length, cut to it: {split: {"rows": n, "share": x}}
+        "truncated": facts.get("truncated", {}),
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_pct": params.pct,
@@ -492,6 +494,7 @@ def render_report(
     """The markdown report of one run (see the module docstring for its sources)."""
     lines = headline_lines(summary, has_curves)
     lines += metrics_lines(summary)
+    lines += truncation_lines(summary, config)
     lines += calibration_lines(summary, has_reliability)
     lines += parameter_lines(summary)
     lines += ["", "## Configuration", ""]
@@ -573,6 +576,17 @@ def metrics_lines(summary: dict[str, Any]) -> list[str]:
             "right exactly as often as it is confident. NLL is the mean negative log-likelihood of the gold label.",
         ]
     return lines
+
+
+def truncation_lines(summary: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """How many texts of each split were longer than data.max_length and cut to it (runs from before
+    summary.json recorded it: nothing)."""
+    truncated = summary.get("truncated")
+    if not truncated:
+        return []
+    max_length = dotted_get(config, "data.max_length", None)
+    shown = ", ".join(f"{split} {fmt(t['rows'])} ({100 * t['share']:.1f}%)" for split, t in truncated.items())
+    return ["", f"Texts longer than `data.max_length`={max_length} tokens, truncated: {shown}."]
 
 
 def parameter_lines(summary: dict[str, Any]) -> list[str]:

@@ -156,6 +156,14 @@ def pins_memory(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def quantized_device_map(model: Any, device: torch.device) -> Any:
+    """Where bitsandbytes loads a quantized base (`model.load_in_8bit`/`load_in_4bit`): this process's
+    GPU, or the CPU; None for an unquantized base (the Accelerator places it)."""
+    if not (model.load_in_8bit or model.load_in_4bit):
+        return None
+    return {"": device.index or 0} if device.type == "cuda" else "cpu"
+
+
 def build_accelerator(cfg: RunConfig, log_with: list[str] | None = None) -> Accelerator:
     """One Accelerator for the run. `train.precision=auto` is resolved for this device first and
     written back into `cfg` (so config.yaml, summary.json and the resume identity record what ran),

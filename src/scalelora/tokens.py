@@ -175,9 +175,35 @@ def tokenize_batches(
         columns, truncated = encode(tokenizer, texts, pairs, max_length)
         columns["labels"] = part.column("label").combine_chunks()
         columns["idx"] = part.column("idx").combine_chunks()
+        check_pad_endings(columns, tokenizer)
         yield pa.RecordBatch.from_pydict(columns), int(truncated.sum())
         if progress is not None:
             progress(part.num_rows)
+
+
+def ends_in_pad(input_ids: pa.ListArray, pad_token_id: int | None) -> np.ndarray:
+    """The rows (positions in the batch) whose last token is the pad token."""
+    if pad_token_id is None or len(input_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = input_ids.offsets.to_numpy()
+    values = input_ids.values.to_numpy()
+    nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
+    last = values[offsets[1:][nonempty] - 1]
+    return nonempty[last == pad_token_id]
+
+
+def check_pad_endings(columns: dict[str, pa.Array], tokenizer: Any) -> None:
+    """Refuse (models.check_last_tokens: one DataError line naming the rows) a batch with a row that ends
+    in the pad token: a decoder finds its last token by id, and would classify it from the token before."""
+    bad = ends_in_pad(columns["input_ids"], tokenizer.pad_token_id)
+    if bad.size:
+        from scalelora.models import check_last_tokens
+
+        rows = [columns["input_ids"][int(i)].as_py() for i in bad]
+        idx = columns["idx"]
+        check_last_tokens(
+            rows, tokenizer.pad_token_id, tokenizer, lambda k: f"row {idx[int(bad[k])].as_py()}"
+        )
 
 
 def parallelism_note() -> str:

@@ -58,12 +58,12 @@ from scalelora.runtime import (
     StopSignal,
     build_accelerator,
     compiles,
-    decide_on_main,
     deepspeed_summary,
     is_deepspeed,
     peak_memory_bytes,
     pins_memory,
     process_seconds,
+    quantized_device_map,
     reset_accelerate_state,
     run_peak_memory,
     unwrap_model,
@@ -326,70 +326,30 @@ class Trainer:
                 self.state.predictions_before = self.evaluator.sample_predictions()
 
     def _load_data(self) -> tuple[data_lib.Splits, dict[str, Any]]:
-        cfg, acc = self.cfg, self.accelerator
+        """The splits and their tokens (data.load_data: cached once per machine when large); the `auto`
+        recipe chooses its settings in between."""
+        choose = self._choose_from_data if self.cfg.recipe == AUTO_RECIPE else None
+        return data_lib.load_data(self.cfg, self.tokenizer, self.accelerator, self.echo, choose)
 
-        def load() -> tuple[data_lib.Splits, dict[str, Any]]:
-            splits = data_lib.load_splits(cfg.data, cfg.seed)
-            if cfg.recipe == AUTO_RECIPE:
-                self._choose_from_data(splits)
-            tokenized = {
-                name: data_lib.tokenize_split(ds, self.tokenizer, cfg.data)
-                for name, ds in (("train", splits.train), ("eval", splits.eval), ("test", splits.test))
-                if ds is not None
-            }
-            return splits, tokenized
-
-        # the main process first: hub downloads happen once, and its data error is every rank's; the
-        # others then load from the cache it filled (each rank keeps its own copy: too large to send)
-        loaded = decide_on_main(acc, load, share_value=False)
-        return loaded if acc.is_main_process else load()
-
-    def _choose_from_data(self, splits: data_lib.Splits) -> None:
-        """The `auto` recipe: pick the data-dependent settings (autoconfig.py) before tokenizing, and log them."""
-        from dataclasses import replace
-
+    def _choose_from_data(self, splits: data_lib.Splits, lengths: np.ndarray) -> None:
+        """The `auto` recipe: the data-dependent settings (autoconfig.py), logged; the checkpointer, built
+        before the data was read, takes the checkpoint interval chosen."""
         from scalelora import autoconfig
 
-        cfg = self.cfg
-        model_limit = getattr(self.tokenizer, "model_max_length", None)
-        limit = model_limit if isinstance(model_limit, int) and 0 < model_limit <= 100_000 else None
-        probe = data_lib.tokenize_split(
-            splits.train, self.tokenizer, replace(cfg.data, max_length=limit or 512)
-        )
-        explicit = cfg.explicit_keys
-        choices = autoconfig.choose(
-            len(splits.train),
-            data_lib.label_counts(splits.train, len(splits.label_names)),
-            np.asarray(probe["length"]),
-            limit,
-            user_rank=cfg.lora.r if "lora.r" in explicit else None,
-            multi_label=splits.problem_type == MULTI_LABEL,
-        )
-        for line in autoconfig.apply(cfg, choices, explicit):
+        for line in autoconfig.choose_from_data(
+            self.cfg, splits, lengths, self.tokenizer, self.accelerator.num_processes
+        ):
             self.echo(line)
+        self.checkpointer.every = self.cfg.checkpoint.every
 
     def _class_weights(self) -> torch.Tensor | None:
         """train.class_weights resolved against the loaded labels, on the device (None: unweighted)."""
-        cfg = self.cfg
-        weights = data_lib.class_weights(cfg.train.class_weights, self.label_names, self.splits.train)
-        if weights is None:
-            return None
-        if cfg.data.class_balanced and cfg.train.class_weights == "balanced":
-            self.echo(
-                "scalelora: warning: data.class_balanced=true already samples every class equally often; "
-                "train.class_weights=balanced on top counts the imbalance twice"
-            )
-        shown = ", ".join(f"{name}={w:.3g}" for name, w in zip(self.label_names, weights))
-        kind = "per-label pos_weight" if self.splits.problem_type == MULTI_LABEL else "class weights"
-        self.echo(
-            f"scalelora: {kind} ({cfg.train.class_weights if isinstance(cfg.train.class_weights, str) else 'given'}): {shown}"
+        return data_lib.class_weight_tensor(
+            self.cfg, self.label_names, self.splits, self.accelerator.device, self.echo
         )
-        return torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
 
     def _device_map(self) -> Any:
-        if not (self.cfg.model.load_in_8bit or self.cfg.model.load_in_4bit):
-            return None
-        return {"": self.accelerator.device.index or 0} if self.accelerator.device.type == "cuda" else "cpu"
+        return quantized_device_map(self.cfg.model, self.accelerator.device)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -675,6 +635,7 @@ class Trainer:
             "calibration": calibration.to_json() if calibration is not None else None,
             "num_train_examples": len(self.splits.train),
             "dropped_empty": self.splits.dropped_empty,
+            "truncated": self.splits.truncated,
             "params": self.params,
             "total_steps": self.total_steps,
             "world_size": acc.num_processes,
