@@ -240,6 +240,14 @@ def empty_text(model: Path, data: Path, tmp: Path) -> list[str]:
     return tiny(model, folder, tmp / "out")
 
 
+def single_class_train(model: Path, data: Path, tmp: Path) -> list[str]:
+    folder = copy_data(data, tmp)
+    path = folder / "train.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    write_jsonl(path, [{"text": r["text"], "label": "pos"} for r in rows])
+    return tiny(model, folder, tmp / "out")
+
+
 def all_filtered(model: Path, data: Path, tmp: Path) -> list[str]:
     folder = copy_data(data, tmp)
     path = folder / "validation.jsonl"
@@ -496,6 +504,12 @@ BAD_INPUTS = [
     Case("null_label", "a missing (null) label", null_label, ("None", "validation", "remove the row")),
     Case("empty_text", "an empty text", empty_text, ("empty text", "data.drop_empty")),
     Case("all_filtered", "a split empty after `data.keep_labels`", all_filtered, ("empty after filtering",)),
+    Case(
+        "single_class_train",
+        "a training split with one class",
+        single_class_train,
+        ("train.jsonl", "every training row has the label 'pos'", "at least 2 classes"),
+    ),
     Case(
         "unknown_keep_label",
         "`data.keep_labels` naming an unknown label",

@@ -830,6 +830,8 @@ def encode_splits(raw: RawSplits, cfg: DataConfig, seed: int, log: Log | None = 
         tables = subsample(encoded, cfg, seed)
         label_names = list(cfg.keep_labels) if cfg.keep_labels else names
         files = {name: raw.files[split] for name, split in split_of(cfg, tables).items()}
+        # here, not in load_data: every reader of a training split (a run, in memory or building the
+        # cache, the teacher, the studies) refuses it, and a cache entry never holds one
         check_several_classes(tables["train"], label_names, multi, files["train"])
         prints = {name: fingerprint(table, ["idx", "text", "label"]) for name, table in tables.items()}
         done(
@@ -1121,7 +1123,7 @@ def load_data(
         where = "in memory" if plan is None else f"{plan.total_bytes / 2**20:,.0f} MiB, cached on disk"
         main_log(f"scalelora: data: {cfg.data.path} ({where})")
     if plan is not None:
-        return load_cached(cfg, tokenizer, accelerator, main_log, choose, plan)
+        return datacache.load_cached(cfg, tokenizer, accelerator, main_log, choose, plan)
 
     def load(show: Log | None) -> tuple[Splits, dict[str, datasets.Dataset]]:
         splits = load_splits(cfg.data, cfg.seed, show)
@@ -1152,63 +1154,6 @@ def tokenize_splits(
             done(f"{table.num_rows:,} rows, {cut:,} truncated, {tokens.parallelism_note()}")
         splits.truncated[SPLIT_NAMES[name]] = truncation_record(cut, table.num_rows)
     return tokenized
-
-
-def load_cached(
-    cfg: Any, tokenizer: Any, accelerator: Any, log: Log | None, choose: Choose | None, plan: Any
-) -> tuple[Splits, dict[str, datasets.Dataset]]:
-    """`load_data` through the on-disk cache: the local main process of each machine builds what is
-    missing (rows, the auto default's length sample, tokens), the others wait, every process maps it."""
-    from scalelora import datacache
-
-    nonce = datacache.shared_nonce(accelerator)
-    with stage(log, "look up the cache") as done:
-        reused = datacache.ready(plan.rows_dir)
-        done(f"{plan.rows_dir} ({'reused' if reused else 'to build'})")
-    lengths_file = plan.lengths_file(tokenizer) if choose is not None else None
-
-    def build_rows() -> None:
-        if not datacache.ready(plan.rows_dir):
-            splits = load_splits(cfg.data, cfg.seed, log)
-            with stage(log, "write the rows to the cache") as done:
-                datacache.write_rows(plan.rows_dir, splits)
-                done(f"{datacache.size_of(plan.rows_dir) / 2**20:,.0f} MiB")
-        if lengths_file is not None and not lengths_file.exists():
-            from scalelora.autoconfig import length_sample
-
-            with stage(log, "measure token lengths for the auto default"):
-                sample = length_sample(datacache.read_rows(plan.rows_dir).train, tokenizer)
-            datacache.write_lengths(lengths_file, sample)
-
-    wanted = [plan.rows_dir / "meta.json"] + ([lengths_file] if lengths_file is not None else [])
-    datacache.on_each_machine(accelerator, build_rows, wanted, nonce)
-    splits = datacache.read_rows(plan.rows_dir)
-    if choose is not None:
-        choose(splits, np.load(lengths_file))
-    tokens_dir = plan.tokens_dir(tokenizer)
-
-    def build_tokens() -> None:
-        if not datacache.ready(tokens_dir):
-            datacache.write_tokens(tokens_dir, splits, tokenizer, cfg.data.max_length, log)
-        elif log is not None:
-            log(f"scalelora: data: tokens at data.max_length={cfg.data.max_length}: reused {tokens_dir.name}")
-
-    datacache.on_each_machine(accelerator, build_tokens, [tokens_dir / "meta.json"], nonce)
-    tokenized, meta = datacache.read_tokens(tokens_dir)
-    for name, ds in splits.named():
-        splits.truncated[SPLIT_NAMES[name]] = truncation_record(meta["truncated"][name], len(ds))
-    if accelerator.is_local_main_process:
-        datacache.touch(plan.rows_dir)
-        datacache.touch(tokens_dir)
-        evicted = datacache.evict(plan.folder_dir, "rows-") + datacache.evict(plan.rows_dir, "tokens-")
-        if log is not None and evicted:
-            log(
-                f"scalelora: data: cache: removed {len(evicted)} older entr{'y' if len(evicted) == 1 else 'ies'} of {plan.folder}"
-            )
-    for line in truncation_lines(splits.truncated, cfg.data.max_length):
-        if log is not None:
-            log(line)
-    return splits, tokenized
 
 
 def epoch_draw(rng: np.random.Generator, size: int, labels: np.ndarray | None) -> np.ndarray:

@@ -342,3 +342,65 @@ def write_lengths(path: Path, lengths: np.ndarray) -> None:
 
 def size_of(entry: Path) -> int:
     return sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+
+
+# --- a run's data through the cache ---------------------------------------------------------------
+
+
+def load_cached(
+    cfg: Any, tokenizer: Any, accelerator: Any, log: Any, choose: Any, plan: Any
+) -> tuple[Any, dict[str, Any]]:
+    """`load_data` through the on-disk cache: the local main process of each machine builds what is
+    missing (rows, the auto default's length sample, tokens), the others wait, every process maps it."""
+    from scalelora import data as data_lib
+
+    nonce = shared_nonce(accelerator)
+    with data_lib.stage(log, "look up the cache") as done:
+        reused = ready(plan.rows_dir)
+        done(f"{plan.rows_dir} ({'reused' if reused else 'to build'})")
+    lengths_file = plan.lengths_file(tokenizer) if choose is not None else None
+
+    def build_rows() -> None:
+        if not ready(plan.rows_dir):
+            splits = data_lib.load_splits(cfg.data, cfg.seed, log)
+            with data_lib.stage(log, "write the rows to the cache") as done:
+                write_rows(plan.rows_dir, splits)
+                done(f"{size_of(plan.rows_dir) / 2**20:,.0f} MiB")
+        if lengths_file is not None and not lengths_file.exists():
+            from scalelora.autoconfig import length_sample
+
+            with data_lib.stage(log, "measure token lengths for the auto default"):
+                sample = length_sample(read_rows(plan.rows_dir).train, tokenizer)
+            write_lengths(lengths_file, sample)
+
+    wanted = [plan.rows_dir / "meta.json"] + ([lengths_file] if lengths_file is not None else [])
+    on_each_machine(accelerator, build_rows, wanted, nonce)
+    splits = read_rows(plan.rows_dir)
+    if choose is not None:
+        choose(splits, np.load(lengths_file))
+    tokens_dir = plan.tokens_dir(tokenizer)
+
+    def build_tokens() -> None:
+        if not ready(tokens_dir):
+            write_tokens(tokens_dir, splits, tokenizer, cfg.data.max_length, log)
+        elif log is not None:
+            log(f"scalelora: data: tokens at data.max_length={cfg.data.max_length}: reused {tokens_dir.name}")
+
+    on_each_machine(accelerator, build_tokens, [tokens_dir / "meta.json"], nonce)
+    tokenized, meta = read_tokens(tokens_dir)
+    for name, ds in splits.named():
+        splits.truncated[data_lib.SPLIT_NAMES[name]] = data_lib.truncation_record(
+            meta["truncated"][name], len(ds)
+        )
+    if accelerator.is_local_main_process:
+        touch(plan.rows_dir)
+        touch(tokens_dir)
+        evicted = evict(plan.folder_dir, "rows-") + evict(plan.rows_dir, "tokens-")
+        if log is not None and evicted:
+            log(
+                f"scalelora: data: cache: removed {len(evicted)} older entr{'y' if len(evicted) == 1 else 'ies'} of {plan.folder}"
+            )
+    for line in data_lib.truncation_lines(splits.truncated, cfg.data.max_length):
+        if log is not None:
+            log(line)
+    return splits, tokenized
