@@ -3,6 +3,7 @@ that a key the user sets wins."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -128,3 +129,68 @@ def test_epochs_follow_the_training_size():
         for n in (500, 16_000, 67_000)
     }
     assert epochs == {500: 10, 16_000: 4, 67_000: 1}
+
+
+def test_the_length_reason_states_the_real_percentile_and_the_cap():
+    """Texts of ~700 tokens: the lengths are measured untruncated (the probe once stopped at the model's
+    512), the choice is capped at 256, and the log says so with the share of texts cut."""
+    import datasets
+
+    from scalelora.autoconfig import length_sample
+    from scalelora.config import ModelConfig
+    from scalelora.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name="minilm-l6"))
+    train = datasets.Dataset.from_dict({"text": [" ".join(["word"] * (600 + i)) for i in range(40)]})
+    lengths = length_sample(train, tokenizer)
+    assert lengths.min() == 602 and lengths.max() == 641  # [CLS] + words + [SEP], never cut at 512
+    chosen = {c.key: c for c in choose(40, np.array([20, 20]), lengths, tokenizer.model_max_length)}
+    assert chosen["data.max_length"].value == 256
+    reason = chosen["data.max_length"].reason
+    assert "99% of the 40 training texts have at most 641 tokens" in reason
+    assert (
+        "capped at the auto default's bound 256" in reason
+        and "100.0% of them are longer and will be truncated" in reason
+    )
+    # within the bound nothing is capped, and the sentence is the one it always was
+    short = {c.key: c for c in choose(40, np.array([20, 20]), np.full(40, 50), 512)}["data.max_length"]
+    assert short.value == 56 and short.reason == "99% of the 40 training texts have at most 50 tokens"
+
+
+def test_a_long_epoch_gets_evaluations_and_checkpoints_every_50k_examples():
+    counts, lengths = np.array([50, 50]), np.full(10, 20)
+    chosen = {c.key: c for c in choose(1_000_000, counts, lengths, None, examples_per_step=32)}
+    assert chosen["train.epochs"].value == 1
+    assert chosen["eval.every"].value == chosen["checkpoint.every"].value == 1_562  # 50,000 / 32 examples
+    assert "loses at most that much" in chosen["checkpoint.every"].reason
+    # counted in examples, not steps: 4 processes take 4x the examples per step
+    assert {c.key: c for c in choose(1_000_000, counts, lengths, None, examples_per_step=128)}[
+        "eval.every"
+    ].value == 391
+    # an epoch of at most ~50k examples keeps evaluating once per epoch (the shipped sets but sst2)
+    for n in (8_530, 16_000, 43_410):
+        assert "eval.every" not in {c.key for c in choose(n, counts, lengths, None, examples_per_step=32)}
+
+
+def test_the_chosen_checkpoint_interval_reaches_the_checkpointer(tiny_bert, tmp_path, monkeypatch):
+    """The checkpointer is built before the data is read: a run stopped by anything after step 2 of 3
+    (interval 2 here) resumes from step 2, not from the start."""
+    from scalelora import autoconfig, train
+
+    monkeypatch.setattr(autoconfig, "EXAMPLES_PER_EVAL", 64)  # 2 steps of 32 (96 rows: 3 steps per epoch)
+    data = write_toy_dataset(tmp_path / "two", sizes={"train": 96, "validation": 20})
+    out = tmp_path / "out"
+    args = [f"model.name={tiny_bert}", f"data.path={data}", f"output_dir={out}", "train.max_steps=3"]
+    assert train.main([*args, "checkpoint.keep_last=5"]) == 0
+    cfg = chosen(out)
+    assert cfg["eval"]["every"] == 2 and cfg["checkpoint"]["every"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")) == [
+        "step-2",
+        "step-3",
+    ]
+    validations = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"validation"' in line
+    ]
+    assert validations == [2, 3]

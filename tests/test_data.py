@@ -93,10 +93,25 @@ def test_max_train_samples_is_a_seeded_random_subset_not_the_first_rows():
         (rows(("a", 0), ("b", 1)), rows(("c", 0.5)), None, r"label 0.5 in column 'label' is not an integer"),
         # integer labels are ids into a given label map (labels.json); without one they are values
         (rows(("a", 0), ("b", 1)), rows(("c", 7)), ["neg", "pos"], r"label 7 is out of range for 2 labels"),
-        (rows(("a", "pos"), ("", "neg")), None, None, r"split 'train' row 1: empty text .* data\.drop_empty=true"),
+        (
+            rows(("a", "pos"), ("", "neg")),
+            None,
+            None,
+            r"split 'train' row 1: empty text .* data\.drop_empty=true",
+        ),
         # the row is the bad one's, also past the first rows (names and ids are checked in Arrow)
-        (rows(("a", "pos"), ("b", "neg")), rows(("c", "neg"), ("d", "up")), None, r"'validation' row 1: label 'up'"),
-        (rows(("a", 1), ("b", 0)), rows(("c", 1), ("d", 4)), ["n", "p", "x"], r"'validation' row 1: label 4 is out"),
+        (
+            rows(("a", "pos"), ("b", "neg")),
+            rows(("c", "neg"), ("d", "up")),
+            None,
+            r"'validation' row 1: label 'up'",
+        ),
+        (
+            rows(("a", 1), ("b", 0)),
+            rows(("c", 1), ("d", 4)),
+            ["n", "p", "x"],
+            r"'validation' row 1: label 4 is out",
+        ),
     ],
 )
 def test_bad_labels_and_texts_name_the_split_row_and_fix(tmp_path, train, validation, labels, message):
@@ -346,3 +361,145 @@ def test_train_and_eval_loaders_never_draw_from_the_global_rng(group_by_length):
     list(eval_dataloader(ds, 16, PadCollator(0)))
     assert torch.equal(torch.get_rng_state(), before)
     assert orders[0] == orders[1] and sorted(sum(orders[0], [])) == list(range(40))
+
+
+# --- issue 27: answers that were silently wrong ---------------------------------------------------
+
+
+def test_integer_labels_1_to_5_are_5_classes_and_perfect_predictions_score_1(tmp_path):
+    """Labels 1..5 once made 6 classes with an empty class "0": perfect predictions scored macro-F1 0.833."""
+    from scalelora.evaluation import decision_metrics
+
+    data = [{"text": f"t{i}", "label": 1 + i % 5} for i in range(20)]
+    folder = folder_with(tmp_path, data)
+    splits = load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    assert splits.label_names == ["1", "2", "3", "4", "5"]
+    gold = np.asarray(splits.eval["label"])
+    assert gold.tolist() == [i % 5 for i in range(20)]  # label 1 is id 0, ..., label 5 is id 4
+    metrics = decision_metrics(gold.copy(), gold, splits.label_names, "single_label")
+    assert metrics["macro_f1"] == 1.0
+
+
+def test_a_class_only_the_validation_split_has_is_still_a_class(tmp_path):
+    # ids 0..K-1 with class 1 missing from train (worked before, keeps working), and values with gaps
+    for train_labels, eval_labels, names in (
+        ([0, 2, 2, 0], [1, 2, 0], ["0", "1", "2"]),
+        ([3, 7], [5, 7], ["3", "5", "7"]),
+    ):
+        (tmp_path / names[-1]).mkdir()
+        folder = folder_with(
+            tmp_path / names[-1],
+            [{"text": f"t{i}", "label": v} for i, v in enumerate(train_labels)],
+            [{"text": f"v{i}", "label": v} for i, v in enumerate(eval_labels)],
+        )
+        splits = load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+        assert splits.label_names == names
+        assert [names[i] for i in splits.eval["label"]] == [str(v) for v in eval_labels]
+
+
+def test_labels_json_still_decides_what_integer_labels_mean(tmp_path):
+    """With labels.json (or data.labels) an integer label is an id into it, as before."""
+    data = [{"text": f"t{i}", "label": 1 + i % 3} for i in range(9)]
+    folder = folder_with(tmp_path, data, labels=["zero", "one", "two", "three"])
+    splits = load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    assert splits.label_names == ["zero", "one", "two", "three"]
+    assert list(splits.train["label"])[:3] == [1, 2, 3]
+    given = load_splits(DataConfig(path=str(folder), test_split=None, labels=["a", "b", "c", "d"]), seed=0)
+    assert given.label_names == ["a", "b", "c", "d"] and list(given.train["label"])[:3] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_a_training_split_with_one_class_is_refused_naming_the_file_and_the_class(tmp_path, multi):
+    label = ["joy"] if multi else "joy"
+    folder = folder_with(
+        tmp_path,
+        rows(("a", label), ("b", label)),
+        rows(("c", label), ("d", ["sad"] if multi else "sad")),
+        labels=["joy", "sad"],
+    )
+    with pytest.raises(
+        DataError, match=rf"{folder / 'train.jsonl'}: every training row has the label (set )?\W*joy"
+    ):
+        load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    # after filtering too: the subset the run would train on
+    (tmp_path / "kept").mkdir()
+    other = folder_with(tmp_path / "kept", rows(("a", "joy"), ("b", "sad"), ("c", "sad")))
+    with pytest.raises(DataError, match="every training row has the label 'sad'"):
+        load_splits(
+            DataConfig(
+                path=str(other), test_split=None, keep_labels=["sad", "meh"], labels=["joy", "sad", "meh"]
+            ),
+            seed=0,
+        )
+
+
+def test_balanced_weights_are_bounded_for_a_one_example_class():
+    """1M rows over 500 classes with a one-example class: its inverse-frequency weight would be ~2,000x
+    the largest class's; multi-label pos_weight of a label on 1 of 1M rows would be ~1e6."""
+    import pyarrow as pa
+
+    from scalelora.data import CLASS_WEIGHT_MAX_RATIO, bounded_class_weights
+
+    counts = np.full(500, 2_000)
+    counts[0], counts[1] = 1_000_000 - counts[2:].sum() - 1, 1
+    labels = np.repeat(np.arange(500), counts)
+    names = [f"c{k}" for k in range(500)]
+    weights = bounded_class_weights("balanced", names, pa.table({"label": labels}))
+    largest = len(labels) / (500 * counts[0])
+    assert weights.values[1] == pytest.approx(CLASS_WEIGHT_MAX_RATIO * largest) and weights.capped == ["c1"]
+    assert weights.values[2] == pytest.approx(len(labels) / (500 * 2_000))  # under the bound: unchanged
+    hot = np.zeros((1_000, 2))
+    hot[:, 0], hot[0, 1] = 1.0, 1.0  # label b on one row of 1,000
+    multi = bounded_class_weights("balanced", ["a", "b"], pa.table({"label": hot.tolist()}))
+    assert multi.values == pytest.approx([0.0, CLASS_WEIGHT_MAX_RATIO]) and multi.capped == ["b"]
+
+
+def test_the_committed_results_rows_keep_their_balanced_class_weights():
+    """Every results row that trained with `balanced` weights gets the same weights under the bound."""
+    from scalelora.data import label_counts
+
+    rows = json.loads((Path(__file__).parents[1] / "results" / "results.json").read_text())["results"]
+    checked = set()
+    for row in rows:
+        config = row.get("config") or {}
+        if config.get("train", {}).get("class_weights") != "balanced":
+            continue
+        data = DataConfig(**{k: v for k, v in config["data"].items() if k in DataConfig.__dataclass_fields__})
+        key = (data.path, tuple(data.keep_labels or ()), data.max_train_samples)
+        if key in checked:
+            continue
+        checked.add(key)
+        splits = load_splits(data, seed=config["seed"])
+        counts = label_counts(splits.train, len(splits.label_names))
+        unbounded = [len(splits.train) / (len(counts) * c) for c in counts]
+        assert class_weights("balanced", splits.label_names, splits.train) == pytest.approx(unbounded), key
+    assert {k[0] for k in checked} == {"emotion", "tamilmix_fire2020"}  # the rows with balanced weights
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_the_weight_bound_is_logged_when_it_applies(multi):
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from scalelora.data import class_weight_tensor
+
+    counts = [100, 50, 1]
+    ids = np.repeat(np.arange(3), counts)
+    label = np.eye(3)[ids].tolist() if multi else ids
+    splits = SimpleNamespace(
+        train=pa.table({"label": label}), problem_type="multi_label" if multi else "single_label"
+    )
+    cfg = SimpleNamespace(
+        train=SimpleNamespace(class_weights="balanced"), data=SimpleNamespace(class_balanced=False)
+    )
+    log: list[str] = []
+    weights = class_weight_tensor(cfg, ["a", "b", "rare"], splits, "cpu", log.append)
+    assert float(weights.max()) == pytest.approx(20.0 if multi else 20 * 151 / 300)
+    bound = "a positive at most 20x a negative" if multi else "no class more than 20x the largest class"
+    assert any(f"bounded ({bound}): 1 rare label(s), e.g. rare" in line for line in log), log
+    # under the bound: no such line
+    log.clear()
+    even = SimpleNamespace(train=pa.table({"label": np.arange(30) % 3}), problem_type="single_label")
+    class_weight_tensor(cfg, ["a", "b", "rare"], even, "cpu", log.append)
+    assert len(log) == 1 and "bounded" not in log[0]
