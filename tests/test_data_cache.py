@@ -392,3 +392,61 @@ def test_a_single_class_training_split_is_refused_in_memory_and_through_the_cach
     with pytest.raises(DataError, match=rf"{path}: every training row has the label 'pos'"):
         load(run_cfg(folder, tmp_path / "cache", f"data.cache={cache}"), minilm)
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("meta.json"))
+
+
+def whole_file_bad_line(path: Path) -> str | None:
+    """The first bad line as reading every line in Python names it (what the block scan must agree with)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        number = raw.count(b"\n", 0, bad.start) + 1
+        return f"{path}:{number}: not UTF-8 text (byte 0x{raw[bad.start]:02x}); save the file as UTF-8"
+    if not text.strip():
+        return f"{path}: the file has no rows; fill it with rows or remove it"
+    return data_lib.first_bad_json_line(path, text.splitlines(keepends=True))
+
+
+def test_the_block_scan_names_the_line_reading_every_line_would_name(tmp_path, monkeypatch):
+    """Blocks far smaller than a line too: a bad line anywhere, of each kind, is named with its number."""
+    monkeypatch.setattr(data_lib, "SCAN_BLOCK_BYTES", 97)
+    rng = random.Random(0)
+    bad_kinds = [
+        b'{"text": "a", "label": 1',
+        b'{"text": "a"} {"text": "b"}',
+        b"[1, 2]",
+        b'"x"',
+        b'{"t": "\xe9"}',
+    ]
+    path = tmp_path / "train.jsonl"
+    for case in range(60):
+        lines = [
+            json.dumps(
+                {"text": " ".join(texts(rng, 1, longest=rng.choice([3, 60]))), "label": i % 3}
+            ).encode()
+            for i in range(rng.randint(1, 40))
+        ]
+        for _ in range(rng.randint(0, 3)):
+            lines.insert(rng.randint(0, len(lines)), b"")
+        if case % 6:
+            lines[rng.randrange(len(lines))] = rng.choice(bad_kinds)
+        path.write_bytes(b"\n".join(lines) + rng.choice([b"\n", b""]))
+        assert data_lib.find_bad_line(path) == whole_file_bad_line(path), path.read_bytes()
+    path.write_bytes(b"\n\n")
+    assert data_lib.find_bad_line(path) == f"{path}: the file has no rows; fill it with rows or remove it"
+
+
+def test_a_bad_line_deep_in_a_large_file_is_named_without_parsing_every_line_in_python(tmp_path, monkeypatch):
+    n, bad = 200_000, 150_001
+    lines = [f'{{"text": "row {i}", "label": {i % 2}}}\n' for i in range(n)]
+    lines[bad - 1] = '{"text": "row", "label": 1,}\n'
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(lines))
+    (folder / "validation.jsonl").write_text("".join(lines[:10]))
+    parsed = []
+    real_loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda text, *a, **k: parsed.append(1) or real_loads(text, *a, **k))
+    with pytest.raises(DataError, match=rf"train.jsonl:{bad}: not valid JSON"):
+        data_lib.load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
+    assert len(parsed) < 50_000  # one block of about SCAN_BLOCK_BYTES, not the 150,000 lines before it

@@ -18,7 +18,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,9 @@ multi-label: no pos_weight above it (a positive counts as at most this many nega
 label skew of the committed results (emotion's 9.4x the largest), so their weights are unchanged."""
 TRUNCATION_WARN_SHARE = 0.01
 JSONL_BLOCK_BYTES = 16 << 20  # Arrow's JSON reader refuses a line longer than its block
+SCAN_BLOCK_BYTES = 1 << 20
+"""The bad-line scan of a JSONL file parses it in Arrow in line-aligned blocks of about this size; only the
+first block that fails is read line by line in Python (a few thousand lines, not millions)."""
 FINGERPRINT_ROWS = 20_000
 
 Log = Callable[[str], None]
@@ -170,15 +173,20 @@ def read_jsonl(path: Path) -> pa.Table | None:
 
 def count_lines(path: Path) -> int:
     """Non-blank lines, counted in bytes (a line of spaces counts: the slow reader then decides)."""
+    with path.open("rb") as handle:
+        return count_block_lines(iter(lambda: handle.read(64 << 20), b""))
+
+
+def count_block_lines(chunks: Iterator[bytes] | list[bytes]) -> int:
+    """Non-blank lines of the bytes `chunks` hold one after the other."""
     lines = blank = 0
     previous = b"\n"
-    with path.open("rb") as handle:
-        while chunk := handle.read(64 << 20):
-            lines += chunk.count(b"\n")
-            blank += (
-                chunk.count(b"\n\n") + chunk.count(b"\n\r\n") + (previous == b"\n" and chunk[:1] == b"\n")
-            )
-            previous = chunk[-1:]
+    for chunk in chunks:
+        if not chunk:
+            continue
+        lines += chunk.count(b"\n")
+        blank += chunk.count(b"\n\n") + chunk.count(b"\n\r\n") + (previous == b"\n" and chunk[:1] == b"\n")
+        previous = chunk[-1:]
     if previous != b"\n":
         lines += 1  # the last line has no newline
     return lines - blank
@@ -239,7 +247,9 @@ def load_local_split(path: Path) -> datasets.Dataset:
 
 def find_bad_line(path: Path) -> str | None:
     """The first undecodable line of a JSONL/CSV file, as `path:line: what; fix`, or None."""
-    if path.suffix not in (".jsonl", ".csv"):  # a .json file may be one JSON document, not lines
+    if path.suffix == ".jsonl":
+        return find_bad_jsonl_line(path)
+    if path.suffix != ".csv":  # a .json file may be one JSON document, not lines
         return None
     try:
         lines = [line for line in path.read_bytes().decode("utf-8").splitlines() if line.strip()]
@@ -254,19 +264,82 @@ def find_bad_line(path: Path) -> str | None:
     return describe_bad_file(path, None, only_lines=True)
 
 
+def find_bad_jsonl_line(path: Path) -> str | None:
+    """`find_bad_line` for JSONL: the file in line-aligned blocks of about SCAN_BLOCK_BYTES, each decoded
+    as UTF-8 and parsed by Arrow; the first block that fails either (or that Arrow reads as another number
+    of rows than it has lines) is read line by line in Python, which names the line. The same messages as
+    reading every line in Python, without a Python loop over every line."""
+    before = 0  # lines before the block
+    rows = False
+    try:
+        with path.open("rb") as handle:
+            for block in line_blocks(handle, SCAN_BLOCK_BYTES):
+                try:
+                    text = block.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    number = before + block.count(b"\n", 0, bad.start) + 1
+                    return f"{path}:{number}: not UTF-8 text (byte 0x{block[bad.start]:02x}); save the file as UTF-8"
+                if not jsonl_block_sound(block):
+                    found = first_bad_json_line(path, text.splitlines(keepends=True), before)
+                    if found is not None:
+                        return found
+                rows = rows or bool(text.strip())
+                before += block.count(b"\n")
+    except OSError as err:
+        return f"{path}: cannot be read ({err.strerror or err})"
+    return None if rows else f"{path}: the file has no rows; fill it with rows or remove it"
+
+
+def line_blocks(handle: Any, size: int) -> Iterator[bytes]:
+    """The bytes of `handle` in blocks of about `size` that end at a newline (the last at the end of the
+    file); a line longer than `size` makes its block longer."""
+    carry = b""
+    while chunk := handle.read(size):
+        block = carry + chunk
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:
+            carry = block
+            continue
+        carry = block[cut:]
+        yield block[:cut]
+    if carry:
+        yield carry
+
+
+def jsonl_block_sound(block: bytes) -> bool:
+    """Whether Arrow parses the block as one row per non-blank line (the checks of `read_jsonl`)."""
+    import pyarrow.json as pajson
+
+    try:
+        table = pajson.read_json(
+            pa.BufferReader(block), read_options=pajson.ReadOptions(block_size=max(len(block), 1 << 16))
+        )
+    except (pa.ArrowException, OSError):
+        return False
+    return table.num_rows == count_block_lines([block])
+
+
+def first_bad_json_line(path: Path, lines: Iterable[str], before: int = 0) -> str | None:
+    """The first line of `lines` (line `before` + 1 onwards of `path`) that is not a JSON object."""
+    for number, line in enumerate(lines, start=before + 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as bad:
+            return f"{path}:{number}: not valid JSON ({bad.msg}); fix or remove that line"
+        if not isinstance(row, dict):
+            return f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}"
+    return None
+
+
 def describe_bad_file(path: Path, err: Exception | None, only_lines: bool = False) -> str | None:
     """Name the first bad line of a JSONL/CSV file (the datasets error does not)."""
     if path.suffix in (".jsonl", ".json"):
         with path.open(encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as bad:
-                    return f"{path}:{number}: not valid JSON ({bad.msg}); fix or remove that line"
-                if not isinstance(row, dict):
-                    return f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}"
+            found = first_bad_json_line(path, handle)
+            if found is not None:
+                return found
     if path.suffix == ".csv":
         with path.open(encoding="utf-8", errors="replace", newline="") as handle:
             reader = csv.reader(handle)
