@@ -206,7 +206,8 @@ class Rank:
 
 
 def two_ranks(monkeypatch: pytest.MonkeyPatch, body: Any) -> list[Any]:
-    """Run `body(rank)` for ranks 0 and 1 in threads, with `gather_object` as a 2-rank exchange."""
+    """Run `body(rank)` for ranks 0 and 1 in threads named rank-0 and rank-1, with `gather_object` and
+    `broadcast_object_list` as 2-rank exchanges."""
     import accelerate.utils
 
     barrier, slots = threading.Barrier(2), [None, None]
@@ -215,9 +216,16 @@ def two_ranks(monkeypatch: pytest.MonkeyPatch, body: Any) -> list[Any]:
     def gather(items: list[Any]) -> list[Any]:
         slots[state.rank] = items[0]
         barrier.wait(timeout=30)
-        return list(slots)
+        everyone = list(slots)
+        barrier.wait(timeout=30)  # both have read the slots before the next exchange writes them
+        return everyone
+
+    def broadcast(items: list[Any], from_process: int = 0) -> list[Any]:
+        items[:] = gather([list(items)])[from_process]
+        return items
 
     monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
     outcomes: list[Any] = [None, None]
 
     def run(rank: int) -> None:
@@ -227,7 +235,7 @@ def two_ranks(monkeypatch: pytest.MonkeyPatch, body: Any) -> list[Any]:
         except Exception as err:  # noqa: BLE001 - handed to the test
             outcomes[rank] = err
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    threads = [threading.Thread(target=run, args=(r,), name=f"rank-{r}") for r in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
@@ -260,6 +268,53 @@ def test_one_process_per_machine_builds_and_the_others_wait_and_share_its_error(
     assert [type(e).__name__ for e in errors] == ["DataError", "DataError"]
     assert [str(e) for e in errors] == ["train.jsonl:3: not valid JSON"] * 2
     assert not (tmp_path / "never" / ".failed-nonce2").exists()
+
+
+def mapped_files() -> list[tuple[int, int, str]]:
+    """This process's file mappings: (start, end, path)."""
+    maps = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            maps.append((start, end, fields[5]))
+    return maps
+
+
+def backing_file(column: pa.ChunkedArray) -> str | None:
+    """The file whose mapping holds the values of the column's first chunk (None: ordinary memory)."""
+    values = column.chunk(0)
+    if pa.types.is_list(values.type):
+        values = values.values
+    address = values.buffers()[-1].address
+    return next((path for start, end, path in mapped_files() if start <= address < end), None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_the_second_rank_maps_what_the_local_main_process_built(minilm, tmp_path, monkeypatch):
+    """2 ranks of one machine: rank 0 reads and tokenizes, rank 1 neither reads a file nor tokenizes, and
+    both hold the rows and tokens as mappings of the cache's files, not copies in their own memory."""
+    folder = write_rows(tmp_path / "data", 300)
+    work: list[str] = []
+    real_read, real_tokenize = data_lib.read_split, tokens.tokenize_batches
+    monkeypatch.setattr(
+        data_lib, "read_split", lambda path: work.append(threading.current_thread().name) or real_read(path)
+    )
+    monkeypatch.setattr(
+        tokens,
+        "tokenize_batches",
+        lambda *a, **k: work.append(threading.current_thread().name) or real_tokenize(*a, **k),
+    )
+    cfg = run_cfg(folder, tmp_path / "cache", "data.cache=always")
+    loaded = two_ranks(monkeypatch, lambda rank: data_lib.load_data(cfg, minilm, rank, lambda line: None))
+    assert not [o for o in loaded if isinstance(o, Exception)], loaded
+    assert set(work) == {"rank-0"}
+    for splits, tokenized in loaded:
+        rows = backing_file(data_lib.arrow_column(splits.train, "text"))
+        ids = backing_file(data_lib.arrow_column(tokenized["train"], "input_ids"))
+        assert rows is not None and rows.startswith(str(tmp_path / "cache")) and rows.endswith("train.arrow")
+        assert ids is not None and "/tokens-" in ids and ids.endswith("train.arrow")
+    assert as_rows(loaded[0][1]) == as_rows(loaded[1][1])
 
 
 @pytest.mark.slow
