@@ -194,3 +194,20 @@ def test_the_chosen_checkpoint_interval_reaches_the_checkpointer(tiny_bert, tmp_
         if '"validation"' in line
     ]
     assert validations == [2, 3]
+
+
+def test_token_lengths_of_a_large_set_come_from_a_seeded_sample(monkeypatch):
+    import datasets
+
+    from scalelora import autoconfig
+    from scalelora.config import ModelConfig
+    from scalelora.models import load_tokenizer
+
+    monkeypatch.setattr(autoconfig, "LENGTH_SAMPLE_ROWS", 30)
+    tokenizer = load_tokenizer(ModelConfig(name="minilm-l6"))
+    train = datasets.Dataset.from_dict({"text": [" ".join(["word"] * (1 + i % 7)) for i in range(100)]})
+    sample = autoconfig.length_sample(train, tokenizer)
+    assert len(sample) == 30 and (sample == autoconfig.length_sample(train, tokenizer)).all()
+    assert set(sample.tolist()) <= {3, 4, 5, 6, 7, 8, 9}  # [CLS] + 1..7 words + [SEP]
+    reason = {c.key: c for c in choose(100, np.array([50, 50]), sample, 512)}["data.max_length"].reason
+    assert reason.startswith("99% of a seeded sample of 30 of the 100 training texts have at most")

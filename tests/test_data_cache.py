@@ -505,3 +505,17 @@ def test_a_bad_line_deep_in_a_large_file_is_named_without_parsing_every_line_in_
     with pytest.raises(DataError, match=rf"train.jsonl:{bad}: not valid JSON"):
         data_lib.load_splits(DataConfig(path=str(folder), test_split=None), seed=0)
     assert len(parsed) < 50_000  # one block of about SCAN_BLOCK_BYTES, not the 150,000 lines before it
+
+
+def test_the_cache_lives_under_data_cache_dir_else_scalelora_cache(tmp_path, monkeypatch):
+    folder = write_rows(tmp_path / "data", 20)
+    monkeypatch.setenv("SCALELORA_CACHE", str(tmp_path / "env"))
+    default = datacache.plan(DataConfig(path=str(folder), cache="always"), 0)
+    assert default.rows_dir.parent.parent == tmp_path / "env" / "data"
+    assert default.rows_dir.parent.name.startswith("data-") and default.rows_dir.name.startswith("rows-")
+    given = datacache.plan(DataConfig(path=str(folder), cache="always", cache_dir=str(tmp_path / "c")), 0)
+    assert given.rows_dir.parent.parent == tmp_path / "c"
+    # a setting that changes neither rows nor tokens keeps the entry; one that changes rows does not
+    same = datacache.plan(DataConfig(path=str(folder), cache="always", num_workers=2), 0)
+    other = datacache.plan(DataConfig(path=str(folder), cache="always", drop_empty=True), 0)
+    assert same.rows_dir == default.rows_dir != other.rows_dir
