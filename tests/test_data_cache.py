@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -519,3 +520,52 @@ def test_the_cache_lives_under_data_cache_dir_else_scalelora_cache(tmp_path, mon
     same = datacache.plan(DataConfig(path=str(folder), cache="always", num_workers=2), 0)
     other = datacache.plan(DataConfig(path=str(folder), cache="always", drop_empty=True), 0)
     assert same.rows_dir == default.rows_dir != other.rows_dir
+
+
+def test_the_tokens_entry_is_keyed_by_the_tokenizer_and_the_truncation_side(minilm, tmp_path):
+    import copy
+
+    folder = write_rows(tmp_path / "data", 20)
+    plan = datacache.plan(DataConfig(path=str(folder), cache="always", cache_dir=str(tmp_path / "c")), 0)
+    grown = copy.deepcopy(minilm)
+    grown.add_tokens(["filmplot"])
+    left = copy.deepcopy(minilm)
+    left.truncation_side = "left"
+    entries = {plan.tokens_dir(t) for t in (minilm, copy.deepcopy(minilm), grown, left)}
+    assert len(entries) == 3  # an equal copy shares the entry; another vocabulary or side does not
+    side = datacache.plan(
+        DataConfig(path=str(folder), cache="always", cache_dir=str(tmp_path / "c"), truncation_side="left"), 0
+    )
+    assert side.rows_dir == plan.rows_dir and side.tokens_dir(minilm) != plan.tokens_dir(minilm)
+
+
+def test_a_terminal_gets_a_progress_bar_and_a_log_gets_one_line_per_step(monkeypatch):
+    import sys
+
+    import tqdm.auto
+
+    bars: list[Any] = []
+
+    class Bar:
+        def __init__(self, **kwargs: Any) -> None:
+            self.total, self.done, self.closed = kwargs["total"], 0, False
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.done += n
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    for terminal in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal)
+        log: list[str] = []
+        with data_lib.stage(log.append, "tokenize train", total=300) as done:
+            done.advance(200)
+            done.advance(100)
+            done("300 rows")
+        assert len(log) == 1 and re.fullmatch(
+            r"scalelora: data: tokenize train: 300 rows \(\d+\.\d s\)", log[0]
+        )
+    assert len(bars) == 1 and bars[0].done == 300 and bars[0].closed
