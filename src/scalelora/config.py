@@ -110,7 +110,38 @@ class DataConfig:
     """A seeded random subset of the training split (never the first N: some sets are grouped by label)."""
     max_eval_samples: int | None = key(None, resume="identity")  # as eval_split
     max_length: int = key(128, resume="identity")
+    """Tokens per model input: the whole input under `long_text=truncate` and `head_tail`, one window
+    under `chunk`."""
     truncation_side: Literal["right", "left"] = key("right", resume="identity")
+    """Which end `long_text=truncate` cuts (the other modes ignore it)."""
+    long_text: Literal["truncate", "head_tail", "chunk"] = key("truncate", resume="identity")
+    """What happens to a text longer than `max_length` tokens (docs/classification.md, long documents):
+    `truncate` keeps its first `max_length` tokens (the last with truncation_side=left); `head_tail` keeps
+    its first `head_tokens` and its last tokens, one input per text; `chunk` splits it into windows of
+    `max_length` tokens overlapping by `chunk_stride`, runs every window and pools the windows' logits
+    into the text's (`chunk_pool`), so `train.batch_size` and `train.eval_batch_size` count texts."""
+    head_tokens: int | None = key(None, resume="identity")
+    """`long_text=head_tail`: tokens kept from the start of a long text; the rest of the `max_length`
+    budget comes from its end. None: a quarter of the budget, rounded up (128 head + 382 tail tokens at
+    max_length 512, Sun et al. 2019's best on IMDB)."""
+    chunk_stride: int | None = key(None, resume="identity")
+    """`long_text=chunk`: tokens each window shares with the one before (the overlap, as the `stride` of
+    HF tokenizers), at most half of max_length; None: a quarter of max_length (64 for windows of 256).
+    The last window ends at the text's end."""
+    max_chunks: int = key(8, resume="identity")
+    """`long_text=chunk`: most windows per text. A text needing more keeps its first `max_chunks - 1`
+    windows and its last one; the run logs and counts such texts (summary.json `long_text`). With
+    `train.batch_size` it bounds a batch: at most batch_size x max_chunks windows of max_length tokens."""
+    chunk_pool: Literal["mean", "max", "logmeanexp"] = key("mean", resume="identity")
+    """`long_text=chunk`: how a text's logits come from its windows' logits, per class: `mean`, `max`,
+    or `logmeanexp` (log of the mean of exp(logit): between the two, closer to max where one window is
+    confident)."""
+    clean_html: bool = key(False, resume="identity")
+    """Before tokenizing (training, evaluation, teacher logits and predict alike): HTML line and block
+    tags (`<br />`, `<p>`, `<hr>`, `<div>`, `<li>`, ...) with the whitespace around them become one space,
+    inline tags (`<i>`, `<em>`, `<b>`, `<strong>`, `<u>`, `<span>`, `<a ...>`, `<font>`) are removed, and
+    numeric and the basic named character references (`&amp;` `&lt;` `&gt;` `&quot;` `&apos;`
+    `&nbsp;`) are decoded. Anything else in angle brackets (`<grin>`) is kept."""
     drop_empty: bool = key(False, resume="identity")
     """Drop rows with empty text (counted in the summary) instead of refusing them."""
     group_by_length: bool = key(True, resume="identity")
@@ -137,6 +168,27 @@ class DataConfig:
             raise ConfigError("data.keep_labels must name at least 2 labels")
         if self.label_separator == "":
             raise ConfigError("data.label_separator is empty: give the character between labels, e.g. '|'")
+        _check_positive("data.head_tokens", self.head_tokens)
+        _check_non_negative("data.chunk_stride", self.chunk_stride)
+        if self.max_chunks < 2:
+            raise ConfigError(
+                f"data.max_chunks must be at least 2 (the first windows and the last), got {self.max_chunks}; "
+                "for one input per text use data.long_text=truncate or head_tail"
+            )
+        if (
+            self.long_text == "chunk"
+            and self.chunk_stride is not None
+            and self.chunk_stride > self.max_length // 2
+        ):
+            raise ConfigError(
+                f"data.chunk_stride={self.chunk_stride} is the overlap of consecutive windows: at most half of "
+                f"data.max_length={self.max_length}, or windows would mostly repeat each other"
+            )
+        if self.long_text != "truncate" and self.text_pair_column:
+            raise ConfigError(
+                f"data.long_text={self.long_text} reads single texts; with data.text_pair_column use "
+                "data.long_text=truncate"
+            )
         if self.problem_type == "single_label" and (self.label_separator or self.allow_empty_labels):
             key = "data.label_separator" if self.label_separator else "data.allow_empty_labels"
             raise ConfigError(

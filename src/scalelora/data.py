@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from scalelora import longtext
 from scalelora.config import DataConfig
 from scalelora.errors import ConfigError, DataError, one_line
 
@@ -1109,22 +1110,32 @@ def class_weight_tensor(
 
 def tokenize_split(ds: datasets.Dataset | pa.Table, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
     """Tokenize without padding (batches pad dynamically); adds `length` for length grouping and renames
-    `label` to `labels` (in memory; `tokenize_table` says how many rows were truncated)."""
-    return tokenize_table(arrow_table(ds), tokenizer, cfg.max_length)[0]
+    `label` to `labels` (in memory; `tokenize_table` says how many rows were truncated). Long documents
+    are read as `cfg`'s data.long_text and data.clean_html say (longtext.py)."""
+    return tokenize_table(
+        arrow_table(ds), tokenizer, cfg.max_length, long_text=longtext.LongText.from_config(cfg)
+    )[0]
 
 
 def tokenize_table(
-    table: pa.Table, tokenizer: Any, max_length: int, progress: Callable[[int], None] | None = None
+    table: pa.Table,
+    tokenizer: Any,
+    max_length: int,
+    progress: Callable[[int], None] | None = None,
+    long_text: longtext.LongText | None = None,
 ) -> tuple[datasets.Dataset, int]:
-    """The tokenized table in memory, and how many of its rows were truncated."""
+    """The tokenized table in memory, and how many of its rows were truncated (not read whole)."""
     from scalelora import tokens
 
     batches, truncated = [], 0
-    for batch, cut in tokens.tokenize_batches(table, tokenizer, max_length, progress):
+    for batch, cut in tokens.tokenize_batches(table, tokenizer, max_length, progress, long_text):
         batches.append(batch)
         truncated += cut
     tokenized = pa.Table.from_batches(batches) if batches else empty_tokens(table, tokenizer)
-    key = hashlib.sha256(repr((tokens.tokenizer_fingerprint(tokenizer), max_length, table.num_rows)).encode())
+    settings = long_text.record() if long_text is not None else None
+    key = hashlib.sha256(
+        repr((tokens.tokenizer_fingerprint(tokenizer), max_length, table.num_rows, settings)).encode()
+    )
     return to_dataset(tokenized, key.hexdigest()[:16]), truncated
 
 
@@ -1161,6 +1172,8 @@ def check_lengths(tokenized: dict[str, datasets.Dataset], limit: int | None, mod
         return
     for split, ds in tokenized.items():
         lengths = numpy_column(ds, "length")
+        if longtext.WINDOWS in ds.column_names:  # long documents (longtext.py): each window's length
+            lengths = lengths // np.maximum(numpy_column(ds, longtext.WINDOWS), 1)  # every window is as long
         if len(lengths) and lengths.max() > limit:
             row = int(lengths.argmax())
             raise DataError(
@@ -1204,7 +1217,9 @@ def load_data(
             from scalelora.autoconfig import length_sample
 
             choose(splits, length_sample(splits.train, tokenizer))
-        return splits, tokenize_splits(splits, tokenizer, cfg.data.max_length, show)
+        return splits, tokenize_splits(
+            splits, tokenizer, cfg.data.max_length, show, longtext.LongText.from_config(cfg.data)
+        )
 
     loaded = decide_on_main(accelerator, lambda: load(main_log), share_value=False)
     splits, tokenized = loaded if accelerator.is_main_process else load(None)
@@ -1214,16 +1229,20 @@ def load_data(
 
 
 def tokenize_splits(
-    splits: Splits, tokenizer: Any, max_length: int, log: Log | None
+    splits: Splits,
+    tokenizer: Any,
+    max_length: int,
+    log: Log | None,
+    long_text: longtext.LongText | None = None,
 ) -> dict[str, datasets.Dataset]:
-    """Each split tokenized in memory; `splits.truncated` filled in."""
+    """Each split tokenized in memory (long documents as `long_text` says); `splits.truncated` filled in."""
     from scalelora import tokens
 
     tokenized = {}
     for name, ds in splits.named():
         table = arrow_table(ds)
         with stage(log, f"tokenize {name}", total=table.num_rows) as done:
-            tokenized[name], cut = tokenize_table(table, tokenizer, max_length, done.advance)
+            tokenized[name], cut = tokenize_table(table, tokenizer, max_length, done.advance, long_text)
             done(f"{table.num_rows:,} rows, {cut:,} truncated, {tokens.parallelism_note()}")
         splits.truncated[SPLIT_NAMES[name]] = truncation_record(cut, table.num_rows)
     return tokenized
@@ -1311,6 +1330,8 @@ class PadCollator:
         self.multiple = pad_to_multiple_of
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if longtext.is_chunked(rows[0]):  # long documents (longtext.py): whole documents, window by window
+            return longtext.collate_windows(rows, self.pad_token_id, self.multiple)
         # one flat copy per input scattered through a mask, not a tensor per row: 10x faster at batch 32
         lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
         longest = int(lengths.max())

@@ -37,15 +37,24 @@ import numpy as np
 import pyarrow as pa
 
 from scalelora.errors import DataError, UserError, error_class
+from scalelora.longtext import LongText
 
 FORMAT = 1
 """Raise it when what an entry holds changes (a column, its type, meta.json)."""
 DISK_MIN_BYTES = 32 << 20
 """`data.cache=auto`: local split files of at least this many bytes in all are cached on disk."""
 KEEP = 2
-NOT_IN_KEY = ("root", "num_workers", "group_by_length", "class_balanced", "cache", "cache_dir")
+NOT_IN_KEY = ("root", "num_workers", "group_by_length", "class_balanced", "cache", "cache_dir", "chunk_pool")
 """data.* keys that change neither the rows nor the tokens."""
-TOKEN_KEYS = ("max_length", "truncation_side")
+TOKEN_KEYS = (
+    "max_length",
+    "truncation_side",
+    "long_text",
+    "head_tokens",
+    "chunk_stride",
+    "max_chunks",
+    "clean_html",
+)
 """data.* keys that change the tokens, not the rows."""
 WAIT_SECONDS = 0.2
 LOCAL_SPLITS = ("train", "eval", "test")
@@ -295,8 +304,11 @@ def read_rows(entry: Path) -> Any:
     )
 
 
-def write_tokens(entry: Path, splits: Any, tokenizer: Any, max_length: int, log: Any) -> None:
-    """Tokenize each split straight into its Arrow file, batch by batch (never the whole split in memory)."""
+def write_tokens(
+    entry: Path, splits: Any, tokenizer: Any, max_length: int, log: Any, long_text: Any = None
+) -> None:
+    """Tokenize each split straight into its Arrow file, batch by batch (never the whole split in memory);
+    long documents as `long_text` (longtext.LongText) says."""
     from scalelora import data as data_lib
     from scalelora import tokens
 
@@ -310,7 +322,9 @@ def write_tokens(entry: Path, splits: Any, tokenizer: Any, max_length: int, log:
         def stream(name: str = name, table: pa.Table = table) -> Iterable[pa.RecordBatch]:
             truncated[name] = 0
             with data_lib.stage(log, f"tokenize {name}", total=table.num_rows) as done:
-                for batch, cut in tokens.tokenize_batches(table, tokenizer, max_length, done.advance):
+                for batch, cut in tokens.tokenize_batches(
+                    table, tokenizer, max_length, done.advance, long_text
+                ):
                     truncated[name] += cut
                     yield batch
                 done(f"{table.num_rows:,} rows, {truncated[name]:,} truncated, {tokens.parallelism_note()}")
@@ -382,7 +396,9 @@ def load_cached(
 
     def build_tokens() -> None:
         if not ready(tokens_dir):
-            write_tokens(tokens_dir, splits, tokenizer, cfg.data.max_length, log)
+            write_tokens(
+                tokens_dir, splits, tokenizer, cfg.data.max_length, log, LongText.from_config(cfg.data)
+            )
         elif log is not None:
             log(f"scalelora: data: tokens at data.max_length={cfg.data.max_length}: reused {tokens_dir.name}")
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scalelora import longtext
 from scalelora.calibration import (
     MULTI_LABEL,
     SINGLE_LABEL,
@@ -167,17 +168,21 @@ class SplitOutputs:
 # no_grad, not inference_mode: under ZeRO-3 a forward gathers parameters, and gathered under
 # inference_mode they stay inference tensors that the next training step cannot use
 @torch.no_grad()
-def gather_logits(accelerator: Any, model: torch.nn.Module, loader: Any) -> SplitOutputs:
+def gather_logits(accelerator: Any, model: torch.nn.Module, loader: Any, pool: str = "mean") -> SplitOutputs:
     """Run `model` over a prepared loader on every rank; return the whole split's logits (float32).
 
-    `gather_for_metrics` drops the samples Accelerate duplicated to even out the last batch.
+    `gather_for_metrics` drops the samples Accelerate duplicated to even out the last batch. A chunked
+    batch (data.long_text=chunk) gets one row per document, its windows' logits pooled as `pool` says.
     """
     model.eval()
     all_logits, all_labels, all_idx = [], [], []
     for batch in loader:
         labels = batch.pop("labels")
         idx = batch.pop("idx")
+        doc = batch.pop(longtext.DOC, None)
         logits = model(**batch).logits.float()
+        if doc is not None:
+            logits = longtext.pool_logits(logits, doc, labels.shape[0], pool)
         logits, labels, idx = accelerator.gather_for_metrics((logits, labels, idx))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
@@ -239,14 +244,16 @@ def evaluate_split(
     problem_type: str = SINGLE_LABEL,
     calibration: Calibration | None = None,
     tune: str | None = None,
+    pool: str = "mean",
 ) -> tuple[dict[str, Any], SplitOutputs]:
     """Gather the split and compute `split_metrics`; returns (metrics, outputs). With `predictions_path`
     the main process also writes one JSON line per example there (see `write_predictions`).
 
     `tune` (a metric name) tunes a decision rule on this very split first (no temperature), as the
-    evaluations during training do to pick the best checkpoint by the rule the model will use.
+    evaluations during training do to pick the best checkpoint by the rule the model will use. `pool`:
+    data.chunk_pool, for chunked batches.
     """
-    outputs = gather_logits(accelerator, model, loader)
+    outputs = gather_logits(accelerator, model, loader, pool)
     if tune and calibration is None:
         calibration = fit_calibration(problem_type, outputs.logits, outputs.labels, label_names, False, tune)
     metrics = split_metrics(outputs, label_names, problem_type, calibration, extra_metrics)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from scalelora import data as data_lib
+from scalelora import longtext
 from scalelora.calibration import CALIBRATION_FILE, MULTI_LABEL, Calibration, fit_calibration
 from scalelora.checkpoint import Checkpointer
 from scalelora.config import RunConfig
@@ -118,6 +119,7 @@ class Evaluator:
             self.problem_type,
             calibration,
             tune,
+            self.cfg.data.chunk_pool,
         )
 
     # --- during training -----------------------------------------------------------------------
@@ -241,6 +243,8 @@ class Evaluator:
                 "step": step,
                 "text_pair": cfg.data.text_pair_column is not None,
                 "calibration": CALIBRATION_FILE if calibration is not None else None,
+                # long documents: what scalelora.predict applies (longtext.LongText.from_meta)
+                **longtext.LongText.from_config(cfg.data).record(),
             },
             "labels.json": self.label_names,
         }
@@ -258,18 +262,18 @@ class Evaluator:
         if n == 0:
             return []
         rows = self.splits.eval.shuffle(seed=self.cfg.seed).select(range(n))
-        encoded = self.tokenizer(
-            list(rows["text"]),
-            list(rows["text_pair"]) if "text_pair" in rows.column_names else None,
-            truncation=True,
-            max_length=self.cfg.data.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
         model = self.model
         model.eval()
-        logits = model(**{k: v.to(self.accelerator.device) for k, v in encoded.items()}).logits
-        logits = logits.float().cpu().numpy()
+        # as training saw them: cleaned, cut or in windows (data.long_text), one batch
+        logits = longtext.document_logits(
+            model,
+            self.tokenizer,
+            list(rows["text"]),
+            longtext.LongText.from_config(self.cfg.data),
+            batch_size=n,
+            device=self.accelerator.device,
+            pairs=list(rows["text_pair"]) if "text_pair" in rows.column_names else None,
+        ).numpy()
         rule = self.calibration or Calibration(self.problem_type, self.label_names)
         probs, decided = rule.probabilities(logits), rule.decide(logits)
         names = self.label_names

@@ -12,6 +12,11 @@ the output layer of the head is divided by the temperature, so the plain model's
 sigmoid) gives the calibrated probabilities. The tuned decision rule goes into `config.json`
 (`decision_thresholds` per label for multi-label, `decision_biases` per class for single-label)
 and, with the rest of the calibration, into DIR2/calibration.json, which `predict` reads.
+
+How the run treated long texts (`data.long_text`, `data.clean_html`) is recorded in DIR2/scalelora.json,
+and `python -m scalelora.predict --adapter DIR2` applies it. Plain transformers cannot: it truncates
+every text at the tokenizer's limit (or the max_length you pass), and it sees `<br />` markup that
+`data.clean_html` removed in training.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from scalelora.calibration import CALIBRATION_FILE
 from scalelora.errors import UserError, exit_on_user_error
+from scalelora.longtext import BEFORE, LongText
 
 PROBE_TEXTS = [
     "an absolute delight from start to finish",
@@ -127,6 +133,8 @@ def merge_adapter(
     tokenizer.save_pretrained(str(out))
     meta_file = folder / "scalelora.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    long_text = LongText.from_meta(meta, max_length)
+    meta = {**BEFORE, **meta}  # an adapter saved before the long-text keys: truncation, no cleaning
     meta.update({"merged_from": str(folder.resolve()), "mode": "merged", "dtype": dtype})
     (out / "scalelora.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "labels.json").write_text(json.dumps(labels) + "\n")
@@ -150,6 +158,7 @@ def merge_adapter(
         "max_abs_logit_diff": max_diff,
         "dtype": dtype,
         "temperature": calibration.temperature,
+        "long_text": long_text.record(),
     }
 
 
@@ -181,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         f"scalelora: merged {args.adapter} into {result['out']} ({result['dtype']}{calibrated}); "
         f"max |logit difference| vs the adapter on {len(PROBE_TEXTS)} probe texts: {result['max_abs_logit_diff']:.1e}"
     )
+    recorded = result["long_text"]
+    if recorded["long_text"] != "truncate" or recorded["clean_html"]:
+        what = ", ".join(f"{k}={v}" for k, v in recorded.items())
+        print(
+            f"scalelora: {result['out']}/scalelora.json records {what}: python -m scalelora.predict --adapter "
+            f"{result['out']} applies it; plain transformers does not (it truncates every text)"
+        )
     return 0
 
 

@@ -7,7 +7,9 @@ folder itself. Prints one JSON object per text: the text, the predicted `label` 
 probability. The model folder's `calibration.json` (written by training) is applied: probabilities
 are temperature-scaled and the decision rule is the one tuned on validation (per-label thresholds,
 or per-class biases); without that file they are the raw probabilities and the default rule
-(argmax; p >= 0.5 per label).
+(argmax; p >= 0.5 per label). A long text is treated as in training (`data.long_text` and
+`data.clean_html`, recorded in the folder's `scalelora.json`): truncated, cut to its head and tail, or
+scored window by window with the windows' logits pooled.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from scalelora.calibration import MULTI_LABEL, SINGLE_LABEL, Calibration, read_calibration
 from scalelora.errors import DataError, UnsafeWeightsError, UserError, exit_on_user_error
 from scalelora.files import atomic_write_text
+from scalelora.longtext import LongText, document_logits
 
 
 def find_model_dir(path: Path) -> Path:
@@ -131,6 +134,40 @@ def load_calibration(path: Path, model: torch.nn.Module, labels: list[str]) -> C
     return Calibration(problem, list(labels))
 
 
+def load_long_text(path: Path, max_length: int) -> LongText:
+    """How the model at `path` treats a long text: its scalelora.json's record (truncation without one)."""
+    meta_file = find_model_dir(path) / "scalelora.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return LongText.from_meta(meta, max_length)
+
+
+@torch.inference_mode()
+def text_logits(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 64,
+    long_text: LongText | None = None,
+    first: int = 0,
+) -> torch.Tensor:
+    """The model's float32 logits for `texts`, in order: truncated at `max_length` (padded on the right,
+    a text ending in the pad token refused: models.encode_batch), or as `long_text` says. `first`: the
+    number of the first text, for messages."""
+    from scalelora.models import encode_batch
+
+    if long_text is not None and (long_text.mode != "truncate" or long_text.clean_html):
+        return document_logits(model, tokenizer, texts, long_text, batch_size)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encoded = encode_batch(
+            tokenizer, chunk, None, max_length, lambda i, at=first + start: f"text {at + i}"
+        )
+        out.append(model(**encoded).logits.float())
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
 @torch.inference_mode()
 def predict_texts(
     model: torch.nn.Module,
@@ -142,17 +179,16 @@ def predict_texts(
     calibration: Calibration | None = None,
     threshold: float | None = None,
     top_k: int | None = None,
+    long_text: LongText | None = None,
 ) -> list[dict[str, Any]]:
-    """One result per text under `calibration` (default: raw softmax and argmax). Multi-label:
-    `threshold` replaces every tuned threshold, `top_k` keeps at most the k most probable labels."""
-    from scalelora.models import encode_batch
-
+    """One result per text under `calibration` (default: raw softmax and argmax), each text treated as
+    `long_text` says (default: truncated at `max_length`). Multi-label: `threshold` replaces every tuned
+    threshold, `top_k` keeps at most the k most probable labels."""
     rule = calibration or Calibration(SINGLE_LABEL, list(labels))
     results = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
-        encoded = encode_batch(tokenizer, chunk, None, max_length, lambda i, start=start: f"text {start + i}")
-        logits = model(**encoded).logits.float().numpy()
+        logits = text_logits(model, tokenizer, chunk, max_length, batch_size, long_text, start).numpy()
         probs, decided = rule.probabilities(logits), rule.decide(logits, threshold)
         for i, text in enumerate(chunk):
             result: dict[str, Any] = {"text": text}
@@ -217,8 +253,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{flag} applies to multi-label models; {args.adapter} is single-label (it predicts one label; "
             "every probability is printed)"
         )
+    long_text = load_long_text(args.adapter, max_length)
     results = predict_texts(
-        model, tokenizer, labels, texts, max_length, args.batch_size, calibration, args.threshold, args.top_k
+        model,
+        tokenizer,
+        labels,
+        texts,
+        max_length,
+        args.batch_size,
+        calibration,
+        args.threshold,
+        args.top_k,
+        long_text,
     )
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.output:

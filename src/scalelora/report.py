@@ -100,6 +100,7 @@ def build_summary(
         "dropped_empty": facts["dropped_empty"],
         # rows longer than data.max_length, cut to it: {split: {"rows": n, "share": x}}
         "truncated": facts.get("truncated", {}),
+        "long_text": facts.get("long_text"),  # longtext.describe: null under data.long_text=truncate
         "trainable_params": params.trainable,
         "total_params": params.total,
         "trainable_pct": params.pct,

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from scalelora.calibration import read_calibration
 from scalelora.config import ModelConfig, RunConfig
 from scalelora.errors import ConfigError, DataError
+from scalelora.longtext import BEFORE, LongText
 from scalelora.runtime import autocast, resolve_precision, unwrap_model, without_zero3_init
 
 CACHE_MANIFEST = "manifest.json"
@@ -135,10 +136,23 @@ class CachedTeacher:
     """Logits looked up by example id from a cache built for exactly this training data."""
 
     def __init__(
-        self, cache_dir: Path, split_fingerprint: str, label_names: list[str], device: torch.device
+        self,
+        cache_dir: Path,
+        split_fingerprint: str,
+        label_names: list[str],
+        device: torch.device,
+        long_text: dict[str, Any] | None = None,
     ) -> None:
+        """`long_text`: the student's `LongText.record()`; the cache must have scored its documents the
+        same way (a cache without the record truncated them)."""
         manifest = read_cache_manifest(cache_dir)
         split = manifest.get("splits", {}).get("train")
+        cached = manifest.get("long_text", BEFORE)
+        if long_text is not None and cached != long_text:
+            raise DataError(
+                f"teacher-logit cache {cache_dir} scored long texts with {cached}, this run with {long_text}: "
+                "rebuild it with python -m scalelora.teacher_logits and the student's data settings"
+            )
         if manifest.get("label_names") != list(label_names):
             raise DataError(
                 f"teacher-logit cache {cache_dir} has labels {manifest.get('label_names')}, the data has {label_names}; rebuild it"
@@ -245,7 +259,9 @@ def build_teacher(
     teacher: Any
     if distill.teacher == "cache":
         cache_dir = Path(distill.cache_dir or "")
-        teacher = CachedTeacher(cache_dir, train_fingerprint, label_names, device)
+        teacher = CachedTeacher(
+            cache_dir, train_fingerprint, label_names, device, LongText.from_config(cfg.data).record()
+        )
         manifest = read_cache_manifest(cache_dir)
         check_teacher_problem(
             f"of cache {cache_dir}", manifest.get("problem_type", "single_label"), problem_type

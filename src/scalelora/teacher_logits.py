@@ -11,13 +11,16 @@ settings; `train.precision=no` computes the logits in float32 anywhere.
 
 Layout of DIR:
 - `manifest.json`: format version, teacher identity (path + a hash of its config, weights and
-  calibration.json), label order, problem type, max_length, the precision the logits were computed in
+  calibration.json), label order, problem type, max_length, how long texts were scored (`long_text`:
+  `longtext.LongText.record()`, the data.long_text mode, data.clean_html and the mode's keys; a cache
+  without it truncated), the precision the logits were computed in
   (`precision`: no, bf16 or fp16; a cache without it is float32), whether the logits are calibrated
   (`logits_calibrated`: always false, the shards hold raw logits) and the teacher's fitted
   temperature (`teacher_temperature`, null when it has none), and per split the data fingerprint,
   number of examples, shard files and whether the build is complete.
 - `train-00000.safetensors`, ...: shard k holds the rows at positions [k*S, (k+1)*S) of the split,
-  as `idx` (the example id the trainer looks up) and `logits` (float32).
+  as `idx` (the example id the trainer looks up) and `logits` (float32): one row per document, under
+  data.long_text=chunk its windows' logits pooled as the student pools its own (data.chunk_pool).
 
 Every shard is written to a temporary name and renamed, so a shard on disk is always complete; an
 interrupted build rerun with the same arguments keeps the finished shards and computes the rest.
@@ -40,6 +43,7 @@ import torch
 from scalelora.config import ModelConfig, RunConfig, load_config
 from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
 from scalelora.files import atomic_write_json
+from scalelora.longtext import BEFORE, LongText, document_logits
 from scalelora.runtime import autocast, decide_on_main, resolve_precision
 
 MANIFEST = "manifest.json"
@@ -83,6 +87,10 @@ def check_compatible(existing: dict[str, Any], expected: dict[str, Any], out: Pa
     for key in ("format", "teacher", "label_names", "max_length"):
         if existing.get(key) != expected.get(key):
             problems.append(f"{key}: on disk {existing.get(key)!r}, now {expected.get(key)!r}")
+    if existing.get("long_text", BEFORE) != expected.get("long_text", BEFORE):
+        problems.append(
+            f"long_text: on disk {existing.get('long_text', BEFORE)!r}, now {expected['long_text']!r}"
+        )
     # a cache written before the key was recorded was computed in float32
     if existing.get("precision", "no") != expected.get("precision", "no"):
         problems.append(
@@ -111,15 +119,21 @@ def shard_logits(
     batch_size: int,
     device: torch.device,
     precision: str = "no",
+    long_text: LongText | None = None,
 ) -> torch.Tensor:
     """Logits of the frozen teacher (eval mode, no grad, under the autocast of `precision`: no, bf16,
-    fp16) for `texts`, in order, as float32.
+    fp16) for `texts`, in order, as float32; each text treated as `long_text` says (default: truncated at
+    `max_length`), `batch_size` counting texts.
 
     Batches are made of texts of similar length (sorted by characters), so each is padded to little more
     than its own length; the rows are put back in `texts`' order.
     """
     from scalelora.models import encode_batch
 
+    if long_text is not None and (long_text.mode != "truncate" or long_text.clean_html):
+        return document_logits(
+            model, tokenizer, texts, long_text, batch_size, device, pairs, lambda: autocast(precision, device)
+        )
     sizes = [len(t) + (len(pairs[i]) if pairs is not None else 0) for i, t in enumerate(texts)]
     order = sorted(range(len(texts)), key=sizes.__getitem__)
     out = []
@@ -200,6 +214,7 @@ def expected_manifest(
         "label_names": list(loaded.label_names),
         "problem_type": loaded.problem_type,
         "max_length": cfg.data.max_length,
+        "long_text": LongText.from_config(cfg.data).record(),
         # the autocast the logits were computed under: a build is not finished in another one
         "precision": precision,
         # the shards hold the teacher's raw logits; a student with distill.calibrated_teacher=true
@@ -259,6 +274,7 @@ def compute_missing_shards(
     max_length: int,
     batch_size: int,
     precision: str = "no",
+    long_text: LongText | None = None,
 ) -> tuple[int, int]:
     """Compute and write this rank's shards of one split (shard k on rank k % N) that are not on disk
     yet, each to a temporary name and renamed. Returns (shards computed, shards kept from an earlier build)."""
@@ -283,6 +299,7 @@ def compute_missing_shards(
             batch_size,
             state.device,
             precision,
+            long_text,
         )
         tmp = path.with_name(f".{name}.tmp")
         save_file({"idx": torch.tensor(rows["idx"], dtype=torch.long), "logits": logits}, str(tmp))
@@ -342,6 +359,7 @@ def build_cache(
             cfg.data.max_length,
             batch_size,
             choice.precision,
+            LongText.from_config(cfg.data),
         )
         print(
             f"scalelora: teacher_logits rank {state.process_index}: split {split}: {computed} shard(s) computed, "

@@ -163,22 +163,63 @@ def token_lengths(tokenizer: Any, texts: list[str], pairs: list[str] | None = No
 
 
 def tokenize_batches(
-    table: pa.Table, tokenizer: Any, max_length: int, progress: Callable[[int], None] | None = None
+    table: pa.Table,
+    tokenizer: Any,
+    max_length: int,
+    progress: Callable[[int], None] | None = None,
+    long_text: Any = None,
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
     """Record batches of the tokenized `table` (columns `text`, optional `text_pair`, `label`, `idx`),
-    each with its number of truncated rows."""
+    each with its number of truncated rows (rows not read whole). `long_text` (longtext.LongText, None:
+    truncate): data.clean_html cleans the texts first; head_tail and chunk cut them as longtext.py says."""
+    from scalelora import longtext
+
     has_pair = "text_pair" in table.column_names
+    settings = long_text if long_text is not None else longtext.LongText(max_length=max_length)
     for start in range(0, table.num_rows, BATCH_ROWS):
         part = table.slice(start, BATCH_ROWS)
         texts = part.column("text").to_pylist()
         pairs = part.column("text_pair").to_pylist() if has_pair else None
-        columns, truncated = encode(tokenizer, texts, pairs, max_length)
+        if settings.clean_html:
+            texts = longtext.prepare_texts(texts, settings)
+            pairs = longtext.prepare_texts(pairs, settings) if pairs is not None else None
+        if settings.mode == longtext.TRUNCATE:
+            columns, truncated = encode(tokenizer, texts, pairs, max_length)
+        else:
+            columns, truncated = encode_long(
+                tokenizer, texts, pairs, settings, part.column("idx").to_pylist()
+            )
         columns["labels"] = part.column("label").combine_chunks()
         columns["idx"] = part.column("idx").combine_chunks()
-        check_pad_endings(columns, tokenizer)
+        if settings.mode == longtext.TRUNCATE:
+            check_pad_endings(columns, tokenizer)
         yield pa.RecordBatch.from_pydict(columns), int(truncated.sum())
         if progress is not None:
             progress(part.num_rows)
+
+
+def encode_long(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, settings: Any, idx: list[int]
+) -> tuple[dict[str, pa.Array], np.ndarray]:
+    """One batch under data.long_text=head_tail or chunk (longtext.encode_batch: a row is one input, or
+    a list of windows), and which rows were not read whole: head_tail cut their middle, chunk dropped
+    windows beyond data.max_chunks. A row (or window) ending in the pad token is refused."""
+    from scalelora import longtext
+    from scalelora.models import check_last_tokens
+
+    out = longtext.encode_batch(tokenizer, texts, pairs, settings)
+    rows, text_of = longtext.model_rows(out["input_ids"], settings.chunked)
+    check_last_tokens(rows, tokenizer.pad_token_id, tokenizer, lambda k: f"row {idx[text_of[k]]}")
+    full = np.asarray(out[longtext.FULL_LENGTH], dtype=np.int64)
+    if settings.chunked:
+        specials = longtext.special_tokens(tokenizer)
+        budget = longtext.budget_of(settings, specials)
+        content = full - len(specials.prefix["input_ids"]) - len(specials.suffix["input_ids"])
+        needed = longtext.windows_needed(content, budget, settings.chunk_stride)
+        truncated = needed > settings.max_chunks
+    else:
+        truncated = full > settings.max_length
+    return {key: pa.array(values) for key, values in out.items()}, truncated
 
 
 def ends_in_pad(input_ids: pa.ListArray, pad_token_id: int | None) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from scalelora import data as data_lib
-from scalelora import report
+from scalelora import longtext, report
 from scalelora.calibration import MULTI_LABEL
 from scalelora.checkpoint import Checkpointer, resume_identity
 from scalelora.config import AUTO_RECIPE, RunConfig, dump_yaml, to_dict
@@ -127,6 +127,7 @@ class Trainer:
     problem_type: str
     multi_label: bool
     tune_metric: str | None = None  # what a decision rule is tuned for at each evaluation
+    long_text: dict[str, Any] | None = None  # longtext.describe: None under data.long_text=truncate
     class_weights: torch.Tensor | None = None
     # setup: the model and what accelerate.prepare made of it (_setup_model, _setup_loaders, _prepare)
     model: torch.nn.Module
@@ -199,6 +200,11 @@ class Trainer:
         with self.phases("data"):
             self.tokenizer = load_tokenizer(cfg.model, cfg.data.truncation_side)
             self.splits, self.tokenized = self._load_data()
+        # long documents (longtext.py): how many texts were cut, and how (summary.json `long_text`)
+        long_text = longtext.LongText.from_config(cfg.data)
+        self.long_text = longtext.describe(self.tokenized, long_text, self.tokenizer)
+        for line in longtext.log_lines(self.long_text, long_text, self.tokenizer):
+            self.echo(line)
         self.label_names = self.splits.label_names
         self.problem_type = self.splits.problem_type
         self.multi_label = self.problem_type == MULTI_LABEL
@@ -486,10 +492,19 @@ class Trainer:
         """
         cfg, distill = self.cfg, self.cfg.distill
         want_hidden = self.teacher is not None and distill.hidden_weight > 0
+        doc = batch.pop(longtext.DOC, None)  # long documents (data.long_text=chunk): each window's document
         teacher_out = self.teacher(self.model, batch, idx, want_hidden) if self.teacher is not None else None
         out = self.model(**batch, output_hidden_states=want_hidden)
+        logits = out.logits
+        if doc is not None:  # the loss is over documents: their windows' logits pooled
+            logits = longtext.pool_logits(logits, doc, labels.shape[0], cfg.data.chunk_pool)
+            if teacher_out is not None and teacher_out.logits.shape[0] == doc.shape[0]:
+                # a model teacher's logits are per window too (a logits cache's are per document)
+                teacher_out.logits = longtext.pool_logits(
+                    teacher_out.logits, doc, labels.shape[0], cfg.data.chunk_pool
+                )
         hard, weight = hard_label_loss_sum(
-            out.logits,
+            logits,
             labels,
             self.class_weights,
             focal_gamma=cfg.train.focal_gamma if cfg.train.loss == "focal" else None,
@@ -499,12 +514,17 @@ class Trainer:
         kd = hidden = None
         if teacher_out is not None:
             kd_sum = kd_sigmoid_sum if self.multi_label else kd_kl_sum
-            kd = kd_sum(out.logits, teacher_out.logits, distill.temperature, labels)
+            kd = kd_sum(logits, teacher_out.logits, distill.temperature, labels)
             parts["kd"] = kd.detach()
         if want_hidden:
             student_pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"])
+            teacher_pooled = teacher_out.pooled
+            if doc is not None:  # a document's hidden state: the mean of its windows'
+                student_pooled = longtext.pool_rows(student_pooled, doc, labels.shape[0])
+                if teacher_pooled is not None:
+                    teacher_pooled = longtext.pool_rows(teacher_pooled, doc, labels.shape[0])
             try:
-                hidden = hidden_mse_sum(student_pooled, teacher_out.pooled, labels)
+                hidden = hidden_mse_sum(student_pooled, teacher_pooled, labels)
             except ValueError as err:
                 raise UserError(
                     f"distill.hidden_weight: {err}; set distill.hidden_weight=0 for this teacher"
@@ -636,6 +656,7 @@ class Trainer:
             "num_train_examples": len(self.splits.train),
             "dropped_empty": self.splits.dropped_empty,
             "truncated": self.splits.truncated,
+            "long_text": self.long_text,
             "params": self.params,
             "total_steps": self.total_steps,
             "world_size": acc.num_processes,
