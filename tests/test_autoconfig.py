@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run_cli, write_jsonl, write_toy_dataset
+from conftest import FILLER, NEGATIVE, POSITIVE, run_cli, write_jsonl, write_toy_dataset
 from scalelora.autoconfig import choose, length_cap
 
 
@@ -211,3 +211,68 @@ def test_token_lengths_of_a_large_set_come_from_a_seeded_sample(monkeypatch):
     assert set(sample.tolist()) <= {3, 4, 5, 6, 7, 8, 9}  # [CLS] + 1..7 words + [SEP]
     reason = {c.key: c for c in choose(100, np.array([50, 50]), sample, 512)}["data.max_length"].reason
     assert reason.startswith("99% of a seeded sample of 30 of the 100 training texts have at most")
+
+
+def test_autoconfig_chooses_the_mode_from_how_many_texts_would_be_cut():
+    from scalelora.autoconfig import long_text_choice
+
+    # an IMDB-like spread of whole lengths: 45% over 256 tokens, 15% over 512
+    rng = np.random.default_rng(0)
+    imdb = np.concatenate(
+        [rng.integers(60, 256, 550), rng.integers(257, 512, 300), rng.integers(513, 1500, 150)]
+    )
+    assert long_text_choice(imdb, 256, 512).value == "head_tail"
+    assert long_text_choice(np.full(100, 40), 256, 512).value == "truncate"
+    assert long_text_choice(np.full(100, 2000), 256, 512).value == "chunk"
+    chosen = {
+        c.key: c
+        for c in choose(len(imdb), np.array([500, 500]), np.minimum(imdb, 512), 512, full_lengths=imdb)
+    }
+    assert chosen["data.long_text"].value == "head_tail" and chosen["data.max_length"].value == 512
+    assert "45.0% of the 1,000 training texts are longer than 256 tokens" in chosen["data.long_text"].reason
+    # a mode the user set lifts the cap too
+    kept = {
+        c.key: c
+        for c in choose(
+            1000, np.array([500, 500]), np.minimum(imdb, 512), 512, full_lengths=imdb, user_long_text="chunk"
+        )
+    }
+    assert kept["data.max_length"].value == 512
+
+
+def test_auto_on_a_folder_of_long_texts_reads_them_whole_and_says_why(tiny_bert, tmp_path, capsys):
+    import shutil
+
+    from scalelora.train import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(0)
+    for split, n in (("train", 40), ("validation", 8)):
+        rows = []
+        for i in range(n):  # 5 of 40 training texts (12.5%) are longer than the model's 64 tokens
+            words = [rng.choice(FILLER) for _ in range(80 if i % 7 == 6 else rng.randint(4, 10))]
+            words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if i % 2 else NEGATIVE))
+            rows.append({"text": " ".join(words), "label": ["neg", "pos"][i % 2]})
+        write_jsonl(data / f"{split}.jsonl", rows)
+    out = tmp_path / "out"
+    args = [
+        f"model.name={model}",
+        f"data.path={data}",
+        f"output_dir={out}",
+        "train.max_steps=1",
+        "train.precision=no",
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    chosen = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert chosen["long_text"] == "head_tail" and chosen["max_length"] == 64
+    assert (
+        "scalelora: auto: data.long_text=head_tail (12.5% of the 40 training texts are longer than 64 tokens"
+        in err
+    )
+    assert "scalelora: long_text=head_tail: train:" in err

@@ -28,16 +28,27 @@ SKEW_FOR_CLASS_WEIGHTS = 3.0
 MANY_CLASSES = 10
 LENGTH_QUANTILE = 99.0
 MAX_LENGTH_BOUNDS = (32, 256)
+# Long documents: above this share of training texts longer than the max_length chosen within
+# MAX_LENGTH_BOUNDS, a long-text mode is chosen, and max_length may rise to the model's limit (or to
+# LONG_TEXT_LIMIT where the tokenizer states none).
+LONG_TEXT_SHARE = 0.10
+# ... head_tail when at most this share is longer than that limit (one input per text; Sun et al. 2019
+# found head + tail best on IMDB, where 15% of reviews exceed 512 tokens); chunk above it, where cutting
+# the middle would lose much of too many texts.
+CHUNK_SHARE = 0.25
+LONG_TEXT_LIMIT = 512
 # The version of the rules below. The default rows of the results study record it: a rule that changes
 # what is chosen for some data changes no config key, so the rows compare this instead. Raise it with
 # every change to `choose` that can change a choice.
 RULES_VERSION = 2
 # 2: eval.every and checkpoint.every every ~EXAMPLES_PER_EVAL examples when an epoch is longer; token
 #    lengths measured untruncated on a sample of at most LENGTH_SAMPLE_ROWS texts (1 measured every text,
-#    cut at the model's limit)
+#    cut at the model's limit); data.long_text (truncate, head_tail, chunk) from the share of texts over
+#    the max_length chosen, and max_length up to the model's limit under a long-text mode
 # Every key `choose` may set (what the data decides rather than the recipe).
 CHOSEN_KEYS = (
     "data.max_length",
+    "data.long_text",
     "lora.target_modules",
     "lora.r",
     "lora.alpha",
@@ -56,12 +67,15 @@ class Choice:
     reason: str
 
 
-def length_cap(lengths: np.ndarray, limit: int | None) -> tuple[int, float]:
+def length_cap(lengths: np.ndarray, limit: int | None, long_text: bool = False) -> tuple[int, float]:
     """(max_length, the 99th percentile it came from): the percentile rounded up to a multiple of 8,
-    kept within MAX_LENGTH_BOUNDS and the model's position limit."""
+    kept within MAX_LENGTH_BOUNDS and the model's position limit; with `long_text` (a long-text mode)
+    the upper bound is the model's limit (LONG_TEXT_LIMIT where it states none)."""
     quantile = float(np.percentile(lengths, LENGTH_QUANTILE)) if len(lengths) else float(MAX_LENGTH_BOUNDS[0])
     low, high = MAX_LENGTH_BOUNDS
-    if limit is not None:
+    if long_text:
+        high = limit or LONG_TEXT_LIMIT
+    elif limit is not None:
         high = min(high, limit)
     return int(min(max(8 * math.ceil(quantile / 8), low), high)), quantile
 
@@ -110,6 +124,37 @@ def length_sample(train: Any, tokenizer: Any) -> np.ndarray:
     return tokens.token_lengths(tokenizer, table.column("text").to_pylist(), pairs)
 
 
+def long_text_choice(full_lengths: np.ndarray, short_cap: int, long_cap: int) -> Choice:
+    """`data.long_text` from the whole texts' token counts: truncate while at most LONG_TEXT_SHARE of them
+    are longer than `short_cap` (the max_length chosen within MAX_LENGTH_BOUNDS); else head_tail while at
+    most CHUNK_SHARE are longer than `long_cap` (the model's limit), chunk beyond."""
+    n = max(len(full_lengths), 1)
+    over_short = float((full_lengths > short_cap).sum() / n)
+    over_long = float((full_lengths > long_cap).sum() / n)
+    said = f"{100 * over_short:.1f}% of the {len(full_lengths):,} training texts are longer than {short_cap} tokens"
+    if over_short <= LONG_TEXT_SHARE:
+        return Choice(
+            "data.long_text",
+            "truncate",
+            f"{said} (at most {100 * LONG_TEXT_SHARE:.0f}%): cutting them costs little",
+        )
+    said += (
+        f" (over {100 * LONG_TEXT_SHARE:.0f}%); {100 * over_long:.1f}% are longer than the model's {long_cap}"
+    )
+    if over_long <= CHUNK_SHARE:
+        return Choice(
+            "data.long_text",
+            "head_tail",
+            f"{said} (at most {100 * CHUNK_SHARE:.0f}%): one input of up to {long_cap} tokens per text, a longer "
+            "one keeping its first and last tokens",
+        )
+    return Choice(
+        "data.long_text",
+        "chunk",
+        f"{said} (over {100 * CHUNK_SHARE:.0f}%): every text read in windows of up to {long_cap} tokens",
+    )
+
+
 def choose(
     num_train: int,
     label_counts: np.ndarray,
@@ -118,23 +163,42 @@ def choose(
     user_rank: int | None = None,
     multi_label: bool = False,
     examples_per_step: int = 32,
+    full_lengths: np.ndarray | None = None,
+    user_long_text: str | None = None,
 ) -> list[Choice]:
     """Every setting the auto default picks for data of this shape, with the reason for each
     (`lengths`: untruncated token lengths of the training texts or of a sample of them; `user_rank`: a
-    `lora.r` the user set, which `lora.alpha` follows; `examples_per_step`: the global batch)."""
+    `lora.r` the user set, which `lora.alpha` follows; `examples_per_step`: the global batch;
+    `full_lengths`: the whole texts' token counts, which decide `data.long_text` (None: texts with a
+    pair, which the long-text modes do not read); `user_long_text`: a mode the user set, which
+    `data.max_length` follows)."""
     from scalelora.data import CLASS_WEIGHT_MAX_RATIO  # lazily: importing data.py imports torch
 
     k = len(label_counts)
     seen = label_counts[label_counts > 0]
     skew = float(seen.max() / seen.min()) if len(seen) else 1.0
     max_length, quantile = length_cap(lengths, position_limit)
+    long_choice = None
+    if full_lengths is not None:
+        long_cap = position_limit or LONG_TEXT_LIMIT
+        long_choice = long_text_choice(full_lengths, max_length, long_cap)
+    long_mode = user_long_text or (long_choice.value if long_choice is not None else "truncate")
+    length_why = length_reason(lengths, num_train, max_length, quantile, position_limit)
+    if long_mode != "truncate":
+        # lengths are untruncated (length_sample): under a long-text mode max_length may rise to the limit
+        max_length, quantile = length_cap(lengths, position_limit, long_text=True)
+        length_why = (
+            f"{length_reason(lengths, num_train, max_length, quantile, position_limit).split(';')[0]}; "
+            f"up to {max_length} (the model's limit) under data.long_text={long_mode}, which reads a longer "
+            "text as that mode says"
+        )
     epochs = int(min(10, max(1, math.ceil(EXAMPLES_PER_RUN / max(num_train, 1)))))
     rank = 16 if (k > MANY_CLASSES or num_train > 20_000) else 8
     choices = [
         Choice(
             "data.max_length",
             max_length,
-            length_reason(lengths, num_train, max_length, quantile, position_limit),
+            length_why,
         ),
         Choice(
             "lora.target_modules",
@@ -180,6 +244,8 @@ def choose(
                 "checkpoint.every", interval, f"{why}, so a run stopped by anything loses at most that much"
             )
         )
+    if long_choice is not None:
+        choices.append(long_choice)
     if multi_label:
         choices.append(
             Choice(
@@ -223,6 +289,9 @@ def choose_from_data(
         user_rank=cfg.lora.r if "lora.r" in explicit else None,
         multi_label=splits.problem_type == data_lib.MULTI_LABEL,
         examples_per_step=cfg.train.batch_size * cfg.train.grad_accum * num_processes,
+        # the long-text modes read single texts: a text pair is truncated
+        full_lengths=None if cfg.data.text_pair_column is not None else np.asarray(lengths),
+        user_long_text=cfg.data.long_text if "data.long_text" in explicit else None,
     )
     return apply(cfg, choices, explicit)
 
