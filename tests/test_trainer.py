@@ -479,9 +479,8 @@ def test_every_recipe_runs_two_steps_offline(recipe, tiny_gpt2, tmp_path):
         "train.batch_size=8",
     ]
     overrides.append(f"model.name={tiny_gpt2}" if recipe in DECODER_RECIPES else "model.name=minilm-l6")
-    if (
-        cfg.data.path == "imdb"
-    ):  # hub-only data: point the recipe at a local folder, which keeps its own labels
+    if cfg.data.path == "imdb":
+        # 50,000 full-length reviews take long to load for 2 steps: a small local folder with its own labels
         overrides += ["data.path=rotten_tomatoes", "data.eval_split=validation", "data.test_split=test"]
     if cfg.train.precision != "no":
         overrides.append("train.precision=no")  # CPU
