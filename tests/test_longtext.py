@@ -113,6 +113,20 @@ def test_head_tail_keeps_the_first_and_last_tokens_and_short_texts_as_truncation
     assert truncated["input_ids"] == tokenizer([text], truncation=True, max_length=12)["input_ids"]
 
 
+def test_truncation_side_cuts_under_truncate_only(tiny_bert):
+    from transformers import AutoTokenizer
+
+    text = " ".join("abcdefghijklmnopqrstuvwxyz")
+    right, left = (
+        AutoTokenizer.from_pretrained(tiny_bert, truncation_side=side) for side in ("right", "left")
+    )
+    for mode in ("head_tail", "chunk"):
+        settings = LongText(mode, 12, chunk_stride=2)
+        assert encode_batch(left, [text], None, settings) == encode_batch(right, [text], None, settings)
+    cut = encode_batch(left, [text], None, LongText("truncate", 12))
+    assert tokens(left, cut["input_ids"][0]) == ["[CLS]", *"qrstuvwxyz", "[SEP]"]
+
+
 def test_chunk_windows_overlap_end_at_the_end_and_the_cap_keeps_the_first_and_last(tokenizer):
     assert window_starts(10, 10, 2, 8) == ([0], 1)
     assert window_starts(26, 10, 2, 8) == ([0, 8, 16], 3)
@@ -186,6 +200,32 @@ def test_clean_html_removes_markup_and_keeps_text_in_angle_brackets():
     assert clean_html("  a <br/>") == "a"
 
 
+def test_chunked_batches_hold_whole_documents_grouped_by_length_within_the_cap(long_data, tokenizer):
+    from dataclasses import replace
+
+    from scalelora.data import PadCollator, load_splits, tokenize_split, train_dataloader
+
+    cfg = load_config("quickstart", [f"data.path={long_data}", *(f"{k}={v}" for k, v in CHUNK.items())]).data
+    train = tokenize_split(load_splits(cfg, 0).train, tokenizer, cfg)
+    windows = np.asarray(train[longtext.WINDOWS])
+    assert windows.max() == cfg.max_chunks and windows.min() == 1
+
+    def batches(grouped: bool) -> list[dict]:
+        loader = train_dataloader(train, replace(cfg, group_by_length=grouped), 4, 0, PadCollator(0))
+        return list(loader)
+
+    spread = {}
+    for grouped in (True, False):
+        seen = batches(grouped)
+        assert sum(len(b["labels"]) for b in seen) == 48  # every document once, whole
+        for b in seen:
+            per_doc = torch.bincount(b["doc"], minlength=len(b["labels"]))
+            assert per_doc.min() >= 1 and b["input_ids"].shape[0] <= 4 * cfg.max_chunks
+        spread[grouped] = np.mean([float(np.ptp(torch.bincount(b["doc"]).numpy())) for b in seen])
+    # documents of like length (windows) share a batch, as single inputs do
+    assert spread[True] < spread[False] / 4
+
+
 def test_every_token_key_changes_the_tokenization_fingerprint(tiny_bert, long_data, tokenizer):
     from dataclasses import replace
 
@@ -225,19 +265,51 @@ def test_settings_that_cannot_work_are_refused(overrides, message):
         load_config("quickstart", overrides)
 
 
+# the imdb section's rows (studies/results.py: DATASET_RUNS["imdb"], LONG_TEXT_RUNS)
+IMDB_ROWS = ("tfidf_lr", "truncate_256", "head_tail_512", "chunk", "auto_default")
+
+
+def test_the_imdb_recipe_names_the_study_rows_each_in_its_mode(tmp_path):
+    from scalelora.study.pipeline import Pipeline
+
+    pipeline = Pipeline("results_imdb", tmp_path, [], IMDB_ROWS)
+    modes = {}
+    for run in IMDB_ROWS[1:-1]:
+        cfg = load_config(*pipeline.run_config(run))
+        assert cfg.data.clean_html and (cfg.data.eval_split, cfg.data.test_split) == ("validation", "test")
+        # 32 documents an optimizer step in every row
+        assert cfg.train.batch_size * cfg.train.grad_accum == 32
+        modes[run] = (cfg.data.long_text, cfg.data.max_length)
+    assert modes == {
+        "truncate_256": ("truncate", 256),
+        "head_tail_512": ("head_tail", 512),
+        "chunk": ("chunk", 256),
+    }
+    recipe, overrides = pipeline.run_config("auto_default")
+    assert recipe == "auto" and load_config(recipe, overrides).data.path == "imdb"
+    imdb = load_config("imdb").data
+    assert (imdb.eval_split, imdb.test_split, imdb.clean_html) == ("validation", "test", True)
+
+
 # --- trained runs ---------------------------------------------------------------------------------
 
 
-def in_process_run(model: Path, data: Path, out: Path, **extra) -> tuple[dict, Trainer]:
-    """A finished in-process run and its Trainer (closed), whose evaluator kept the last validation."""
+def in_process_run(model: Path, data: Path, out: Path, **extra) -> tuple[dict, Trainer, str]:
+    """A finished in-process run, its Trainer (closed), whose evaluator kept the last validation, and
+    what it printed on stderr."""
+    import contextlib
+    import io
+
     cfg = load_config("quickstart", tiny_overrides(model, data, out, **extra))
     trainer = Trainer(cfg)
+    log = io.StringIO()
     try:
-        trainer.setup()
-        summary = trainer.train()
+        with contextlib.redirect_stderr(log):
+            trainer.setup()
+            summary = trainer.train()
     finally:
         trainer.close()
-    return summary, trainer
+    return summary, trainer, log.getvalue()
 
 
 def check_predict_matches_evaluation(trainer: Trainer, folder: Path) -> None:
@@ -266,20 +338,28 @@ CHUNK_RUN = {**CHUNK, **EXACT, "data.chunk_pool": "logmeanexp"}
 
 
 @pytest.fixture(scope="module")
-def chunk_one(exact_model, long_data, tmp_path_factory) -> tuple[Path, dict, Trainer]:
+def chunk_one(exact_model, long_data, tmp_path_factory) -> tuple[Path, dict, Trainer, str]:
     out = tmp_path_factory.mktemp("chunk-one") / "run"
-    summary, trainer = in_process_run(exact_model, long_data, out, **CHUNK_RUN, **{"train.batch_size": 16})
-    return out, summary, trainer
+    return (out, *in_process_run(exact_model, long_data, out, **CHUNK_RUN, **{"train.batch_size": 16}))
 
 
-def test_chunk_lora_run_scores_documents_alike_in_evaluation_predict_and_export(chunk_one, tmp_path):
+def test_chunk_lora_run_scores_documents_alike_in_evaluation_predict_and_export(chunk_one, tmp_path, capsys):
     from scalelora.export import main as export_main
 
-    out, summary, trainer = chunk_one
+    out, summary, trainer, log = chunk_one
     record = summary["long_text"]
     assert record["long_text"] == "chunk" and record["chunk_pool"] == "logmeanexp"
     train = record["splits"]["train"]
     assert train["documents"] == 48 and train["over_max_chunks"] > 0 and train["windows_dropped"] > 0
+    # the cap is logged with the count summary.json records
+    assert (
+        f"scalelora: long_text=chunk: train: 48 texts in {train['windows']} windows of up to 16 tokens"
+        f" ({train['windows_per_document']:.2f} per text); {train['over_max_chunks']} texts" in log
+    )
+    assert (
+        "needed more than data.max_chunks=3 windows: each kept its first 2 and its last "
+        f"({train['windows_dropped']} windows dropped)" in log
+    )
     assert train["windows"] > 48 and summary["eval"]["validation"]["num_examples"] == 16
     assert summary["eval"]["validation"]["unique_examples"] == 16
     # samples are documents; tokens are every window's real tokens (the work done)
@@ -297,6 +377,7 @@ def test_chunk_lora_run_scores_documents_alike_in_evaluation_predict_and_export(
     check_predict_matches_evaluation(trainer, adapter)
     merged = tmp_path / "merged"
     assert export_main(["--adapter", str(adapter), "--merge", "--out", str(merged)]) == 0
+    assert "plain transformers does not (it truncates every text)" in capsys.readouterr().out
     exported = json.loads((merged / "scalelora.json").read_text())
     assert (
         exported["long_text"] == "chunk" and exported["chunk_pool"] == "logmeanexp" and exported["clean_html"]
@@ -305,14 +386,35 @@ def test_chunk_lora_run_scores_documents_alike_in_evaluation_predict_and_export(
 
 
 def test_head_tail_and_chunk_train_in_full_mode_and_predict_as_evaluated(tiny_bert, long_data, tmp_path):
-    for name, mode in (("head_tail", HEAD_TAIL), ("chunk", {**CHUNK, "data.chunk_pool": "max"})):
-        summary, trainer = in_process_run(
-            tiny_bert, long_data, tmp_path / name, **{**mode, **EXACT, "model.mode": "full", "train.lr": 1e-3}
+    from scalelora.predict import main as predict_main
+
+    # the chunked run also fits a temperature and per-class biases on its (pooled) validation documents
+    calibrated = {"eval.calibrate": "true", "eval.tune_thresholds": "macro_f1"}
+    for name, mode in (
+        ("head_tail", HEAD_TAIL),
+        ("chunk", {**CHUNK, "data.chunk_pool": "max", **calibrated}),
+    ):
+        summary, trainer, _ = in_process_run(
+            tiny_bert, long_data, tmp_path / name, **{**EXACT, **mode, "model.mode": "full", "train.lr": 1e-3}
         )
         assert summary["mode"] == "full" and summary["long_text"]["long_text"] == name
         check_predict_matches_evaluation(trainer, tmp_path / name / "model")
     head_tail = read_summary(tmp_path / "head_tail")["long_text"]["splits"]["train"]
     assert head_tail["documents"] == 48 and 0 < head_tail["cut"] < 48
+    # `python -m scalelora.predict` on the raw validation file: the run's calibrated probabilities and
+    # tuned decisions, document by document (validation ids are the file's rows)
+    rule = trainer.evaluator.calibration
+    assert rule.temperature is not None and rule.tuned
+    _, _, outputs = trainer.evaluator.last
+    order = np.argsort(outputs.idx)
+    got = tmp_path / "predicted.jsonl"
+    args = ["--adapter", str(tmp_path / "chunk"), "--input", str(long_data / "validation.jsonl")]
+    assert predict_main([*args, "--output", str(got), "--batch-size", "5"]) == 0
+    predicted = [json.loads(line) for line in got.read_text().splitlines()]
+    probs = np.asarray([[p["probs"][k] for k in trainer.label_names] for p in predicted])
+    assert np.abs(probs - rule.probabilities(outputs.logits)[order]).max() < 1e-5
+    decided = [trainer.label_names[k] for k in rule.decide(outputs.logits)[order]]
+    assert [p["label"] for p in predicted] == decided
 
 
 def train_losses(out: Path) -> list[float]:
@@ -445,8 +547,15 @@ def test_teachers_and_their_logits_cache_score_each_document_as_the_student_does
             manifest["long_text"],
         )
         from_cache = loss_parts(trainer, batch)
+        # by hand: the hard loss is the cross-entropy of each document's pooled (mean) window logits
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "idx", "doc")}
+        with torch.no_grad():
+            windows = trainer.model(**inputs).logits
+        documents = torch.stack([windows[batch["doc"] == d].mean(dim=0) for d in range(len(batch["labels"]))])
+        by_hand = torch.nn.functional.cross_entropy(documents, batch["labels"], reduction="sum")
     finally:
         trainer.close()
+    torch.testing.assert_close(from_self["hard"], by_hand, rtol=1e-5, atol=1e-6)
     assert float(from_self["kd"]) > 0.05
     for parts in (from_model, from_cache):
         torch.testing.assert_close(parts["kd"], from_self["kd"], rtol=1e-5, atol=1e-6)
