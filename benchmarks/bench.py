@@ -42,9 +42,22 @@ SCALELORA_NOGROUP = "scalelora_nogroup"
 SCALELORA_TORCH_DROPOUT = "scalelora_torch_dropout"  # train.mask_dropout=false: torch's own dropout
 KD_CACHE = "scalelora_kd_cache"
 KD_SELF = "scalelora_kd_self"
+# long documents: head and tail within max_length; windows of max_length / 2 overlapping by a quarter
+LONG_HEAD_TAIL = "scalelora_head_tail"
+LONG_CHUNK = "scalelora_chunk"
 GEMM = "gemm"  # not a side: the child that measures the machine's matmul throughput
 HF_SIDES = (HF, HF_GROUPED)
-ALL_SIDES = (HF, HF_GROUPED, SCALELORA, SCALELORA_NOGROUP, SCALELORA_TORCH_DROPOUT, KD_CACHE, KD_SELF)
+ALL_SIDES = (
+    HF,
+    HF_GROUPED,
+    SCALELORA,
+    SCALELORA_NOGROUP,
+    SCALELORA_TORCH_DROPOUT,
+    KD_CACHE,
+    KD_SELF,
+    LONG_HEAD_TAIL,
+    LONG_CHUNK,
+)
 
 # Dense bf16 tensor-core peaks (FLOP/s, NVIDIA's datasheets without sparsity) used for MFU, matched in
 # this order against torch.cuda.get_device_name(): the first name the device's contains wins, so a form
@@ -86,6 +99,8 @@ class Scenario:
     lora_dropout: float = 0.1
     sides: list[str] = field(default_factory=lambda: [HF, HF_GROUPED, SCALELORA])
     needs_gpu: bool = False
+    data: str = "rotten_tomatoes"
+    """The dataset (a name under the data root) every side trains on."""
 
 
 SCENARIOS = {
@@ -101,6 +116,18 @@ SCENARIOS = {
             "cpu-minilm-rt plus distillation (alpha 0.5, T 2) from cached teacher logits and from `self`",
             model="minilm-l6",
             sides=[HF, HF_GROUPED, SCALELORA, KD_CACHE, KD_SELF],
+        ),
+        Scenario(
+            "cpu-minilm-imdb-long",
+            "MiniLM-L6 + LoRA r=8 on the real imdb train split (full-length reviews), batch 16 documents, fp32: "
+            "HF length-grouped and scalelora truncating at 512, scalelora head_tail 512 and chunk 256/64",
+            model="minilm-l6",
+            data="imdb",
+            batch_size=16,
+            max_length=512,
+            steps=20,
+            warmup=3,
+            sides=[HF_GROUPED, SCALELORA, LONG_HEAD_TAIL, LONG_CHUNK],
         ),
         Scenario(
             "gpu-distilbert",
@@ -404,6 +431,11 @@ def scalelora_overrides(spec: dict[str, Any], out: Path) -> list[str]:
         values["data.group_by_length"] = "false"
     if spec["side"] == SCALELORA_TORCH_DROPOUT:
         values["train.mask_dropout"] = "false"
+    if spec["side"] == LONG_HEAD_TAIL:
+        values["data.long_text"] = "head_tail"
+    if spec["side"] == LONG_CHUNK:  # train.batch_size still counts documents
+        values["data.long_text"] = "chunk"
+        values["data.max_length"] = spec["max_length"] // 2  # the overlap: a quarter of it (the default)
     if spec["side"] in (KD_CACHE, KD_SELF):
         values.update({"distill.enabled": "true", "distill.weight": 0.5, "distill.temperature": 2.0})
         values["distill.teacher"] = "cache" if spec["side"] == KD_CACHE else "self"
@@ -1333,7 +1365,7 @@ def scenario_spec(scenario: Scenario, steps: int, warmup: int, threads: int | No
     """The part of a worker's spec every side shares: the scenario's model, data and training settings."""
     return {
         "model_path": scenario.model,
-        "data_path": "rotten_tomatoes",
+        "data_path": scenario.data,
         "batch_size": scenario.batch_size,
         "max_length": scenario.max_length,
         "precision": scenario.precision,

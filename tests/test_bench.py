@@ -19,7 +19,8 @@ def test_smoke_runs_every_side_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     # one whole epoch of 32 rows (4 steps of 8: 1 warm-up, 3 timed), so every side also reports accuracy
     args = ["--scenario", "cpu-minilm-rt", "--smoke", "--epochs", "1", "--max-train-samples", "32"]
-    sides = [bench.HF, bench.HF_GROUPED, bench.SCALELORA, bench.SCALELORA_NOGROUP]
+    # LONG_CHUNK: batches of whole documents (samples count documents); head_tail's batches are scalelora's
+    sides = [bench.HF, bench.HF_GROUPED, bench.SCALELORA, bench.SCALELORA_NOGROUP, bench.LONG_CHUNK]
     done = run_cli("scalelora.bench", [*args, "--sides", ",".join(sides), "--out", str(out)])
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -309,6 +310,18 @@ def test_overrides_give_scalelora_the_same_work() -> None:
         bench.scalelora_overrides({**spec, "side": bench.SCALELORA, "compile": True}, Path("/tmp/o")),
     )
     assert compiled.train.compile is True
+    # the long-text sides: head_tail within max_length; windows of half of it, overlapping by a quarter
+    head_tail, chunk = (
+        load_config(
+            "quickstart", bench.scalelora_overrides({**spec, "side": side, "overrides": []}, Path("/tmp/o"))
+        )
+        for side in (bench.LONG_HEAD_TAIL, bench.LONG_CHUNK)
+    )
+    assert head_tail.data.long_text == "head_tail" and head_tail.data.max_length == 128
+    assert chunk.data.long_text == "chunk" and chunk.data.max_length == 64 and chunk.data.chunk_stride is None
+    assert plain.data.long_text == "truncate" and chunk.train.batch_size == plain.train.batch_size
+    scenario = bench.SCENARIOS["cpu-minilm-imdb-long"]
+    assert bench.scenario_spec(scenario, 20, 3, None)["data_path"] == "imdb" and scenario.max_length == 512
 
 
 def test_teacher_cache_is_read_by_cached_teacher(tmp_path: Path, toy_data: Path) -> None:
