@@ -344,6 +344,28 @@ def pool_logits(logits: torch.Tensor, doc: torch.Tensor, num_docs: int, how: str
     return shift + torch.log(total / count[:, None])
 
 
+@dataclass(frozen=True)
+class Windows:
+    """Which document each model input of a batch belongs to (`doc`, from collate_windows; None: one
+    input per document), for pooling what the model gives per window into one value per document."""
+
+    doc: torch.Tensor | None
+    num_docs: int
+    how: str
+
+    def logits(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-window logits pooled as data.chunk_pool says; per-document ones (a logits cache) as they are."""
+        if self.doc is None or values.shape[0] != self.doc.shape[0]:
+            return values
+        return pool_logits(values, self.doc, self.num_docs, self.how)
+
+    def rows(self, values: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-window hidden states averaged per document."""
+        if self.doc is None or values is None:
+            return values
+        return pool_rows(values, self.doc, self.num_docs)
+
+
 def pool_rows(values: torch.Tensor, doc: torch.Tensor, num_docs: int) -> torch.Tensor:
     """The mean per document of per-window vectors (the pooled hidden states of hidden-state KD)."""
     return pool_logits(values, doc, num_docs, "mean")

@@ -199,7 +199,11 @@ class Trainer:
         cfg = self.cfg
         with self.phases("data"):
             self.tokenizer = load_tokenizer(cfg.model, cfg.data.truncation_side)
-            self.splits, self.tokenized = self._load_data()
+            # cached once per machine when large (data.load_data); the `auto` recipe chooses in between
+            choose = self._choose_from_data if cfg.recipe == AUTO_RECIPE else None
+            self.splits, self.tokenized = data_lib.load_data(
+                cfg, self.tokenizer, self.accelerator, self.echo, choose
+            )
         # long documents (longtext.py): how many texts were cut, and how (summary.json `long_text`)
         long_text = longtext.LongText.from_config(cfg.data)
         self.long_text = longtext.describe(self.tokenized, long_text, self.tokenizer)
@@ -214,7 +218,9 @@ class Trainer:
             if tune == "auto"
             else (None if tune == "none" else tune)
         )
-        self.class_weights = self._class_weights()
+        self.class_weights = data_lib.class_weight_tensor(
+            cfg, self.label_names, self.splits, self.accelerator.device, self.echo
+        )
 
     def _setup_model(self) -> torch.nn.Module:
         """The classifier as model.mode says, checked against the data's lengths and counted; not yet
@@ -223,7 +229,11 @@ class Trainer:
         checkpoint and adapter names would carry its `_orig_mod.` prefix."""
         cfg = self.cfg
         model, new_modules = load_classifier(
-            cfg.model, self.label_names, self._device_map(), self.problem_type, self.tokenizer.pad_token_id
+            cfg.model,
+            self.label_names,
+            quantized_device_map(cfg.model, self.accelerator.device),
+            self.problem_type,
+            self.tokenizer.pad_token_id,
         )
         if cfg.distill.enabled and cfg.distill.teacher == "self":
             SelfTeacher.check_base(cfg.model.name, untrained_head(model, new_modules))
@@ -331,12 +341,6 @@ class Trainer:
             with self.phases("eval"):
                 self.state.predictions_before = self.evaluator.sample_predictions()
 
-    def _load_data(self) -> tuple[data_lib.Splits, dict[str, Any]]:
-        """The splits and their tokens (data.load_data: cached once per machine when large); the `auto`
-        recipe chooses its settings in between."""
-        choose = self._choose_from_data if self.cfg.recipe == AUTO_RECIPE else None
-        return data_lib.load_data(self.cfg, self.tokenizer, self.accelerator, self.echo, choose)
-
     def _choose_from_data(self, splits: data_lib.Splits, lengths: np.ndarray) -> None:
         """The `auto` recipe: the data-dependent settings (autoconfig.py), logged; the checkpointer, built
         before the data was read, takes the checkpoint interval chosen."""
@@ -347,15 +351,6 @@ class Trainer:
         ):
             self.echo(line)
         self.checkpointer.every = self.cfg.checkpoint.every
-
-    def _class_weights(self) -> torch.Tensor | None:
-        """train.class_weights resolved against the loaded labels, on the device (None: unweighted)."""
-        return data_lib.class_weight_tensor(
-            self.cfg, self.label_names, self.splits, self.accelerator.device, self.echo
-        )
-
-    def _device_map(self) -> Any:
-        return quantized_device_map(self.cfg.model, self.accelerator.device)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -492,17 +487,13 @@ class Trainer:
         """
         cfg, distill = self.cfg, self.cfg.distill
         want_hidden = self.teacher is not None and distill.hidden_weight > 0
-        doc = batch.pop(longtext.DOC, None)  # long documents (data.long_text=chunk): each window's document
+        # long documents (data.long_text=chunk): the loss is over documents, their windows pooled
+        windows = longtext.Windows(batch.pop(longtext.DOC, None), labels.shape[0], cfg.data.chunk_pool)
         teacher_out = self.teacher(self.model, batch, idx, want_hidden) if self.teacher is not None else None
         out = self.model(**batch, output_hidden_states=want_hidden)
-        logits = out.logits
-        if doc is not None:  # the loss is over documents: their windows' logits pooled
-            logits = longtext.pool_logits(logits, doc, labels.shape[0], cfg.data.chunk_pool)
-            if teacher_out is not None and teacher_out.logits.shape[0] == doc.shape[0]:
-                # a model teacher's logits are per window too (a logits cache's are per document)
-                teacher_out.logits = longtext.pool_logits(
-                    teacher_out.logits, doc, labels.shape[0], cfg.data.chunk_pool
-                )
+        logits = windows.logits(out.logits)
+        if teacher_out is not None:  # a model teacher's logits are per window (a cache's per document)
+            teacher_out.logits = windows.logits(teacher_out.logits)
         hard, weight = hard_label_loss_sum(
             logits,
             labels,
@@ -517,12 +508,8 @@ class Trainer:
             kd = kd_sum(logits, teacher_out.logits, distill.temperature, labels)
             parts["kd"] = kd.detach()
         if want_hidden:
-            student_pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"])
-            teacher_pooled = teacher_out.pooled
-            if doc is not None:  # a document's hidden state: the mean of its windows'
-                student_pooled = longtext.pool_rows(student_pooled, doc, labels.shape[0])
-                if teacher_pooled is not None:
-                    teacher_pooled = longtext.pool_rows(teacher_pooled, doc, labels.shape[0])
+            student_pooled = windows.rows(mean_pool(out.hidden_states[-1], batch["attention_mask"]))
+            teacher_pooled = windows.rows(teacher_out.pooled)
             try:
                 hidden = hidden_mse_sum(student_pooled, teacher_pooled, labels)
             except ValueError as err:
