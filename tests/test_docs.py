@@ -641,3 +641,44 @@ def test_training_page_quotes_the_data_scale_benchmark():
         f"{small['ratios']['first_step_over_peer_launch_to_tokenized']:.2f}x",
     ]
     assert_quoted("docs/training.md", quotes)
+
+
+def test_readme_and_docs_quote_the_cpu_precision_measurement():
+    """The bf16-on-CPU figures in README.md, docs/performance.md and docs/training.md, rebuilt from the
+    JSON that runtime.CPU_BF16_MEASURED cites."""
+    from scalelora.runtime import CPU_BF16_MEASURED
+
+    pays, source = CPU_BF16_MEASURED["avx512_bf16"]
+    data = committed(source)
+    fp32, bf16, hf = (data["sides"][k] for k in ("scalelora_fp32", "scalelora_bf16", "hf_trainer_bf16"))
+    assert pays and data["bf16_pays"] and data["repeats"] == 2 and not data["smoke"]
+    assert_quoted(
+        "README.md",
+        [
+            f"ran\n{bf16['train_seconds']:.0f} s of training against {fp32['train_seconds']:.0f} s, test accuracy "
+            f"{bf16['test_accuracy']:.4f} both",
+        ],
+    )
+    assert f"{fp32['test_accuracy']:.4f}" == f"{bf16['test_accuracy']:.4f}"
+    assert_quoted(
+        "docs/performance.md",
+        [
+            f"bf16 **{data['bf16_over_fp32']:.2f}x** the fp32 steady samples/s "
+            f"({bf16['steady_samples_per_second']:.1f} against {fp32['steady_samples_per_second']:.1f}), test "
+            f"accuracy {bf16['test_accuracy']:.4f} both, peak RSS {bf16['peak_rss_bytes'] / 2**30:.2f} against "
+            f"{fp32['peak_rss_bytes'] / 2**30:.2f} GiB",
+            f"in the same run {hf['steady_samples_per_second']:.1f} samples/s (scalelora bf16 "
+            f"{data['bf16_over_hf_bf16']:.2f}x it)",
+            f"--repeats {data['repeats']}` (`{source}`, 2-core AMD EPYC, {data['environment']['date'][:10]})",
+        ],
+    )
+    assert_quoted(
+        "docs/training.md",
+        [
+            f"ran {data['bf16_over_fp32']:.2f}x the fp32 steady samples/s in bf16, test accuracy equal at "
+            f"{bf16['test_accuracy']:.4f}"
+        ],
+    )
+    assert_quoted(
+        "docs/scale-out.md", [f"measured\n{data['bf16_over_fp32']:.2f}x faster at equal test accuracy"]
+    )

@@ -176,11 +176,18 @@ def test_auto_precision_follows_a_half_precision_base_and_reads_this_machine(mon
         "bf16", True, "CUDA capability 8.6 >= 8.0; TF32 on for fp32 matmuls"
     )
     monkeypatch.setattr(runtime, "cpu_flags", lambda: set(AMX))
-    assert runtime.CPU_BF16_MEASURED == {}  # no committed measurement yet: a CPU keeps fp32
+    monkeypatch.setattr(runtime, "CPU_BF16_MEASURED", {})  # no committed measurement: fp32
     assert resolve_precision("auto", on_cuda=False).precision == "no"
     monkeypatch.setattr(runtime, "CPU_BF16_MEASURED", {"amx_bf16": (True, MEASURED)})
     assert resolve_precision("auto", on_cuda=False).precision == "bf16"
     assert resolve_precision("no", on_cuda=False).precision == "no"
+    # the committed measurement: a CPU with AVX512-BF16 (and one with AMX too, which has it) trains in bf16
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    choice = resolve_precision("auto", on_cuda=False)
+    assert choice.precision == "bf16" and "cpu-minilm-precision-avx512_bf16.json" in choice.reason
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert resolve_precision("auto", on_cuda=False).precision == "no"
 
 
 def test_cpu_flags_are_read_as_lscpu_shows_them():
