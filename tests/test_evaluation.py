@@ -149,3 +149,46 @@ def test_save_predictions_writes_each_final_split_in_example_order(tiny_bert, to
             assert r["predicted"] == ["neg", "pos"][int(np.argmax(r["probs"]))]
         accuracy = np.mean([r["predicted"] == r["label"] for r in rows])
         assert accuracy == pytest.approx(summary["eval"][split]["accuracy"])
+
+
+def test_an_evaluation_on_a_terminal_draws_a_progress_bar(monkeypatch):
+    """gather_logits advances a bar per batch on the main process when stderr is a terminal, and draws
+    none in a log (the validation line says what the evaluation found)."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+    import tqdm.auto
+
+    from scalelora.evaluation import gather_logits
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.total, self.done, self.closed = kwargs["total"], 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    model = torch.nn.Linear(3, 2)
+    loader = [
+        {"x": torch.ones(4, 3), "labels": torch.zeros(4, dtype=torch.long), "idx": torch.arange(4) + 4 * i}
+        for i in range(3)
+    ]
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            return SimpleNamespace(logits=model(x))
+
+    for terminal, on_main in ((True, True), (False, True), (True, False)):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda terminal=terminal: terminal)
+        accelerator = SimpleNamespace(is_main_process=on_main, gather_for_metrics=lambda t: t)
+        outputs = gather_logits(accelerator, Model(), [dict(b) for b in loader])
+        assert outputs.logits.shape == (12, 2) and list(outputs.idx) == list(range(12))
+    assert len(bars) == 1 and bars[0].total == 3 and bars[0].done == 3 and bars[0].closed

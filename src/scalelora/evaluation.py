@@ -10,6 +10,7 @@ folders/scripts, which are Python code, hence `eval.trust_remote_code`.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,11 @@ def gather_logits(accelerator: Any, model: torch.nn.Module, loader: Any, pool: s
     """
     model.eval()
     all_logits, all_labels, all_idx = [], [], []
+    bar = None
+    if accelerator.is_main_process and sys.stderr.isatty():  # a terminal sees the evaluation advance
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), desc="scalelora: evaluate", unit="batch", leave=False)
     for batch in loader:
         labels = batch.pop("labels")
         idx = batch.pop("idx")
@@ -187,6 +193,10 @@ def gather_logits(accelerator: Any, model: torch.nn.Module, loader: Any, pool: s
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
         all_idx.append(idx.cpu())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return SplitOutputs(
         torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy(), torch.cat(all_idx).numpy()
     )
