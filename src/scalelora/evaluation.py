@@ -181,7 +181,8 @@ def gather_logits(accelerator: Any, model: torch.nn.Module, loader: Any, pool: s
     if accelerator.is_main_process and sys.stderr.isatty():  # a terminal sees the evaluation advance
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(loader), desc="scalelora: evaluate", unit="batch", leave=False)
+        total = len(loader) if hasattr(loader, "__len__") else None
+        bar = tqdm(total=total, desc="scalelora: evaluate", unit="batch", leave=False)
     for batch in loader:
         labels = batch.pop("labels")
         idx = batch.pop("idx")
