@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from scalelora import longtext
 from scalelora.errors import DataError, UserError, error_class
 from scalelora.longtext import LongText
 
@@ -46,15 +47,7 @@ DISK_MIN_BYTES = 32 << 20
 KEEP = 2
 NOT_IN_KEY = ("root", "num_workers", "group_by_length", "class_balanced", "cache", "cache_dir", "chunk_pool")
 """data.* keys that change neither the rows nor the tokens."""
-TOKEN_KEYS = (
-    "max_length",
-    "truncation_side",
-    "long_text",
-    "head_tokens",
-    "chunk_stride",
-    "max_chunks",
-    "clean_html",
-)
+TOKEN_KEYS = ("max_length", "truncation_side", *(key.split(".", 1)[1] for key in longtext.TOKEN_KEYS))
 """data.* keys that change the tokens, not the rows."""
 WAIT_SECONDS = 0.2
 LOCAL_SPLITS = ("train", "eval", "test")

@@ -40,7 +40,7 @@ included); the text was cut when this exceeds `max_length` (head_tail) or a wind
 WINDOWS = "windows"
 """Column of a chunk split: the number of windows kept for the document."""
 # The data keys that change the tokens of a split (beside the tokenizer, data.max_length and
-# data.truncation_side): a tokenization cache key includes `token_settings(cfg)`, their values.
+# data.truncation_side): the data cache's tokens key (datacache.TOKEN_KEYS) includes them.
 TOKEN_KEYS = ("data.long_text", "data.head_tokens", "data.chunk_stride", "data.max_chunks", "data.clean_html")
 
 
@@ -106,11 +106,6 @@ class LongText:
 
 BEFORE = LongText().record()
 """What a file written before these keys existed means: truncation, no cleaning."""
-
-
-def token_settings(data: Any) -> tuple[Any, ...]:
-    """The values of TOKEN_KEYS in a DataConfig, for a tokenization cache key."""
-    return tuple(getattr(data, key.split(".", 1)[1]) for key in TOKEN_KEYS)
 
 
 # --- clean_html -----------------------------------------------------------------------------------
