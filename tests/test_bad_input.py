@@ -702,3 +702,27 @@ def test_docs_table_lists_every_case():
         assert case.input in rows, f"docs/reliability.md (Bad input) misses the bad input {case.input!r}"
         missing = [fragment for fragment in case.expect if fragment not in rows[case.input]]
         assert not missing, f"docs/reliability.md: the message for {case.input!r} lacks {missing}"
+
+
+def test_an_error_line_reaches_stderr_in_one_write(monkeypatch):
+    """Two ranks share one stderr: a line written as text and newline separately (what `print` does on a
+    write-through stderr) interleaved with the other rank's line in CI. The wrapper writes each line whole."""
+    import io
+    import sys
+
+    from scalelora.errors import UserError, exit_on_user_error
+
+    writes: list[str] = []
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+
+    def fails(argv):
+        raise UserError("a bad setting; fix it")
+
+    assert exit_on_user_error(fails)([]) == 2
+    assert writes == ["scalelora: error: a bad setting; fix it\n"]

@@ -581,13 +581,14 @@ def test_a_key_problem_stops_every_rank_at_setup_with_one_line(tiny_bert, toy_da
         launcher=accelerate_launch(2, "cpu_2proc.yaml"),
     )
     # torchrun reports each rank's exit code (and ends with a summary of its own). Once one rank has exited
-    # with 2, torchrun stops the other with SIGTERM (-15), which may reach it after it printed its error
-    # line (checked below) but before it exited: a race of the launcher, not of scalelora
+    # with 2, torchrun stops the other with SIGTERM (-15), which may reach it before or after it printed its
+    # error line: a race of the launcher, not of scalelora (CI has seen both). So: every rank that exited 2
+    # printed the line, a rank stopped by the launcher may have, and no rank printed anything else
     codes = re.findall(r"exitcode\s*: (-?\d+) ", result.stderr)
     assert result.returncode != 0 and len(codes) == 2, result.stderr
     assert "2" in codes and set(codes) <= {"2", "-15"}, codes
     errors = [line for line in result.stderr.splitlines() if line.startswith("scalelora: error:")]
-    assert len(errors) == 2 and errors[0] == errors[1], errors  # both ranks, the same line
+    assert codes.count("2") <= len(errors) <= 2 and len(set(errors)) == 1, (codes, errors)  # the same line
     assert f"chmod 600 {key}" in errors[0]
     assert "step 1" not in result.stderr and not (out / "metrics.jsonl").exists()
 

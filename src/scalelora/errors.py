@@ -68,6 +68,14 @@ def one_line(message: object, limit: int | None = None) -> str:
     return text if limit is None else text[:limit]
 
 
+def error_line(message: str) -> None:
+    """Write `scalelora: error: message` to stderr in one write: `print` writes the text and its newline
+    separately (stderr is write-through), so the lines of two ranks sharing a terminal or pipe could
+    interleave into one."""
+    sys.stderr.write(f"scalelora: error: {message}\n")
+    sys.stderr.flush()
+
+
 def exit_on_user_error(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Wrap a CLI `main(argv)`: a `UserError` becomes one stderr line and exit code 2.
 
@@ -83,18 +91,14 @@ def exit_on_user_error(main: Callable[[list[str] | None], int | None]) -> Callab
         except UserError as err:
             if debug:
                 raise
-            print(f"scalelora: error: {one_line(err)}", file=sys.stderr, flush=True)
+            error_line(one_line(err))
             return err.exit_code
         except OSError as err:
             # a full disk can strike any write (metrics, logs, a tracker), not only the guarded ones
             if debug or err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             where = f" while writing {err.filename}" if err.filename else ""
-            print(
-                f"scalelora: error: no space left on the device{where}; free space there and resume with resume=auto",
-                file=sys.stderr,
-                flush=True,
-            )
+            error_line(f"no space left on the device{where}; free space there and resume with resume=auto")
             return USAGE_EXIT_CODE
         except KeyboardInterrupt:
             print("scalelora: interrupted", file=sys.stderr, flush=True)
