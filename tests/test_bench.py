@@ -906,3 +906,39 @@ def test_a_compiled_run_saves_a_loadable_adapter(tiny_bert: Path, toy_data: Path
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     model = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_decoder_pilot_trains_both_bases_and_counts_their_agreement(
+    tiny_llama, toy_data, tmp_path: Path
+) -> None:
+    """benchmarks/decoder_pilot.py on a tiny Llama: a float32 and a 4-bit side, each run predicting the
+    validation split through `scalelora.predict`; the agreement is counted from those predictions, and
+    `--reuse` takes finished runs without training them again."""
+    out, runs = tmp_path / "pilot.json", tmp_path / "runs"
+    args = ["benchmarks/decoder_pilot.py", "--steps", "2", "--runs-dir", str(runs), "--out", str(out)]
+    overrides = [
+        f"model.name={tiny_llama}",
+        f"data.path={toy_data}",
+        "data.max_length=32",
+        "train.batch_size=8",
+    ]
+    done = run_cli("benchmarks.decoder_pilot", args[1:] + overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["date"] and report["machine"]["cores"] and report["versions"]["torch"]
+    assert set(report["sides"]) == {"d1_float32_base", "d2_4bit_base"}
+    for side in report["sides"].values():
+        assert side["global_step"] == 2 and side["samples_per_second"] > 0
+        assert 0 <= side["validation"]["accuracy"] <= 1
+    labels = {
+        side: [
+            json.loads(line)["label"] for line in (runs / f"{side}-validation.jsonl").read_text().splitlines()
+        ]
+        for side in report["sides"]
+    }
+    same = sum(a == b for a, b in zip(*labels.values()))
+    assert report["agreement"] == {"validation_texts": 40, "same_label": same, "share": round(same / 40, 4)}
+    assert "load_in_4bit: true" in (runs / "d2_4bit_base" / "config.yaml").read_text()
+    again = run_cli("benchmarks.decoder_pilot", [*args[1:], "--reuse", *overrides])
+    assert again.returncode == 0 and "training" not in again.stderr, again.stderr[-3000:]
