@@ -675,7 +675,7 @@ def test_train_compile_decides_whether_prepare_compiles_and_the_launch_with_what
 
 
 def test_throughput_clock_leaves_out_warmup_and_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
-    from scalelora.meters import StepStats, ThroughputClock
+    from scalelora.meters import StepCounter, ThroughputClock
 
     now = {"t": 0.0}
     monkeypatch.setattr(time_module(), "perf_counter", lambda: now["t"])
@@ -684,17 +684,10 @@ def test_throughput_clock_leaves_out_warmup_and_pauses(monkeypatch: pytest.Monke
     def step(seconds: float, lengths: list[int], last: bool = False) -> None:
         now["t"] += seconds
         mask = torch.tensor([[1] * n + [0] * (max(lengths) - n) for n in lengths])
-        real = mask.sum(dim=1)
-        stats = StepStats(
-            loss=torch.tensor(0.0),
-            tokens=real.sum(),
-            samples=len(lengths),
-            grad_norm=None,
-            seconds=seconds,
-            padded_tokens=mask.numel(),
-            token_pairs=(real * real).sum(),
-        )
-        clock.step_ended(stats, last)
+        counter = StepCounter(torch.device("cpu"))  # the trainer's count of a step's micro-batches
+        for row in range(len(lengths)):  # one micro-batch per example
+            counter.add(torch.zeros(1), {"attention_mask": mask[row : row + 1]})
+        clock.step_ended(counter.stats(torch.tensor(0.0), None, seconds, ranks=1), last)
 
     step(5.0, [3, 1])  # warm-up: not counted
     step(1.0, [2, 2])
@@ -708,6 +701,11 @@ def test_throughput_clock_leaves_out_warmup_and_pauses(monkeypatch: pytest.Monke
     assert result["samples"] == 4 and result["tokens"] == 9 and result["padded_tokens"] == 12
     assert result["token_pairs"] == 4 + 4 + 16 + 1
     assert result["samples_per_second"] == pytest.approx(4 / 3)
+    # every rank holds a batch of the same shape: the counts of one rank scale to all of them
+    counter = StepCounter(torch.device("cpu"))
+    counter.add(torch.zeros(2), {"attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1]])})
+    stats = counter.stats(torch.tensor(0.0), None, 1.0, ranks=2)
+    assert (stats.samples, int(stats.tokens), stats.padded_tokens, int(stats.token_pairs)) == (4, 10, 12, 26)
 
 
 def time_module():

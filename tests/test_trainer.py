@@ -992,3 +992,23 @@ def test_the_pieces_the_trainer_uses_never_import_it():
         imports = scalelora_imports(module)
         assert "scalelora.trainer" not in imports, f"{module} imports scalelora.trainer"
         todo |= imports - seen
+
+
+def test_the_trainer_stays_a_size_a_newcomer_can_hold():
+    """Issue 24's exit line, kept: trainer.py at most 800 lines, the Trainer class at most 550, no function
+    or method over 60. A new concern goes into a module of its own (meters, optim, evaluator, ...)."""
+    import ast
+
+    import scalelora.trainer
+
+    source = Path(scalelora.trainer.__file__).read_text()
+    tree = ast.parse(source)
+    assert len(source.splitlines()) <= 800
+    (trainer,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer"]
+    assert trainer.end_lineno - trainer.lineno + 1 <= 550
+    long = {
+        n.name: n.end_lineno - n.lineno + 1
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 60
+    }
+    assert not long, long

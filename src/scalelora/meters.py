@@ -32,6 +32,60 @@ class StepStats:
     """Sum over examples of (real length)^2, all ranks: the attention work of the step."""
 
 
+class StepCounter:
+    """What the micro-batches of one optimizer step held on this rank: examples, real tokens, token
+    positions with padding, and the attention work (the sum of squared real lengths). Token counts stay
+    on the device, as StepStats' do."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.samples = self.padded = 0
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.pairs = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self.samples += int(labels.shape[0])
+        if "attention_mask" in batch:
+            lengths = batch["attention_mask"].sum(dim=1)
+            self.tokens += lengths.sum()
+            self.pairs += (lengths * lengths).sum()
+            self.padded += batch["attention_mask"].numel()
+
+    def stats(self, loss: torch.Tensor, grad_norm: Any, seconds: float, ranks: int) -> StepStats:
+        """The step's StepStats, counts scaled to all `ranks` (every rank holds a batch of the same shape)."""
+        return StepStats(
+            loss=loss,
+            tokens=self.tokens * ranks,
+            samples=self.samples * ranks,
+            grad_norm=grad_norm,
+            seconds=seconds,
+            padded_tokens=self.padded * ranks,
+            token_pairs=self.pairs * ranks,
+        )
+
+
+def train_record(step: int, window: dict[str, Any], lr: float, steps_per_epoch: int) -> dict[str, Any]:
+    """One `split: train` record of metrics.jsonl from a MetricsWindow reading."""
+    return {
+        "step": step,
+        "split": "train",
+        "loss": window["loss"],
+        "lr": lr,
+        "grad_norm": window["grad_norm"],
+        "samples_per_second": window["samples_per_second"],
+        "tokens_per_second": window["tokens_per_second"],
+        "epoch": step / steps_per_epoch,
+    }
+
+
+def train_line(record: dict[str, Any], total_steps: int) -> str:
+    """The log line of a train record: `step 10/100 loss=... lr=... grad_norm=... samples/s=...`."""
+    norm_text = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
+    return (
+        f"step {record['step']}/{total_steps} loss={record['loss']:.4f} lr={record['lr']:.2e} "
+        f"grad_norm={norm_text} samples/s={record['samples_per_second']:.1f}"
+    )
+
+
 class PhaseTimer:
     """Wall seconds per phase of a run (`with phases("eval"): ...`). A phase entered inside another counts
     for itself only (a best-adapter save inside an evaluation is `save`), so the phases never overlap."""

@@ -439,6 +439,18 @@ def run_peak_memory() -> Iterator[dict[str, str]]:
         _peak_scope = None
 
 
+def accelerator_facts(accelerator: Accelerator) -> dict[str, Any]:
+    """Where a run ran and what it held, for its summary: processes, the distributed type, DeepSpeed's
+    settings, and the peak memory in GiB (`peak_memory_bytes` of the run's device)."""
+    memory = peak_memory_bytes(accelerator.device)
+    return {
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "deepspeed": deepspeed_summary(accelerator),
+        "peak_memory_gb": {k: (v / 2**30 if v is not None else None) for k, v in memory.items()},
+    }
+
+
 def peak_memory_bytes(device: torch.device | str | None = None) -> dict[str, int | None]:
     """Peak accelerator memory allocated by this process (None off CUDA) and its peak resident host
     memory: since `run_peak_memory` began, where it could reset them (see `peak_memory_scope`)."""

@@ -41,7 +41,15 @@ from scalelora.losses import (
     kd_kl_sum,
     kd_sigmoid_sum,
 )
-from scalelora.meters import MetricsWindow, PhaseTimer, StepStats, ThroughputClock
+from scalelora.meters import (
+    MetricsWindow,
+    PhaseTimer,
+    StepCounter,
+    StepStats,
+    ThroughputClock,
+    train_line,
+    train_record,
+)
 from scalelora.models import (
     ParamCount,
     count_params,
@@ -56,11 +64,10 @@ from scalelora.optim import all_finite, build_optimizer, build_scheduler, nonfin
 from scalelora.runtime import (
     PREEMPTED_EXIT_CODE,
     StopSignal,
+    accelerator_facts,
     build_accelerator,
     compiles,
-    deepspeed_summary,
     is_deepspeed,
-    peak_memory_bytes,
     pins_memory,
     process_seconds,
     quantized_device_map,
@@ -436,9 +443,7 @@ class Trainer:
         # that of the global batch's objective (losses.combine_loss)
         scale = acc.num_processes * cfg.train.grad_accum
         objective = torch.zeros((), device=acc.device)
-        samples = padded = 0
-        tokens = torch.zeros((), dtype=torch.long, device=acc.device)
-        pairs = torch.zeros((), dtype=torch.long, device=acc.device)
+        counter = StepCounter(acc.device)
         grad_norm: Any = None
         for batch in group:
             labels, idx = batch.pop("labels"), batch.pop("idx")
@@ -454,24 +459,12 @@ class Trainer:
                     )
                     self.finish_step(objective, grad_norm)
                     self.optimizer.zero_grad(set_to_none=True)
-            samples += int(labels.shape[0])
-            if "attention_mask" in batch:
-                lengths = batch["attention_mask"].sum(dim=1)
-                tokens += lengths.sum()
-                pairs += (lengths * lengths).sum()
-                padded += batch["attention_mask"].numel()
+            counter.add(labels, batch)
         seconds = time.perf_counter() - started
-        self.state.train_samples += samples * acc.num_processes
+        stats = counter.stats(objective.detach(), grad_norm, seconds, acc.num_processes)
+        self.state.train_samples += stats.samples
         self.state.step_seconds += seconds
-        return StepStats(
-            loss=objective.detach(),
-            tokens=tokens * acc.num_processes,
-            samples=samples * acc.num_processes,
-            grad_norm=grad_norm,
-            seconds=seconds,
-            padded_tokens=padded * acc.num_processes,
-            token_pairs=pairs * acc.num_processes,
-        )
+        return stats
 
     def compute_loss(
         self,
@@ -589,25 +582,13 @@ class Trainer:
 
     def log_train(self, window: dict[str, Any]) -> None:
         """One train record: metrics.jsonl, W&B, and a log line (or the progress bar's postfix)."""
-        record = {
-            "step": self.state.global_step,
-            "split": "train",
-            "loss": window["loss"],
-            "lr": float(self.scheduler.get_last_lr()[0]),
-            "grad_norm": window["grad_norm"],
-            "samples_per_second": window["samples_per_second"],
-            "tokens_per_second": window["tokens_per_second"],
-            "epoch": self.state.global_step / self.steps_per_epoch,
-        }
+        lr = float(self.scheduler.get_last_lr()[0])
+        record = train_record(self.state.global_step, window, lr, self.steps_per_epoch)
         self.checkpointer.append_metrics(record)
         self.tracker.log_metrics(
             {f"train/{k}": v for k, v in record.items() if k not in ("step", "split")}, step=record["step"]
         )
-        norm_text = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
-        line = (
-            f"step {record['step']}/{self.total_steps} loss={record['loss']:.4f} lr={record['lr']:.2e} "
-            f"grad_norm={norm_text} samples/s={record['samples_per_second']:.1f}"
-        )
+        line = train_line(record, self.total_steps)
         if self.progress is not None and not self.progress.disable and sys.stderr.isatty():
             self.progress.set_postfix_str(line.split(" ", 2)[2])  # the bar already shows the step
         else:
@@ -633,8 +614,7 @@ class Trainer:
 
     def run_facts(self) -> dict[str, Any]:
         """What the summary reports beyond the config and the trainer state."""
-        acc, calibration = self.accelerator, self.evaluator.calibration
-        memory = peak_memory_bytes(acc.device)
+        calibration, weights = self.evaluator.calibration, self.class_weights
         return {
             "data_source": self.splits.source,
             "labels": self.label_names,
@@ -646,13 +626,8 @@ class Trainer:
             "long_text": self.long_text,
             "params": self.params,
             "total_steps": self.total_steps,
-            "world_size": acc.num_processes,
-            "distributed_type": str(acc.distributed_type),
-            "deepspeed": deepspeed_summary(acc),
-            "class_weights": dict(zip(self.label_names, self.class_weights.tolist()))
-            if self.class_weights is not None
-            else None,
-            "peak_memory_gb": {k: (v / 2**30 if v is not None else None) for k, v in memory.items()},
+            **accelerator_facts(self.accelerator),
+            "class_weights": dict(zip(self.label_names, weights.tolist())) if weights is not None else None,
             "compiled": self.compiled,
             "steady_state": self.throughput.read() if self.throughput is not None else None,
             "phase_seconds": self.phases.read(self.startup_seconds),
