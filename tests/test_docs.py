@@ -682,3 +682,35 @@ def test_readme_and_docs_quote_the_cpu_precision_measurement():
     assert_quoted(
         "docs/scale-out.md", [f"measured\n{data['bf16_over_fp32']:.2f}x faster at equal test accuracy"]
     )
+
+
+def test_classification_page_quotes_the_decoder_rows():
+    """docs/classification.md's decoder results: D1 and D3 from results.json (the D3 bar from emotion's row
+    (2)) and memory against MiniLM from the rows."""
+    data = committed("results/results.json")
+    rows = study_rows(data)
+    d1, d3 = rows["emotion_decoder", "smollm2_lora"], rows["emotion_decoder", "minilm_from_smollm2"]
+    bar = rows["emotion", "lora_on_teacher"]["test"]["macro_f1"] - 0.01
+
+    def line(row: dict, name: str) -> str:
+        (alow, ahigh), (flow, fhigh) = row["accuracy_ci"], row["macro_f1_ci"]
+        return (
+            f"| {name} | {row['trainable_pct']:.2f}% | {row['train_seconds'] / 60:.1f} min | "
+            f"{row['peak_memory_gb']['host']:.2f} GiB | {row['test']['accuracy']:.4f} ({alow:.3f}–{ahigh:.3f}) | "
+            f"{row['test']['macro_f1']:.4f} ({flow:.3f}–{fhigh:.3f}) |"
+        )
+
+    assert d1["test"]["accuracy"] >= 0.91  # "D1 meets its target"
+    met = d3["test"]["macro_f1"] >= bar
+    assert_quoted(
+        "docs/classification.md",
+        [
+            f"recipe; {d1['date']}, this project's 2-core AMD EPYC, float32",
+            line(d1, "(D1) SmolLM2-135M + LoRA, float32 base"),
+            line(d3, "(D3) MiniLM-L6 + LoRA, distilled from D1"),
+            f"D1 meets its target (test accuracy at least 0.91: {d1['test']['accuracy']:.4f})",
+            f"D3's test macro-F1 {d3['test']['macro_f1']:.4f} {'meets' if met else 'misses'} its bar of {bar:.4f}",
+            f"D1 peaked at {d1['peak_memory_gb']['host']:.2f} GiB of host memory, the MiniLM-L6 student at "
+            f"{d3['peak_memory_gb']['host']:.2f} GiB ({d1['peak_memory_gb']['host'] / d3['peak_memory_gb']['host']:.1f}x)",
+        ],
+    )
