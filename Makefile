@@ -21,8 +21,11 @@ install:
 quickstart: install
 	$(PYTHON) -m scalelora.train --config quickstart output_dir=runs/quickstart overwrite=true
 
+# two pytest workers, each taking whole test files (a file's module fixtures are built once, and the SLURM
+# cluster of test_slurm_cluster.py is started by one worker); PYTEST_WORKERS=0 runs in this process
+PYTEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) --dist loadfile
 
 # on a machine with internet: what a GPU image lacks (wheels, a bf16 MiniLM-L6, data) into .whl/, and
 # scripts/gpu_carry.json listing it (see docs: scale-out)
