@@ -64,20 +64,13 @@ def train(side: str, folder: Path, steps: int, extra: list[str]) -> None:
     subprocess.run(command, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
 
-def validation_path(folder: Path) -> Path:
-    """The validation file the run evaluated on, from its own summary (a data folder's validation.jsonl)."""
-    summary = json.loads((folder / "summary.json").read_text())
-    return Path(summary["data_source"]) / "validation.jsonl"
-
-
 def predict(folder: Path, texts: Path, out: Path) -> list[str]:
     command = [sys.executable, "-m", "scalelora.predict", "--adapter", str(folder), "--input", str(texts)]
     subprocess.run([*command, "--output", str(out)], check=True)
     return [json.loads(line)["label"] for line in out.read_text().splitlines() if line.strip()]
 
 
-def side_facts(folder: Path) -> dict[str, Any]:
-    summary = json.loads((folder / "summary.json").read_text())
+def side_facts(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
     validation = summary["eval"]["validation"]
     return {
         **{key: summary.get(key) for key in KEPT},
@@ -110,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = runs / side
         if not (args.reuse and finished(folder, args.steps)):
             train(side, folder, args.steps, args.overrides)
-        sides[side] = side_facts(folder)
-        labels[side] = predict(folder, validation_path(folder), runs / f"{side}-validation.jsonl")
+        summary = json.loads((folder / "summary.json").read_text())
+        sides[side] = side_facts(summary, folder)
+        # the validation file the run evaluated on: its data folder's validation.jsonl
+        texts = Path(summary["data_source"]) / "validation.jsonl"
+        labels[side] = predict(folder, texts, runs / f"{side}-validation.jsonl")
     d1, d2 = (labels[side] for side in SIDES)
     same = sum(a == b for a, b in zip(d1, d2))
     report = {

@@ -6,15 +6,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from scalelora.errors import error_line
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def main(argv: list[str] | None = None) -> int:
     if not (ROOT / "benchmarks" / "bench.py").is_file():
-        print(
-            "scalelora: error: the benchmark harness is benchmarks/bench.py of a scalelora checkout; "
-            "run it from a clone of the repository",
-            file=sys.stderr,
+        error_line(
+            "the benchmark harness is benchmarks/bench.py of a scalelora checkout; run it from a clone of the repository"
         )
         return 2
     if str(ROOT) not in sys.path:

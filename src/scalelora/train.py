@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from scalelora.config import AUTO_RECIPE, dump_yaml, load_config, recipe_descriptions
-from scalelora.errors import exit_on_user_error
+from scalelora.errors import UserError, exit_on_user_error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,12 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.config:
         if not any(item.split("=", 1)[0].strip() == "data.path" for item in args.overrides):
-            print(
-                "scalelora: error: --config RECIPE_OR_YAML is required (see --list), or data.path=FOLDER "
-                "for the default that chooses its settings from your data",
-                file=sys.stderr,
+            raise UserError(
+                "--config RECIPE_OR_YAML is required (see --list), or data.path=FOLDER "
+                "for the default that chooses its settings from your data"
             )
-            return 2
         args.config = AUTO_RECIPE
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
