@@ -714,3 +714,29 @@ def test_classification_page_quotes_the_decoder_rows():
             f"{d3['peak_memory_gb']['host']:.2f} GiB ({d1['peak_memory_gb']['host'] / d3['peak_memory_gb']['host']:.1f}x)",
         ],
     )
+
+
+def test_classification_page_quotes_the_decoder_pilot():
+    """The 100-step pilot that sized the decoder rows: speed, memory and agreement of the two bases."""
+    pilot = committed("benchmarks/results/decoder-pilot-cpu.json")
+    d1, d2 = pilot["sides"]["d1_float32_base"], pilot["sides"]["d2_4bit_base"]
+    agree = pilot["agreement"]
+    assert pilot["steps"] == 100 and d1["global_step"] == d2["global_step"] == 100
+    assert (
+        round(d2["samples_per_second"] / d1["samples_per_second"], 3)
+        == pilot["d2_over_d1_samples_per_second"]
+    )
+    assert "shared the 2 cores" in pilot["note"]  # the "lower bound" the page says
+    assert_quoted(
+        "docs/classification.md",
+        [
+            f"the 4-bit base trained at {pilot['d2_over_d1_samples_per_second']:.3f}x the float32 base's samples/s "
+            f"({d2['samples_per_second']:.2f} against {d1['samples_per_second']:.2f}; a lower bound",
+            f"peaked at {d2['peak_memory_gb']['host']:.2f} GiB of host memory against "
+            f"{d1['peak_memory_gb']['host']:.2f} GiB",
+            f"the two agreed on {agree['same_label']:,} of {agree['validation_texts']:,} validation texts "
+            f"({agree['share']:.3f}), validation accuracy {d2['validation']['accuracy']:.4f} against "
+            f"{d1['validation']['accuracy']:.4f}",
+        ],
+    )
+
