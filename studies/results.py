@@ -67,6 +67,8 @@ LONG_TEXT_GAIN = 0.01
 SECTION_TITLES = {LONG_TEXT: "imdb, long documents", DECODER: "emotion, decoder"}
 # The run each row's paired interval is taken against (the teacher where not named).
 PAIRED_REFERENCE = {LONG_TEXT: "truncate_256", DECODER: "smollm2_lora"}
+# Agreement of a run's test predictions with another's (share of identical labels), under its section's table
+AGREEMENT = {DECODER: ("smollm2_lora_4bit", "smollm2_lora")}
 DECODER_ACCURACY = 0.91
 DECODER_4BIT_GAP = 0.01
 DECODER_STUDENT_GAP = 0.01
@@ -476,11 +478,30 @@ def write_all(results_dir: Path, data: dict[str, Any], notes: str) -> None:
     order = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     rows.sort(key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else 99, r.get("order", 0)))
     data["targets"] = check_targets(rows)
+    for dataset, pair in AGREEMENT.items():
+        agreement = test_agreement(results_dir / "predictions" / f"{dataset}.json", *pair)
+        if agreement and dataset in data["datasets"]:
+            data["datasets"][dataset]["agreement"] = agreement
     # each dataset keeps the versions it ran with (datasets.<name>.versions); the top level says what wrote the file
     data["versions"] = versions()
     atomic_write_json(results_dir / "results.json", data)
     figures = plot_results(rows, results_dir)
     atomic_write_text(results_dir / "RESULTS.md", render(data, figures, notes))
+
+
+def test_agreement(predictions: Path, run: str, reference: str) -> dict[str, Any] | None:
+    """How many test texts `run` labels as `reference` does (single-label predictions), or None when the
+    predictions file lacks one of the two."""
+    if not predictions.is_file():
+        return None
+    runs = json.loads(predictions.read_text())["runs"]
+    a, b = runs.get(run), runs.get(reference)
+    if not a or not b:
+        return None
+    if len(a) != len(b):
+        raise ValueError(f"{predictions}: {run} has {len(a)} test predictions, {reference} {len(b)}")
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    return {"run": run, "reference": reference, "same": same, "of": len(a), "share": round(same / len(a), 4)}
 
 
 def bar_layout(rows: list[dict[str, Any]]) -> tuple[list[str], float, list[tuple[str, float, float]]]:
@@ -642,6 +663,15 @@ def dataset_section(
     ]
     lines += section_table(dataset, ds_rows) if dataset in SECTION_TITLES else runs_table(ds_rows)
     lines += row_notes(dataset, ds_rows)
+    agreement = info.get("agreement")
+    if agreement:
+        names = {run: text.split(" ")[0] for run, text in RUN_DESCRIPTIONS.get(dataset, {}).items()}
+        lines += [
+            "",
+            f"Agreement on test: {names.get(agreement['run'], agreement['run'])} gives the label "
+            f"{names.get(agreement['reference'], agreement['reference'])} gives to {agreement['same']:,} of "
+            f"{agreement['of']:,} texts ({agreement['share']:.4f}).",
+        ]
     if any((r.get("test") or {}).get("tuned") for r in ds_rows):
         lines += [
             "",

@@ -415,3 +415,36 @@ def test_the_long_document_and_decoder_targets_are_their_issues_and_counted_apar
     page = "\n".join(results.targets_section(list(targets.values())))
     assert "long documents (imdb): 2 of 3 met" in page and "decoders (emotion on SmolLM2): 2 of 3 met" in page
     assert "0 of 0 targets met with every setting chosen on validation (the six datasets)" in page
+
+
+def test_the_decoder_section_says_how_often_d2_gives_d1s_label(tmp_path):
+    """Agreement on test: the share of texts D2 labels as D1 does, from the predictions file, kept in
+    results.json (so --render-only needs no predictions) and said under the decoder table."""
+    predictions = tmp_path / "emotion_decoder.json"
+    d1 = ["joy", "sadness", "anger", "joy", "fear"]
+    d2 = ["joy", "sadness", "joy", "joy", "love"]
+    predictions.write_text(json.dumps({"gold": d1, "runs": {"smollm2_lora": d1, "smollm2_lora_4bit": d2}}))
+    agreement = results.test_agreement(predictions, "smollm2_lora_4bit", "smollm2_lora")
+    assert agreement == {
+        "run": "smollm2_lora_4bit",
+        "reference": "smollm2_lora",
+        "same": 3,
+        "of": 5,
+        "share": 0.6,
+    }
+    # a run not yet trained: no agreement, no line
+    predictions.write_text(json.dumps({"gold": d1, "runs": {"smollm2_lora": d1}}))
+    assert results.test_agreement(predictions, "smollm2_lora_4bit", "smollm2_lora") is None
+    predictions.write_text(
+        json.dumps({"gold": d1, "runs": {"smollm2_lora": d1, "smollm2_lora_4bit": d2[:4]}})
+    )
+    with pytest.raises(ValueError, match="4 test predictions"):
+        results.test_agreement(predictions, "smollm2_lora_4bit", "smollm2_lora")
+
+    committed = json.loads((ROOT / "results" / "results.json").read_text())
+    rows = [r for r in committed["results"] if r["dataset"] == "emotion_decoder"]
+    data = {
+        "datasets": {"emotion_decoder": {**committed["datasets"]["emotion_decoder"], "agreement": agreement}}
+    }
+    section = "\n".join(results.dataset_section("emotion_decoder", rows, data, {}))
+    assert "Agreement on test: (D2) gives the label (D1) gives to 3 of 5 texts (0.6000)." in section
