@@ -13,7 +13,10 @@ one-vs-rest TF-IDF baseline (`DATASET_RUNS`).
 (tamilmix_fire2020). A dataset is done as a whole: its rows are reused when results.json holds every
 row of it for the same recipe settings; otherwise the pipeline runs it (reusing finished runs under
 --out-root, which is not committed: on a fresh clone a dataset retrains its teacher). The other
-datasets' rows are kept. results.json, the predictions, RESULTS.md and the figures are rewritten after
+datasets' rows are kept. `--runs` names a subset: those rows are made (a stale one retrained) and replace
+theirs, and the dataset's other rows stay, their test predictions kept, so the paired intervals are taken
+over every row as a whole run would (`make results DATASETS=sst2 RESULTS_ARGS="--runs auto_default"`
+retrains the default row alone). results.json, the predictions, RESULTS.md and the figures are rewritten after
 every dataset, so an interrupted study keeps what finished.
 """
 
@@ -894,27 +897,45 @@ def dataset_staleness(
 
 
 def run_dataset(
-    dataset: str, out_root: Path, overrides: list[str], results_dir: Path, runs: tuple[str, ...]
+    dataset: str,
+    out_root: Path,
+    overrides: list[str],
+    results_dir: Path,
+    runs: tuple[str, ...],
+    have: list[dict[str, Any]] = (),
+    saved: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run (or reuse) one dataset's pipeline; return its rows (with intervals) and its facts."""
+    """Run (or reuse) one dataset's pipeline for `runs`; return the dataset's rows (with intervals) and its
+    facts. Rows of `have` (results.json's) for other runs are kept, with their `saved` test predictions."""
     from scalelora.study.pipeline import Pipeline
 
     started = time.time()
     pipeline = Pipeline(recipe_of(dataset), out_root / dataset, overrides, runs)
     rows = pipeline.run()
     gold = pipeline.gold()
-    runs = {r["run"]: r.pop("predictions", None) for r in rows}
-    intervals = bootstrap(gold, runs, PAIRED_REFERENCE.get(dataset, TEACHER))
+    predictions = {r["run"]: r.pop("predictions", None) for r in rows}
+    kept = [r for r in have if r["run"] not in predictions]
+    if kept:
+        if saved["gold"] != gold:
+            raise UserError(
+                f"{results_dir / 'predictions' / f'{dataset}.json'} has other test labels than today's test "
+                f"split: the rows of {', '.join(r['run'] for r in kept)} cannot be kept; run the dataset whole"
+            )
+        predictions = {**{r["run"]: saved["runs"][r["run"]] for r in kept}, **predictions}
+        # every row where the whole run puts it: a replaced row takes its old place, a new run goes last
+        place = {r["run"]: r.get("order", 0) for r in have}
+        rows = sorted(kept + rows, key=lambda r: place.get(r["run"], len(have)))
+    intervals = bootstrap(gold, predictions, PAIRED_REFERENCE.get(dataset, TEACHER))
     for order, row in enumerate(rows):
         row["dataset"] = dataset
         row["recipe"] = recipe_of(dataset)
         row["order"] = order
         row["description"] = RUN_DESCRIPTIONS.get(dataset, {}).get(row["run"], row["description"])
         row.update(intervals.get(row["run"], {}))
-        row["confusion"] = confusion(gold, runs.get(row["run"])) if dataset in CODE_MIXED else None
+        row["confusion"] = confusion(gold, predictions.get(row["run"])) if dataset in CODE_MIXED else None
     from scalelora.files import atomic_write_json
 
-    atomic_write_json(results_dir / "predictions" / f"{dataset}.json", {"gold": gold, "runs": runs})
+    atomic_write_json(results_dir / "predictions" / f"{dataset}.json", {"gold": gold, "runs": predictions})
     facts = {
         "finished": time.strftime("%Y-%m-%d %H:%M"),
         "wall_seconds": round(time.time() - started, 1),
@@ -922,6 +943,19 @@ def run_dataset(
         "versions": versions(),
     }
     return rows, facts
+
+
+def kept_predictions(path: Path, kept: list[dict[str, Any]]) -> dict[str, Any]:
+    """The saved test predictions (and test labels) the `kept` rows need, checked before anything trains."""
+    names = ", ".join(r["run"] for r in kept)
+    saved = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    missing = [r["run"] for r in kept if not saved["runs"].get(r["run"])]
+    if missing:
+        raise UserError(
+            f"{path} has no predictions of {', '.join(missing)}: the rows of {names} cannot be kept; "
+            "run the dataset whole"
+        )
+    return saved
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -983,8 +1017,18 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for line in stale:
             print(f"results: {dataset}: {line}", file=sys.stderr, flush=True)
-        rows, facts = run_dataset(dataset, Path(args.out_root), args.overrides, results_dir, runs)
+        kept = [r for r in have if r["run"] not in runs]
+        saved = kept_predictions(results_dir / "predictions" / f"{dataset}.json", kept) if kept else None
+        rows, facts = run_dataset(
+            dataset, Path(args.out_root), args.overrides, results_dir, runs, have, saved
+        )
         data["results"] = [r for r in data["results"] if r["dataset"] != dataset] + rows
+        if kept:
+            print(
+                f"results: {dataset}: kept the rows of {', '.join(r['run'] for r in kept)}",
+                file=sys.stderr,
+                flush=True,
+            )
         data["datasets"][dataset] = {**facts, "complete": True}
         write_all(results_dir, data, notes)
         print(f"results: {dataset} done in {facts['wall_seconds'] / 60:.1f} min", file=sys.stderr, flush=True)

@@ -104,6 +104,44 @@ def test_datasets_merge_into_results_and_a_finished_dataset_is_reused(tiny_bert,
     err = capsys.readouterr().err
     assert "teacher_full: reusing" in err and "lora_on_teacher: training" in err
 
+    # --runs one row: it alone is made and replaces its row; the other rows stay, their predictions kept, and
+    # the intervals are those of a whole run (the teacher's exactly as before, the student's paired with it)
+    before = {r["run"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    one_run = ["--runs", "lora_on_teacher", "--out-root", str(tmp_path / "runs"), "--results-dir", str(out)]
+    assert (
+        results.main(
+            ["--datasets", "codemix_tamil", *one_run, *tiny(tiny_bert), "lora_on_teacher:train.lr=2e-3"]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "teacher_full: reusing" not in err and "lora_on_teacher: training" in err
+    assert "results: codemix_tamil: kept the rows of teacher_full" in err
+    after = [
+        r
+        for r in json.loads((out / "results.json").read_text())["results"]
+        if r["dataset"] == "codemix_tamil"
+    ]
+    assert [r["run"] for r in after] == ["teacher_full", "lora_on_teacher"]
+    assert after[0] == before["teacher_full"]
+    assert after[1]["config"]["train"]["lr"] == 2e-3 != before["lora_on_teacher"]["config"]["train"]["lr"]
+    assert "vs_teacher_ci" in after[1]
+    saved = json.loads((out / "predictions" / "codemix_tamil.json").read_text())
+    assert set(saved["runs"]) == {"teacher_full", "lora_on_teacher"} and all(saved["runs"].values())
+    # a kept row must have its predictions: one line naming the way out before anything trains, nothing rewritten
+    saved["runs"]["teacher_full"] = None
+    (out / "predictions" / "codemix_tamil.json").write_text(json.dumps(saved))
+    results_json = (out / "results.json").read_text()
+    again = ["--datasets", "codemix_tamil", *one_run, *tiny(tiny_bert), "lora_on_teacher:train.lr=3e-3"]
+    assert results.main(again) == 2
+    err = capsys.readouterr().err
+    assert (
+        "no predictions of teacher_full: the rows of teacher_full cannot be kept; run the dataset whole"
+        in err
+    )
+    assert "training" not in err
+    assert (out / "results.json").read_text() == results_json
+
 
 def test_dataset_names_resolve_and_unknown_ones_are_refused():
     assert results.resolve_datasets(["emotion", "results_sst2", "sentimix_hinglish"]) == [
