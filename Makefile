@@ -25,7 +25,7 @@ quickstart: install
 # cluster of test_slurm_cluster.py is started by one worker); PYTEST_WORKERS=0 runs in this process
 PYTEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=15 -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # on a machine with internet: what a GPU image lacks (wheels, a bf16 MiniLM-L6, data) into .whl/, and
 # scripts/gpu_carry.json listing it (see docs: scale-out)

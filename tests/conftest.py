@@ -13,6 +13,30 @@ from pathlib import Path
 
 import pytest
 
+
+def worker_threads(workers: int) -> int | None:
+    """The OpenMP threads of one of `workers` pytest-xdist workers; None in a run of one process."""
+    return max(1, len(os.sched_getaffinity(0)) // workers) if workers else None
+
+
+# Under pytest-xdist (`make test`) each worker takes an equal share of the cores, set before torch is imported:
+# two workers each running two OpenMP threads on two cores oversubscribed them (the quickstart test took 518 s
+# under two workers against 148 s alone). Waiting OpenMP threads sleep rather than spin.
+WORKER_THREADS = worker_threads(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")))
+if WORKER_THREADS:
+    os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The longest test files go first, so that under `--dist loadfile --no-loadscope-reorder` two workers start
+# on them and no long file is left to run alone at the end (measured: the quickstart test is the long pole)
+LONG_FILES_FIRST = (
+    "test_quickstart.py",
+    "test_deepspeed.py",
+    "test_bench.py",
+    "test_slurm_cluster.py",
+    "test_faults.py",
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("SCALELORA_DATA_DIR", str(SHARED_DATA))
@@ -341,3 +365,9 @@ def finished_tiny_run(tiny_bert, toy_data, tmp_path_factory) -> Path:
     done = run_cli("scalelora.train", ["--config", "quickstart", *args])
     assert done.returncode == 0, done.stderr[-3000:]
     return out
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The files of LONG_FILES_FIRST first, in that order; the rest keep their order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -740,3 +740,34 @@ def test_classification_page_quotes_the_decoder_pilot():
         ],
     )
 
+
+def test_make_test_runs_the_long_files_first_on_a_share_of_the_cores(monkeypatch):
+    """The README's CI sentence: whole files per worker, the longest first, one thread each on two cores."""
+    import conftest
+
+    make_test = re.search(r"^test:.*?\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    # without --no-loadscope-reorder xdist queues the files by their number of tests, and the one-test
+    # quickstart file would start last
+    assert "--dist loadfile" in make_test and "--no-loadscope-reorder" in make_test
+    for name in conftest.LONG_FILES_FIRST:
+        assert (ROOT / "tests" / name).is_file(), f"{name} is named in LONG_FILES_FIRST but does not exist"
+
+    class Item:
+        def __init__(self, name):
+            self.path = ROOT / "tests" / name
+
+    items = [
+        Item(n) for n in ("test_a.py", "test_faults.py", "test_quickstart.py", "test_b.py", "test_bench.py")
+    ]
+    conftest.pytest_collection_modifyitems(None, items)
+    assert [i.path.name for i in items] == [
+        "test_quickstart.py",
+        "test_bench.py",
+        "test_faults.py",
+        "test_a.py",
+        "test_b.py",
+    ]
+    # the share of the cores each worker's torch gets
+    monkeypatch.setattr(conftest.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert conftest.worker_threads(2) == 1 and conftest.worker_threads(0) is None
+    assert conftest.worker_threads(1) == 2 and conftest.worker_threads(4) == 1
