@@ -486,10 +486,22 @@ def test_results_page_quotes_results_json():
     data = committed("results/results.json")
     rows = study_rows(data)
     f1 = {key: (r["test"].get("tuned") or r["test"])["macro_f1"] for key, r in rows.items()}
+    from studies.results import SECTION_TITLES
+
     own = {
         d: sum(r["wall_seconds"] for r in data["results"] if r["dataset"] == d) / 60 for d in data["datasets"]
     }
-    assert max(own.values()) < 90  # "every dataset is within the 90-minute aim in its rows' wall times"
+    # "each of the six datasets is within the 90-minute aim in its rows' wall times" (the long-document and
+    # decoder sections have their issues' budgets, docs/classification.md)
+    assert {d for d in own if d not in SECTION_TITLES} == {
+        "emotion",
+        "rotten_tomatoes",
+        "sst2",
+        "codemix_tamil",
+        "codemix_hindi",
+        "goemotions",
+    }
+    assert max(t for d, t in own.items() if d not in SECTION_TITLES) < 90
     adapters = {f"{r['trainable_pct']:.2f}" for r in data["results"] if r["run"] == "lora_on_teacher"}
     finished = datetime.strptime(data["datasets"]["sst2"]["finished"], "%Y-%m-%d %H:%M")
     started = finished - timedelta(minutes=study_minutes(data, "sst2"))
@@ -684,13 +696,32 @@ def test_readme_and_docs_quote_the_cpu_precision_measurement():
     )
 
 
+def agreement_pair() -> tuple[str, str]:
+    from studies.results import AGREEMENT
+
+    return AGREEMENT["emotion_decoder"]
+
+
 def test_classification_page_quotes_the_decoder_rows():
     """docs/classification.md's decoder results: D1 and D3 from results.json (the D3 bar from emotion's row
     (2)) and memory against MiniLM from the rows."""
     data = committed("results/results.json")
     rows = study_rows(data)
     d1, d3 = rows["emotion_decoder", "smollm2_lora"], rows["emotion_decoder", "minilm_from_smollm2"]
+    d2 = rows["emotion_decoder", "smollm2_lora_4bit"]
     bar = rows["emotion", "lora_on_teacher"]["test"]["macro_f1"] - 0.01
+    agreement = data["datasets"]["emotion_decoder"]["agreement"]
+    # the agreement results.json keeps is the one the committed predictions give
+    from studies.results import test_agreement
+
+    assert (
+        test_agreement(ROOT / "results" / "predictions" / "emotion_decoder.json", *agreement_pair())
+        == agreement
+    )
+    low, high = (100 * x for x in d2["vs_teacher_ci"])
+    minutes = {name: row["train_seconds"] / 60 for name, row in (("d1", d1), ("d2", d2))}
+    memory = {name: row["peak_memory_gb"]["host"] for name, row in (("d1", d1), ("d2", d2))}
+    rows_wall = sum(r["wall_seconds"] for r in (d1, d2, d3)) / 60
 
     def line(row: dict, name: str) -> str:
         (alow, ahigh), (flow, fhigh) = row["accuracy_ci"], row["macro_f1_ci"]
@@ -701,13 +732,26 @@ def test_classification_page_quotes_the_decoder_rows():
         )
 
     assert d1["test"]["accuracy"] >= 0.91  # "D1 meets its target"
+    assert d2["test"]["accuracy"] >= d1["test"]["accuracy"] - 0.01  # "D2 meets its target"
+    assert low < 0 < high  # "no difference is shown either way"
+    assert rows_wall <= 180  # "the issue allowed 3 hours"
     met = d3["test"]["macro_f1"] >= bar
     assert_quoted(
         "docs/classification.md",
         [
             f"recipe; {d1['date']}, this project's 2-core AMD EPYC, float32",
             line(d1, "(D1) SmolLM2-135M + LoRA, float32 base"),
+            line(d2, "(D2) SmolLM2-135M + LoRA, 4-bit (nf4) base"),
             line(d3, "(D3) MiniLM-L6 + LoRA, distilled from D1"),
+            f"meets its target (test accuracy within 1 pt of D1's: {d2['test']['accuracy']:.4f} against "
+            f"{d1['test']['accuracy']:.4f})",
+            f"It gives D1's label to {agreement['same']:,} of {agreement['of']:,} test texts ({agreement['share']:.4f})",
+            f"its test macro-F1 is {d2['test']['macro_f1']:.4f} against D1's {d1['test']['macro_f1']:.4f}, a paired "
+            f"95% interval of the difference of {low:.1f} to +{high:.1f} pt, so no difference is shown",
+            f"D2 peaked at {memory['d2']:.2f} GiB of host memory against D1's {memory['d1']:.2f} GiB "
+            f"({memory['d2'] / memory['d1']:.2f}x) and trained in {minutes['d2']:.1f} min against "
+            f"{minutes['d1']:.1f} ({minutes['d2'] / minutes['d1']:.2f}x)",
+            f"The three rows took {rows_wall:.1f} min of wall time",
             f"D1 meets its target (test accuracy at least 0.91: {d1['test']['accuracy']:.4f})",
             f"D3's test macro-F1 {d3['test']['macro_f1']:.4f} {'meets' if met else 'misses'} its bar of {bar:.4f}",
             f"D1 peaked at {d1['peak_memory_gb']['host']:.2f} GiB of host memory, the MiniLM-L6 student at "
