@@ -664,6 +664,12 @@ def dataset_section(
         + ".",
         "",
     ]
+    if info.get("remade"):
+        done = [
+            f"{', '.join(e['runs'])} ({e['finished']}, {fmt(e['wall_seconds'] / 60, 1)} min)"
+            for e in info["remade"]
+        ]
+        lines += [f"Rows remade since by `--runs` (the others kept): {'; '.join(done)}.", ""]
     lines += section_table(dataset, ds_rows) if dataset in SECTION_TITLES else runs_table(ds_rows)
     lines += row_notes(dataset, ds_rows)
     agreement = info.get("agreement")
@@ -945,6 +951,17 @@ def run_dataset(
     return rows, facts
 
 
+def dataset_facts(
+    previous: dict[str, Any] | None, facts: dict[str, Any], remade: tuple[str, ...] | None
+) -> dict[str, Any]:
+    """A dataset's facts after an invocation: a whole one's replace them; one that remade some rows
+    (`remade`, rows of other runs kept) keeps the last whole invocation's and adds an entry to `remade`."""
+    if not remade or not previous:
+        return {**facts, "complete": True}
+    entry = {"runs": list(remade), **{k: facts[k] for k in ("finished", "wall_seconds", "versions")}}
+    return {**previous, "remade": [*previous.get("remade", []), entry]}
+
+
 def kept_predictions(path: Path, kept: list[dict[str, Any]]) -> dict[str, Any]:
     """The saved test predictions (and test labels) the `kept` rows need, checked before anything trains."""
     names = ", ".join(r["run"] for r in kept)
@@ -1023,13 +1040,15 @@ def main(argv: list[str] | None = None) -> int:
             dataset, Path(args.out_root), args.overrides, results_dir, runs, have, saved
         )
         data["results"] = [r for r in data["results"] if r["dataset"] != dataset] + rows
+        data["datasets"][dataset] = dataset_facts(
+            data["datasets"].get(dataset), facts, runs if kept else None
+        )
         if kept:
             print(
                 f"results: {dataset}: kept the rows of {', '.join(r['run'] for r in kept)}",
                 file=sys.stderr,
                 flush=True,
             )
-        data["datasets"][dataset] = {**facts, "complete": True}
         write_all(results_dir, data, notes)
         print(f"results: {dataset} done in {facts['wall_seconds'] / 60:.1f} min", file=sys.stderr, flush=True)
     write_all(results_dir, data, notes)

@@ -106,7 +106,8 @@ def test_datasets_merge_into_results_and_a_finished_dataset_is_reused(tiny_bert,
 
     # --runs one row: it alone is made and replaces its row; the other rows stay, their predictions kept, and
     # the intervals are those of a whole run (the teacher's exactly as before, the student's paired with it)
-    before = {r["run"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    whole = json.loads((out / "results.json").read_text())
+    before = {r["run"]: r for r in whole["results"]}
     one_run = ["--runs", "lora_on_teacher", "--out-root", str(tmp_path / "runs"), "--results-dir", str(out)]
     assert (
         results.main(
@@ -128,6 +129,15 @@ def test_datasets_merge_into_results_and_a_finished_dataset_is_reused(tiny_bert,
     assert "vs_teacher_ci" in after[1]
     saved = json.loads((out / "predictions" / "codemix_tamil.json").read_text())
     assert set(saved["runs"]) == {"teacher_full", "lora_on_teacher"} and all(saved["runs"].values())
+    # the dataset's facts stay the last whole invocation's; the partial one is listed as remade rows
+    facts = json.loads((out / "results.json").read_text())["datasets"]["codemix_tamil"]
+    (remade,) = facts.pop("remade")
+    assert facts == whole["datasets"]["codemix_tamil"]
+    assert remade["runs"] == ["lora_on_teacher"] and remade["wall_seconds"] > 0 and remade["finished"]
+    assert (
+        "Rows remade since by `--runs` (the others kept): lora_on_teacher ("
+        in (out / "RESULTS.md").read_text()
+    )
     # a kept row must have its predictions: one line naming the way out before anything trains, nothing rewritten
     saved["runs"]["teacher_full"] = None
     (out / "predictions" / "codemix_tamil.json").write_text(json.dumps(saved))
