@@ -482,7 +482,7 @@ def write_all(results_dir: Path, data: dict[str, Any], notes: str) -> None:
     rows.sort(key=lambda r: (order.index(r["dataset"]) if r["dataset"] in order else 99, r.get("order", 0)))
     data["targets"] = check_targets(rows)
     for dataset, pair in AGREEMENT.items():
-        agreement = test_agreement(results_dir / "predictions" / f"{dataset}.json", *pair)
+        agreement = agreement_on_test(results_dir / "predictions" / f"{dataset}.json", *pair)
         if agreement and dataset in data["datasets"]:
             data["datasets"][dataset]["agreement"] = agreement
     # each dataset keeps the versions it ran with (datasets.<name>.versions); the top level says what wrote the file
@@ -492,7 +492,7 @@ def write_all(results_dir: Path, data: dict[str, Any], notes: str) -> None:
     atomic_write_text(results_dir / "RESULTS.md", render(data, figures, notes))
 
 
-def test_agreement(predictions: Path, run: str, reference: str) -> dict[str, Any] | None:
+def agreement_on_test(predictions: Path, run: str, reference: str) -> dict[str, Any] | None:
     """How many test texts `run` labels as `reference` does (single-label predictions), or None when the
     predictions file lacks one of the two."""
     if not predictions.is_file():

@@ -717,10 +717,10 @@ def test_classification_page_quotes_the_decoder_rows():
     bar = rows["emotion", "lora_on_teacher"]["test"]["macro_f1"] - 0.01
     agreement = data["datasets"]["emotion_decoder"]["agreement"]
     # the agreement results.json keeps is the one the committed predictions give
-    from studies.results import test_agreement
+    from studies.results import agreement_on_test
 
     assert (
-        test_agreement(ROOT / "results" / "predictions" / "emotion_decoder.json", *agreement_pair())
+        agreement_on_test(ROOT / "results" / "predictions" / "emotion_decoder.json", *agreement_pair())
         == agreement
     )
     low, high = (100 * x for x in d2["vs_teacher_ci"])

@@ -472,7 +472,7 @@ def test_the_decoder_section_says_how_often_d2_gives_d1s_label(tmp_path):
     d1 = ["joy", "sadness", "anger", "joy", "fear"]
     d2 = ["joy", "sadness", "joy", "joy", "love"]
     predictions.write_text(json.dumps({"gold": d1, "runs": {"smollm2_lora": d1, "smollm2_lora_4bit": d2}}))
-    agreement = results.test_agreement(predictions, "smollm2_lora_4bit", "smollm2_lora")
+    agreement = results.agreement_on_test(predictions, "smollm2_lora_4bit", "smollm2_lora")
     assert agreement == {
         "run": "smollm2_lora_4bit",
         "reference": "smollm2_lora",
@@ -482,12 +482,12 @@ def test_the_decoder_section_says_how_often_d2_gives_d1s_label(tmp_path):
     }
     # a run not yet trained: no agreement, no line
     predictions.write_text(json.dumps({"gold": d1, "runs": {"smollm2_lora": d1}}))
-    assert results.test_agreement(predictions, "smollm2_lora_4bit", "smollm2_lora") is None
+    assert results.agreement_on_test(predictions, "smollm2_lora_4bit", "smollm2_lora") is None
     predictions.write_text(
         json.dumps({"gold": d1, "runs": {"smollm2_lora": d1, "smollm2_lora_4bit": d2[:4]}})
     )
     with pytest.raises(ValueError, match="4 test predictions"):
-        results.test_agreement(predictions, "smollm2_lora_4bit", "smollm2_lora")
+        results.agreement_on_test(predictions, "smollm2_lora_4bit", "smollm2_lora")
 
     committed = json.loads((ROOT / "results" / "results.json").read_text())
     rows = [r for r in committed["results"] if r["dataset"] == "emotion_decoder"]
