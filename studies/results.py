@@ -553,10 +553,14 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> bool:
     datasets, width, bars = bar_layout(rows)
     if not datasets:
         return False
-    with figure(path, figsize=(11, 4.4)) as (fig, (ax,)):
+    from matplotlib import colormaps
+
+    # 20 distinct colours: the study has more than the default cycle's 10 runs
+    colours = colormaps["tab20"]
+    with figure(path, figsize=(11, 4.8)) as (fig, (ax,)):
         for i, run in enumerate(dict.fromkeys(run for run, _, _ in bars)):
             mine = [(x, v) for r, x, v in bars if r == run]
-            ax.bar([x for x, _ in mine], [v for _, v in mine], width, label=run, color=f"C{i % 10}")
+            ax.bar([x for x, _ in mine], [v for _, v in mine], width, label=run, color=colours(i % 20))
         for j, d in enumerate(datasets):
             base = next((test_macro_f1(r) for r in rows if r["dataset"] == d and r["run"] == BASELINE), None)
             if base is not None:
@@ -580,12 +584,12 @@ def plot_bars(rows: list[dict[str, Any]], path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(
             fontsize=7,
-            ncol=min(10, 1 + len({run for run, _, _ in bars})),
+            ncol=min(6, 1 + len({run for run, _, _ in bars})),  # rows of six fit the figure's width
             loc="upper center",
             bbox_to_anchor=(0.5, -0.1),
             frameon=False,
         )
-        ax.set_title("test macro-F1 per dataset and run (full splits, MiniLM-L6)")
+        ax.set_title("test macro-F1 per dataset and run (full splits; MiniLM-L6 but for the SmolLM2 rows)")
     return True
 
 
