@@ -89,3 +89,41 @@ def test_wandb_disabled_writes_nothing(finished_run):
     assert (finished_run / "config.yaml").read_text().count("mode: disabled") == 1
     assert not (finished_run / "wandb").exists()
     assert not (finished_run / RUN_ID_FILE).exists() and not (finished_run / LAST_STEP_FILE).exists()
+
+
+def test_source_commit_is_scalelora_s_own_commit_or_none(tmp_path):
+    """The commit a run and a results row record: the scalelora checkout's HEAD, `-dirty` after a change under
+    src/; None for a package outside a scalelora checkout, also when that place is inside some other git
+    repository (an installed wheel in a virtual environment within a user's own project)."""
+    import subprocess
+
+    from scalelora.report import source_commit
+
+    def git(repo, *args: str) -> str:
+        command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
+
+    def repository(path, *files: str):
+        for name in files:
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text("a\n")
+        git(path, "init", "-q")
+        git(path, "add", "-A")
+        git(path, "commit", "-qm", "x")
+        return git(path, "rev-parse", "HEAD")
+
+    checkout = tmp_path / "checkout"
+    head = repository(checkout, "pyproject.toml", "src/scalelora/report.py")
+    assert source_commit(checkout / "src" / "scalelora") == head
+    (checkout / "src" / "scalelora" / "report.py").write_text("b\n")
+    assert source_commit(checkout / "src" / "scalelora") == f"{head}-dirty"
+
+    project = tmp_path / "project"
+    repository(project, "pyproject.toml", ".venv/lib/python3.11/site-packages/scalelora/report.py")
+    assert source_commit(project / ".venv" / "lib" / "python3.11" / "site-packages" / "scalelora") is None
+    # a checkout's layout below another repository's top: that repository's commit is not scalelora's
+    nested = project / "vendor" / "scalelora"
+    for name in ("pyproject.toml", "src/scalelora/report.py"):
+        (nested / name).parent.mkdir(parents=True, exist_ok=True)
+        (nested / name).write_text("a\n")
+    assert source_commit(nested / "src" / "scalelora") is None

@@ -32,17 +32,23 @@ RELIABILITY_FILE = "reliability.png"
 SOURCE_PATHS = ("src", "studies", "pyproject.toml")
 
 
-def source_commit() -> str | None:
+def source_commit(package: Path | None = None) -> str | None:
     """The git commit of the running scalelora source, `<hash>-dirty` when tracked files under
-    SOURCE_PATHS differ from it; None when the package is not in a git checkout (an installed wheel)."""
-    root = Path(__file__).resolve().parents[2]
+    SOURCE_PATHS differ from it; None when the package is not in a scalelora checkout: an installed wheel,
+    even one in a virtual environment inside some other git repository, whose commit is not scalelora's."""
+    package = (package or Path(__file__).resolve().parent).resolve()  # .../src/scalelora in a checkout
+    root = package.parents[1]
 
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=True
         ).stdout.strip()
 
+    if package.parent.name != "src" or not (root / "pyproject.toml").is_file():
+        return None
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return None
         head = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PATHS)
     except (OSError, subprocess.SubprocessError):
