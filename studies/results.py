@@ -818,7 +818,7 @@ def row_notes(dataset: str, ds_rows: list[dict[str, Any]]) -> list[str]:
         if differences:
             lines.append(
                 f"- Out of date: {r['description']} differs from what its recipe runs today "
-                f"({'; '.join(differences)}); `make results DATASETS={dataset} RESULTS_ARGS=\"--runs {r['run']}\"` "
+                f'({"; ".join(differences)}); `make results DATASETS={dataset} RESULTS_ARGS="--runs {r["run"]}"` '
                 "retrains it alone."
             )
     return ["", *lines] if lines else []

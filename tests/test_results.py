@@ -361,7 +361,9 @@ def test_the_default_row_compares_the_rules_that_chose_its_settings(monkeypatch)
     ]
     # listed under the table with the command that retrains that row alone
     (note,) = [n for n in results.row_notes("sst2", [default]) if n.startswith("- Out of date")]
-    assert note.endswith('`make results DATASETS=sst2 RESULTS_ARGS="--runs auto_default"` retrains it alone.'), note
+    assert note.endswith(
+        '`make results DATASETS=sst2 RESULTS_ARGS="--runs auto_default"` retrains it alone.'
+    ), note
 
 
 def test_baselines_compare_their_data_settings_and_every_row_names_its_code():
