@@ -275,3 +275,29 @@ def test_a_run_may_distil_from_another_run_of_the_study(tiny_bert, toy_data, tmp
     recipe.write_text("pipeline:\n  small: [distill.enabled=true, distill.teacher=run:small]\n")
     with pytest.raises(ConfigError, match="must name another trained run"):
         Pipeline(str(recipe), out, overrides, ("small",)).source_run("small")
+
+
+def test_the_baselines_read_the_texts_data_clean_html_gives_the_model(tiny_bert, tmp_path):
+    """Under `data.clean_html` the TF-IDF baseline reads the texts without markup, as the model does: on a
+    folder where only the markup tells the labels apart, it scores chance cleaned and perfect raw."""
+    import random
+
+    from conftest import write_jsonl
+
+    rng, words = random.Random(0), [f"w{i}" for i in range(40)]
+    folder = tmp_path / "markup"
+    folder.mkdir()
+    for split, n in (("train", 200), ("validation", 100), ("test", 100)):
+        rows = []
+        for i in range(n):
+            text, label = " ".join(rng.choice(words) for _ in range(12)), ["plain", "marked"][i % 2]
+            rows.append({"text": text.replace(" ", " <br /><br /> ", 1) if i % 2 else text, "label": label})
+        write_jsonl(folder / f"{split}.jsonl", rows)
+    (folder / "labels.json").write_text(json.dumps(["plain", "marked"]))
+    scores = {}
+    for clean in ("false", "true"):
+        overrides = [*tiny(tiny_bert), f"data.path={folder}", "data.max_eval_samples=null"]
+        overrides.append(f"data.clean_html={clean}")
+        rows = Pipeline("quickstart", tmp_path / clean, overrides, runs=("tfidf_lr",)).run()
+        scores[clean] = next(r for r in rows if r["run"] == "tfidf_lr")["validation"]["accuracy"]
+    assert scores["false"] == 1.0 and scores["true"] < 0.65, scores

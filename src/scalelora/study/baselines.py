@@ -127,11 +127,12 @@ def fit_classifier(
     return metrics, c, predicted, {}
 
 
-def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
+def tfidf_logreg(splits: Splits, train_rows: Any = None, clean_html: bool = False) -> dict[str, Any]:
     """Word (1-2 gram) + char (2-5 gram, word-bounded) TF-IDF features and logistic regression.
 
     `train_rows` (a datasets.Dataset with `text` and `label`) replaces `splits.train`, e.g. to fit
-    on the whole training split while the transformers use a subset.
+    on the whole training split while the transformers use a subset. `clean_html`: the texts without
+    markup, as `data.clean_html` gives them to the model.
     """
     from scipy.sparse import hstack
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -142,11 +143,11 @@ def tfidf_logreg(splits: Splits, train_rows: Any = None) -> dict[str, Any]:
     char = TfidfVectorizer(
         analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, max_features=300_000
     )
-    texts = list(train["text"])
+    texts = texts_of(train, clean_html)
     train_x = hstack([word.fit_transform(texts), char.fit_transform(texts)]).tocsr()
 
     def features(rows: Any) -> Any:
-        t = list(rows["text"])
+        t = texts_of(rows, clean_html)
         return hstack([word.transform(t), char.transform(t)]).tocsr()
 
     evals = {"validation": (features(splits.eval), np.asarray(splits.eval["label"]))}
@@ -188,8 +189,15 @@ def pooled_features(
     return out
 
 
+def texts_of(rows: Any, clean_html: bool) -> list[str]:
+    """A split's texts as the transformer rows read them: `data.clean_html` applies to the baselines too."""
+    from scalelora.longtext import clean_html as clean
+
+    return [clean(t) for t in rows["text"]] if clean_html else list(rows["text"])
+
+
 def linear_probe(
-    splits: Splits, model_name: str, max_length: int, allow_pickle: bool = False
+    splits: Splits, model_name: str, max_length: int, allow_pickle: bool = False, clean_html: bool = False
 ) -> dict[str, Any]:
     """Logistic regression on frozen mean-pooled features of `model_name` (the pretrained encoder)."""
     from transformers import AutoModel
@@ -205,7 +213,7 @@ def linear_probe(
     total = sum(p.numel() for p in encoder.parameters())
 
     def feats(rows: Any) -> np.ndarray:
-        return pooled_features(encoder, tokenizer, list(rows["text"]), max_length)
+        return pooled_features(encoder, tokenizer, texts_of(rows, clean_html), max_length)
 
     train_x = feats(splits.train)
     mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6

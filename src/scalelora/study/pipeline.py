@@ -441,14 +441,16 @@ class Pipeline:
         started, load_before = time.time(), load_average()
         splits = data_lib.load_splits(cfg.data, cfg.seed)
         if run == "linear_probe":
-            row = baselines.linear_probe(splits, cfg.model.name, cfg.data.max_length, cfg.model.allow_pickle)
+            row = baselines.linear_probe(
+                splits, cfg.model.name, cfg.data.max_length, cfg.model.allow_pickle, cfg.data.clean_html
+            )
         elif run == "tfidf_lr_subset":
-            row = baselines.tfidf_logreg(splits)
+            row = baselines.tfidf_logreg(splits, clean_html=cfg.data.clean_html)
         else:
             from dataclasses import replace
 
             whole = data_lib.load_splits(replace(cfg.data, max_train_samples=None), cfg.seed)
-            row = baselines.tfidf_logreg(splits, train_rows=whole.train)
+            row = baselines.tfidf_logreg(splits, train_rows=whole.train, clean_html=cfg.data.clean_html)
         row.update(
             wall_seconds=time.time() - started,
             load_average=[load_before, load_average()],
