@@ -821,3 +821,55 @@ def test_make_test_runs_the_long_files_first_on_a_share_of_the_cores(monkeypatch
     monkeypatch.setattr(conftest.os, "sched_getaffinity", lambda pid: {0, 1})
     assert conftest.worker_threads(2) == 1 and conftest.worker_threads(0) is None
     assert conftest.worker_threads(1) == 2 and conftest.worker_threads(4) == 1
+
+
+def long_text_cost(report: dict) -> str:
+    """docs/classification.md's measured cost of each long-text mode, from cpu-minilm-imdb-long."""
+    sides, hf = report["sides"], report["sides"][report["comparator"]]
+    ours, head_tail, chunk = (sides[s] for s in ("scalelora", "scalelora_head_tail", "scalelora_chunk"))
+    env = report["environment"]
+
+    def per_doc(entry: dict) -> float:
+        return entry["tokens_per_second"] / entry["samples_per_second"]
+
+    def tokens(entry: dict) -> str:
+        return f"{entry['tokens_per_second'] / hf['tokens_per_second']:.2f}x"
+
+    return (
+        f"Measured on {env['machine']['cpu']} ({env['machine']['cores']} cores), {env['date'][:10]}, "
+        f"{report['repeats']} repeats of {report['steps']} steps of {report['batch_size']} documents, fp32: "
+        f"scalelora truncating at 512 reads {tokens(ours)} the tokens/s of HF `Trainer` + PEFT truncating at 512 "
+        f"(length-grouped, {hf['tokens_per_second']:,.0f} tokens/s) and does "
+        f"{ours['achieved_gflops'] / hf['achieved_gflops']:.2f}x its GFLOP/s; `head_tail` 512 costs what "
+        f"truncation costs ({tokens(head_tail)}, the same {per_doc(head_tail):.0f} tokens a review); `chunk` "
+        f"256/64 reads {per_doc(chunk) / per_doc(ours):.2f}x the tokens a review ({per_doc(chunk):.0f} against "
+        f"{per_doc(ours):.0f}) at {tokens(chunk)} HF's tokens/s, so "
+        f"{chunk['samples_per_second'] / ours['samples_per_second']:.2f}x truncation's documents/s, with a peak "
+        f"RSS of {mib(chunk['peak_memory_bytes'])} MiB against {mib(ours['peak_memory_bytes'])} MiB. Documents/s "
+        f"do not compare across HF and scalelora here: HF's timed steps held longer reviews "
+        f"({per_doc(hf):.0f} tokens a review)"
+    )
+
+
+def test_long_documents_quote_the_committed_long_text_benchmark():
+    """The long-text scenario's JSON: its table in benchmarks/README.md, each mode's cost in docs/classification.md."""
+    from benchmarks.plot import throughput_table
+
+    report = benchmark("cpu-minilm-imdb-long")
+    assert (
+        not report["smoke"] and report["scenario"] == "cpu-minilm-imdb-long" and report["max_length"] == 512
+    )
+    sides = report["sides"]
+    per_doc = {s: e["tokens_per_second"] / e["samples_per_second"] for s, e in sides.items()}
+    assert sides["scalelora_head_tail"]["repeats"][0]["tokens"] == sides["scalelora"]["repeats"][0]["tokens"]
+    assert_quoted("benchmarks/README.md", throughput_table(report))
+    assert_quoted(
+        "benchmarks/README.md",
+        [
+            f"Committed run ({report['environment']['machine']['cpu']}, 2 cores, {report['environment']['date'][:10]}, "
+            f"machine idle, commit {report['environment']['git_commit']})",
+            f"({per_doc['hf_trainer_grouped']:.0f} tokens a review against {per_doc['scalelora']:.0f})",
+            f"`chunk` reads every window ({per_doc['scalelora_chunk']:.0f} tokens a review)",
+        ],
+    )
+    assert_quoted("docs/classification.md", [long_text_cost(report)])
