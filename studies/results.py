@@ -660,8 +660,7 @@ def dataset_section(
         f"{fmt(info.get('wall_seconds', 0) / 60, 1)} min for its last `make results` (runs finished "
         f"before are reused, not retrained; the rows' own wall times add up to "
         f"{fmt(sum(r.get('wall_seconds') or 0 for r in ds_rows) / 60, 1)} min); "
-        f"max_length {ds_rows[0].get('max_length')} "
-        f"(token lengths of the training split: {info.get('lengths', '?')}).",
+        f"{max_length_fact(ds_rows)} (token lengths of the training split: {info.get('lengths', '?')}).",
         "",
         "Versions: "
         + ", ".join(f"{k} {v}" for k, v in info.get("versions", data.get("versions", {})).items())
@@ -875,6 +874,16 @@ def confusion(gold: list[str], predicted: list[str] | None) -> dict[str, Any] | 
     return {"labels": labels, "matrix": confusion_matrix(gold, predicted, labels=labels).tolist()}
 
 
+def max_length_fact(ds_rows: list[dict[str, Any]]) -> str:
+    """The rows' max_length: one value, or each row's where they differ (imdb's long-text modes)."""
+    found = {r["description"]: r["max_length"] for r in ds_rows if r.get("max_length")}
+    if len(set(found.values())) == 1:
+        return f"max_length {next(iter(found.values()))}"
+    if found:
+        return "max_length " + ", ".join(f"{value} for {run}" for run, value in found.items())
+    return "max_length: none yet (baseline rows only)"
+
+
 def length_summary(dataset: str) -> str:
     from scalelora import data as data_lib
     from scalelora.config import load_config
@@ -888,8 +897,16 @@ def length_summary(dataset: str) -> str:
     lengths = np.asarray(
         data_lib.tokenize_split(splits.train, tokenizer, replace(cfg.data, max_length=512))["length"]
     )
+    if lengths.max() >= 512:  # cut at 512 above: count the long texts whole, as the model reads them
+        from scalelora.longtext import LongText, prepare_texts
+
+        texts = prepare_texts(list(splits.train["text"]), LongText.from_config(cfg.data))
+        lengths = np.asarray([len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]])
     q = np.percentile(lengths, [50, 95, 99])
-    return f"median {q[0]:.0f}, p95 {q[1]:.0f}, p99 {q[2]:.0f}, max {lengths.max()}"
+    summary = f"median {q[0]:.0f}, p95 {q[1]:.0f}, p99 {q[2]:.0f}, max {lengths.max()}"
+    if lengths.max() > 512:
+        summary += f"; {np.mean(lengths > 256):.1%} over 256 tokens, {np.mean(lengths > 512):.1%} over 512"
+    return summary
 
 
 def dataset_staleness(

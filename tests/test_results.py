@@ -501,3 +501,15 @@ def test_the_decoder_section_says_how_often_d2_gives_d1s_label(tmp_path):
     }
     section = "\n".join(results.dataset_section("emotion_decoder", rows, data, {}))
     assert "Agreement on test: (D2) gives the label (D1) gives to 3 of 5 texts (0.6000)." in section
+
+
+def test_a_section_gives_its_rows_max_length_once_or_each_rows_where_they_differ():
+    rows = [
+        {"description": "teacher", "max_length": 64},
+        {"description": "TF-IDF", "max_length": None},
+        {"description": "student", "max_length": 64},
+    ]
+    assert results.max_length_fact(rows) == "max_length 64"
+    rows.append({"description": "chunk", "max_length": 256})
+    assert results.max_length_fact(rows) == "max_length 64 for teacher, 64 for student, 256 for chunk"
+    assert results.max_length_fact(rows[1:2]) == "max_length: none yet (baseline rows only)"
