@@ -191,9 +191,9 @@ def pooled_features(
 
 def texts_of(rows: Any, clean_html: bool) -> list[str]:
     """A split's texts as the transformer rows read them: `data.clean_html` applies to the baselines too."""
-    from scalelora.longtext import clean_html as clean
+    from scalelora.longtext import LongText, prepare_texts
 
-    return [clean(t) for t in rows["text"]] if clean_html else list(rows["text"])
+    return prepare_texts(rows["text"], LongText(clean_html=clean_html))
 
 
 def linear_probe(
