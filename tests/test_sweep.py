@@ -6,13 +6,16 @@ import csv
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import scalelora.study
 from conftest import ROOT, read_summary, run_cli, tiny_overrides
 from scalelora.errors import ConfigError
+from scalelora.report import machine_line
 from scalelora.study.sweep import main as sweep_main
 from scalelora.study.sweep import parse_grid, run_name, split_values
 
@@ -94,6 +97,15 @@ def test_local_sweep_runs_the_grid_and_tabulates_it(local_sweep):
         assert row["macro_f1"] == pytest.approx(summary["eval"]["validation"]["macro_f1"])
         assert row["test_accuracy"] == pytest.approx(summary["eval"]["test"]["accuracy"])
         assert row["train_seconds"] == pytest.approx(summary["train_seconds"])
+        # a sweep.json committed as a measurement says where, when and with what each run trained
+        assert row["train_tokens"] == summary["train_tokens"] > 0
+        assert row["peak_memory_gb"] == summary["peak_memory_gb"]
+        assert row["machine"] == summary["machine"] == machine_line()
+        assert row["finished"] == summary["finished"] and row["finished"].startswith(
+            time.strftime("%Y-", time.gmtime())
+        )
+        assert row["versions"] == summary["versions"] and row["versions"]["torch"] == torch.__version__
+        assert row["commit"] == summary["commit"]
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [r["lora.r"] for r in rows] == ["2", "4"]
     assert {

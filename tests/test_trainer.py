@@ -36,6 +36,8 @@ SUMMARY_KEYS = {
     "sample_predictions",
     "peak_memory_gb",
     "peak_memory_scope",
+    "machine",
+    "finished",
 }
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import platform
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,26 @@ def autoconfig_rules(cfg: Any) -> int | None:
     from scalelora.config import AUTO_RECIPE
 
     return autoconfig.RULES_VERSION if cfg.recipe == AUTO_RECIPE else None
+
+
+def machine_line() -> str:
+    """CPU model (or GPU), cores and memory, e.g. `AMD EPYC 7B13, 2 cores, 23.5 GiB`."""
+    cpu = platform.processor() or platform.machine()
+    memory = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    import torch
+
+    device = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, {memory} GiB{device}"
 
 
 def build_summary(
@@ -133,6 +156,9 @@ def build_summary(
         "peak_memory_scope": peak_memory_scope(facts["peak_memory_gb"]),
         "seed": cfg.seed,
         "commit": source_commit(),
+        # where and when the run finished, for any table built from summaries (sweeps, studies)
+        "machine": machine_line(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # the auto recipe's settings come from rules that no key names: their version says which
         "autoconfig_rules": autoconfig_rules(cfg),
         "distill": to_dict(cfg)["distill"] if cfg.distill.enabled else None,

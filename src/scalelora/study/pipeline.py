@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -53,7 +52,7 @@ from scalelora.config import (
 )
 from scalelora.errors import ConfigError, DataError, UserError, exit_on_user_error
 from scalelora.files import atomic_write_json
-from scalelora.report import RUN_COLUMNS, fmt, source_commit, table
+from scalelora.report import RUN_COLUMNS, fmt, machine_line, source_commit, table
 
 TRAINED_RUNS = (
     "teacher_full",
@@ -150,26 +149,6 @@ def _value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ",".join(str(x) for x in v) + "]"
     return "true" if v is True else "false" if v is False else str(v)
-
-
-def machine_line() -> str:
-    """CPU model (or GPU), cores and memory, e.g. `AMD EPYC 7B13, 2 cores, 23.5 GiB`."""
-    cpu = platform.processor() or platform.machine()
-    memory = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    import torch
-
-    device = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, {memory} GiB{device}"
 
 
 def load_average() -> float | None:

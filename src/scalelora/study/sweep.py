@@ -314,7 +314,8 @@ def sbatch(args: list[str]) -> str:
 
 
 def collect(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
-    """One row per grid point: swept values, parameter counts, metrics, train time (None until it finished)."""
+    """One row per grid point: swept values, parameter counts, metrics, train time and tokens, peak memory, and
+    the machine, finish time, commit and versions of its summary.json (None until it finished)."""
     rows = []
     for run in plan.runs:
         row: dict[str, Any] = dict(run["values"])
@@ -334,6 +335,13 @@ def collect(plan: SweepPlan, out: Path) -> list[dict[str, Any]]:
                 "test_macro_f1": evals.get("test", {}).get("macro_f1"),
                 "best_step": summary and summary["best"]["step"],
                 "train_seconds": summary and summary["train_seconds"],
+                "train_tokens": summary and summary.get("train_tokens"),
+                "peak_memory_gb": summary and summary.get("peak_memory_gb"),
+                # where, when and with what the run trained (a measurement committed from sweep.json says so)
+                "machine": summary and summary.get("machine"),
+                "finished": summary and summary.get("finished"),
+                "commit": summary and summary.get("commit"),
+                "versions": summary and summary.get("versions"),
             }
         )
         rows.append(row)
