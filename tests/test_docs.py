@@ -936,3 +936,24 @@ def test_long_documents_quote_the_imdb_rows_committed_so_far():
     row_line = re.compile(r"^\| (`\w+`|default \(`data.path=imdb` only\)) \| `(truncate|head_tail|chunk)` ")
     table = [line for line in page.splitlines() if row_line.match(line)]
     assert len(table) == len(trained), table
+
+
+def test_long_documents_quote_the_chunk_pooling_sweep():
+    """The IMDB paragraph gives the committed validation-only sweep that chose the chunk row's pooling."""
+    sweep = committed("results/sweeps/imdb_chunk_pool/sweep.json")
+    runs = {r["data.chunk_pool"]: r for r in sweep["runs"]}
+    steps = next(int(item.split("=")[1]) for item in sweep["fixed"] if item.startswith("train.max_steps="))
+    best = max(runs, key=lambda pool: runs[pool]["macro_f1"])
+    some = runs[best]
+    scores = ", ".join(f"`{pool}` {runs[pool]['macro_f1']:.4f}" for pool in ("mean", "max", "logmeanexp"))
+    assert_quoted(
+        "docs/classification.md",
+        [
+            f"The `chunk` row pools with `{best}`, chosen by a validation-only sweep of the three poolings "
+            f"([results/sweeps/imdb_chunk_pool](../results/sweeps/imdb_chunk_pool/sweep.md); the row's windows, "
+            f"{steps} steps of 32 reviews each, {some['finished'][:10]}, commit `{some['commit'][:7]}`): validation "
+            f"macro-F1 {scores}",
+            f"The three are within {100 * (runs[best]['macro_f1'] - min(r['macro_f1'] for r in runs.values())):.2f} "
+            "pt of each other",
+        ],
+    )

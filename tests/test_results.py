@@ -513,3 +513,27 @@ def test_a_section_gives_its_rows_max_length_once_or_each_rows_where_they_differ
     rows.append({"description": "chunk", "max_length": 256})
     assert results.max_length_fact(rows) == "max_length 64 for teacher, 64 for student, 256 for chunk"
     assert results.max_length_fact(rows[1:2]) == "max_length: none yet (baseline rows only)"
+
+
+def test_the_imdb_chunk_row_pools_as_the_committed_validation_sweep_chose():
+    """results_imdb's `chunk` row takes the pooling that did best on validation in the committed sweep
+    (results/sweeps/imdb_chunk_pool: the same windows, each pooling, validation only: no test split was read)."""
+    from scalelora.config import load_config
+
+    sweep = json.loads((ROOT / "results" / "sweeps" / "imdb_chunk_pool" / "sweep.json").read_text())
+    assert sweep["recipe"] == "results_imdb" and list(sweep["axes"]) == ["data.chunk_pool"]
+    assert "data.test_split=null" in sweep["fixed"]
+    runs = sweep["runs"]
+    assert {r["data.chunk_pool"] for r in runs} == {"mean", "max", "logmeanexp"}
+    assert all(r["status"] == "done" and r["test_accuracy"] is None and r["machine"] for r in runs)
+    best = max(runs, key=lambda r: r[sweep["metric"]])["data.chunk_pool"]
+    recipe = load_config("results_imdb")
+    line = recipe.pipeline["chunk"]
+    assert f"data.chunk_pool={best}" in line
+    # the sweep's windows are the row's: the same mode, window and stride, and the same documents a step
+    fixed = [
+        item
+        for item in sweep["fixed"]
+        if not item.startswith(("train.max_steps", "eval.every", "data.test_split"))
+    ]
+    assert set(fixed) == {item for item in line if not item.startswith("data.chunk_pool")}
