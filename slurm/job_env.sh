@@ -65,5 +65,25 @@ export MAIN_HOST
 # Exported as the path this, the first, node resolves, so srun hands every node the same path; on nodes
 # without a shared home, set SCALELORA_KEY_FILE before sbatch to a file on a shared filesystem.
 export SCALELORA_KEY_FILE=${SCALELORA_KEY_FILE:-${XDG_CONFIG_HOME:-$HOME/.config}/scalelora/checkpoint.key}
-# the batch script runs on the first node of the allocation, so a port free here is free on MAIN_HOST
-export MAIN_PORT=${MAIN_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+# The batch script runs on the first node of the allocation, so a port free here is free on MAIN_HOST. It is
+# taken below the kernel's ephemeral range (from 10000 + the job id, the first free one): a port the kernel
+# hands out for port 0 comes from that range, and srun's own sockets on this node can take it again before
+# the launcher binds it (seen: the rendezvous port held by srun, the job failed).
+export MAIN_PORT=${MAIN_PORT:-$(python -c '
+import os, socket
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+span = max(low - 10000, 1)
+start = int(os.environ.get("SLURM_JOB_ID", "0")) % span
+for offset in range(span):
+    port = 10000 + (start + offset) % span
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+    print(port)
+    break
+')}

@@ -172,6 +172,9 @@ def test_multi_node_on_gpu_nodes_runs_one_launch_per_node_with_its_own_rank(fake
     assert result.returncode == 0, result.stderr
     port = node_args(log, 0)[node_args(log, 0).index("--main_process_port") + 1]
     assert port.isdigit() and 1024 <= int(port) <= 65535
+    # never from the kernel's ephemeral range, where srun's own sockets on this node can take it again
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert 10000 <= int(port) < low
     for node in (0, 1):
         assert node_args(log, node) == expected_node_command(
             "accel_configs/deepspeed_zero3_multinode.yaml",
@@ -405,3 +408,36 @@ def test_the_sweep_array_exports_the_checkpoint_key_path(fake_cluster, tmp_path)
         ["bash", "-c", f"{line}; echo $SCALELORA_KEY_FILE"], env=env, capture_output=True, text=True
     )
     assert result.stdout.strip() == f"{tmp_path}/.config/scalelora/checkpoint.key"
+
+
+def test_the_rendezvous_port_comes_from_the_job_id_below_the_ephemeral_range():
+    """job_env.sh's MAIN_PORT: 10000 + the job id (modulo the span below the ephemeral range), the next free
+    port when that one is taken; a port from bind(0) could be taken again by srun before the launcher binds it."""
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    span = low - 10000
+
+    def main_port(job_id: int) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "MAIN_PORT"}
+        env.update(SLURM_JOB_ID=str(job_id), SLURM_NNODES="1")
+        out = subprocess.run(
+            ["bash", "-c", "source slurm/job_env.sh >/dev/null 2>&1; echo $MAIN_PORT"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return int(out.stdout.split()[-1])
+
+    job = 7 * span + 1234
+    with socket.socket() as held:
+        try:
+            held.bind(("", 10000 + 1234))
+        except OSError:
+            pytest.skip("port 11234 is in use here")
+        held.listen()
+        assert main_port(job) == 10000 + 1235  # the job's own port is taken: the next free one
+    assert main_port(job) == 10000 + 1234
+    assert main_port(span - 1) == 10000 + span - 1 < low
