@@ -370,6 +370,20 @@ def test_local_launchers_pass_the_recipe_and_overrides(fake_cluster):
     assert "--cpu" not in args  # --cpu silently switches DeepSpeed off
 
 
+def job_env_exports(env: dict[str, str]) -> dict[str, str]:
+    """The environment `source slurm/job_env.sh` leaves, run from the repository root under `set -eu`."""
+    result = subprocess.run(
+        ["bash", "-c", "set -eu; source slurm/job_env.sh; env"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
@@ -384,17 +398,7 @@ def test_job_env_exports_one_checkpoint_key_path_for_every_node(fake_cluster, tm
     env, _ = fake_cluster
     env = {k: v for k, v in env.items() if k not in ("SCALELORA_KEY_FILE", "XDG_CONFIG_HOME")}
     env.update(HOME=str(tmp_path), SLURM_NNODES="1", **given)
-    result = subprocess.run(
-        ["bash", "-c", "set -eu; source slurm/job_env.sh; env"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    exported = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-    assert exported["SCALELORA_KEY_FILE"] == expected.format(home=tmp_path)
+    assert job_env_exports(env)["SCALELORA_KEY_FILE"] == expected.format(home=tmp_path)
 
 
 def test_the_sweep_array_exports_the_checkpoint_key_path(fake_cluster, tmp_path):
@@ -421,15 +425,7 @@ def test_the_rendezvous_port_comes_from_the_job_id_below_the_ephemeral_range():
     def main_port(job_id: int) -> int:
         env = {k: v for k, v in os.environ.items() if k != "MAIN_PORT"}
         env.update(SLURM_JOB_ID=str(job_id), SLURM_NNODES="1")
-        out = subprocess.run(
-            ["bash", "-c", "source slurm/job_env.sh >/dev/null 2>&1; echo $MAIN_PORT"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        return int(out.stdout.split()[-1])
+        return int(job_env_exports(env)["MAIN_PORT"])
 
     job = 7 * span + 1234
     with socket.socket() as held:
