@@ -265,6 +265,42 @@ def test_settings_that_cannot_work_are_refused(overrides, message):
         load_config("quickstart", overrides)
 
 
+@pytest.mark.parametrize(
+    ("mode", "said", "not_said"),
+    [
+        (
+            "truncate",
+            ["longer than data.max_length=64 tokens and are cut to it", "truncation_side"],
+            ["middle"],
+        ),
+        (
+            "head_tail",
+            ["longer than data.max_length=64 tokens and lose their middle", "head_tail"],
+            ["cut to it"],
+        ),
+        (
+            "chunk",
+            ["more than data.max_chunks=3 windows of data.max_length=64", "data.long_text=chunk"],
+            ["cut to it"],
+        ),
+    ],
+)
+def test_the_warning_and_report_say_what_each_mode_did_to_the_texts_not_read_whole(mode, said, not_said):
+    from scalelora import data as data_lib
+    from scalelora import report
+    from scalelora.config import to_dict
+
+    cfg = load_config("quickstart", [f"data.long_text={mode}", "data.max_length=64", "data.max_chunks=3"])
+    truncated = {"train": {"rows": 30, "share": 0.3}}
+    (warning,) = data_lib.truncation_lines(truncated, cfg.data)
+    assert warning.startswith("scalelora: warning: 30.0% of the train texts (30) ")
+    assert all(s in warning for s in said) and not any(s in warning for s in not_said)
+    (line,) = [x for x in report.truncation_lines({"truncated": truncated}, to_dict(cfg)) if x]
+    assert line.endswith(": train 30 (30.0%).")
+    assert ("truncated" in line) == (mode == "truncate")
+    assert f"data.long_text={mode}" in line or mode == "truncate"
+
+
 # the imdb section's rows (studies/results.py: DATASET_RUNS["imdb"], LONG_TEXT_RUNS)
 IMDB_ROWS = ("tfidf_lr", "truncate_256", "head_tail_512", "chunk", "auto_default")
 

@@ -1152,14 +1152,33 @@ def truncation_record(rows: int, total: int) -> dict[str, Any]:
     return {"rows": int(rows), "share": rows / total if total else 0.0}
 
 
-def truncation_lines(truncated: dict[str, dict[str, Any]], max_length: int) -> list[str]:
-    """A warning for each split with more than TRUNCATION_WARN_SHARE of its rows cut at max_length."""
+def truncation_lines(truncated: dict[str, dict[str, Any]], data: Any) -> list[str]:
+    """A warning for each split with more than TRUNCATION_WARN_SHARE of its rows not read whole, in the
+    words of `data.long_text` (a DataConfig): truncate cuts at max_length, head_tail cuts the middle,
+    chunk drops the middle windows past max_chunks."""
     return [
-        f"scalelora: warning: {100 * t['share']:.1f}% of the {split} texts ({t['rows']:,}) are longer than "
-        f"data.max_length={max_length} tokens and are cut to it (data.truncation_side says which end is kept)"
+        f"scalelora: warning: {100 * t['share']:.1f}% of the {split} texts ({t['rows']:,}) {not_read_whole(data)}"
         for split, t in truncated.items()
         if t["share"] > TRUNCATION_WARN_SHARE
     ]
+
+
+def not_read_whole(data: Any) -> str:
+    """What happened to a text that was not read whole, as `data.long_text` says (the warning's end)."""
+    if data.long_text == longtext.HEAD_TAIL:
+        return (
+            f"are longer than data.max_length={data.max_length} tokens and lose their middle "
+            "(data.long_text=head_tail keeps the first data.head_tokens and the rest from the end)"
+        )
+    if data.long_text == longtext.CHUNK:
+        return (
+            f"need more than data.max_chunks={data.max_chunks} windows of data.max_length={data.max_length} tokens "
+            "and lose their middle windows (data.long_text=chunk keeps the first and the last)"
+        )
+    return (
+        f"are longer than data.max_length={data.max_length} tokens and are cut to it "
+        "(data.truncation_side says which end is kept)"
+    )
 
 
 def check_lengths(tokenized: dict[str, datasets.Dataset], limit: int | None, model_name: str) -> None:
@@ -1223,7 +1242,7 @@ def load_data(
 
     loaded = decide_on_main(accelerator, lambda: load(main_log), share_value=False)
     splits, tokenized = loaded if accelerator.is_main_process else load(None)
-    for line in truncation_lines(splits.truncated, cfg.data.max_length):
+    for line in truncation_lines(splits.truncated, cfg.data):
         log(line)
     return splits, tokenized
 

@@ -409,7 +409,7 @@ def load_cached(
             log(
                 f"scalelora: data: cache: removed {len(evicted)} older entr{'y' if len(evicted) == 1 else 'ies'} of {plan.folder}"
             )
-    for line in data_lib.truncation_lines(splits.truncated, cfg.data.max_length):
+    for line in data_lib.truncation_lines(splits.truncated, cfg.data):
         if log is not None:
             log(line)
     return splits, tokenized

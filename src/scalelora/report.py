@@ -619,7 +619,18 @@ def truncation_lines(summary: dict[str, Any], config: dict[str, Any]) -> list[st
         return []
     max_length = dotted_get(config, "data.max_length", None)
     shown = ", ".join(f"{split} {fmt(t['rows'])} ({100 * t['share']:.1f}%)" for split, t in truncated.items())
-    return ["", f"Texts longer than `data.max_length`={max_length} tokens, truncated: {shown}."]
+    mode = dotted_get(config, "data.long_text", "truncate")
+    if mode == "head_tail":
+        what = f"Texts longer than `data.max_length`={max_length} tokens, their middle cut (`data.long_text=head_tail`)"
+    elif mode == "chunk":
+        chunks = dotted_get(config, "data.max_chunks", None)
+        what = (
+            f"Texts needing more than `data.max_chunks`={chunks} windows of {max_length} tokens, their middle "
+            "windows dropped (`data.long_text=chunk`)"
+        )
+    else:
+        what = f"Texts longer than `data.max_length`={max_length} tokens, truncated"
+    return ["", f"{what}: {shown}."]
 
 
 def parameter_lines(summary: dict[str, Any]) -> list[str]:
