@@ -201,13 +201,34 @@ def test_look(row: dict[str, Any]) -> str | None:
     return what if dotted_get(row["config"], key, None) == value else None
 
 
+_TRAINING_ROWS: dict[str, Any] = {}
+
+
+def training_rows(pipeline: Any) -> Any:
+    """The training split of the pipeline's data (loaded once per data settings and seed); None when it
+    is not a local folder here (no data root: never a download), which counts every later rules version
+    as reaching it."""
+    from scalelora import data as data_lib
+
+    cfg = pipeline.base_cfg
+    key = repr((cfg.data, cfg.seed))
+    if key not in _TRAINING_ROWS:
+        try:
+            local = data_lib.resolve_local_folder(cfg.data) is not None
+            _TRAINING_ROWS[key] = data_lib.load_splits(cfg.data, cfg.seed).train if local else None
+        except UserError:
+            _TRAINING_ROWS[key] = None
+    return _TRAINING_ROWS[key]
+
+
 def row_differences(row: dict[str, Any], pipeline: Any) -> list[str]:
     """Why a committed row no longer describes what `pipeline` would run today (empty: it does).
 
     Trained rows compare their recorded resolved config with today's key by key: a key the row lacks
     counts as its declared `before` value (config.config_differences), so a key added later that keeps
     the old behaviour changes nothing, while a changed default does. The default row's data-chosen
-    keys are compared through the version of the rules that chose them; baselines compare their data
+    keys are compared through the version of the rules that chose them (a later version counting only
+    where its change reaches the row's data: autoconfig.RULE_SCOPES); baselines compare their data
     settings, encoder and version.
     """
     from scalelora import autoconfig
@@ -229,7 +250,10 @@ def row_differences(row: dict[str, Any], pipeline: Any) -> list[str]:
     if recipe == "auto":
         ignore += autoconfig.CHOSEN_KEYS
         rules = row.get("autoconfig_rules") or FIRST_RULES
-        if rules != autoconfig.RULES_VERSION:
+        # only a change that reaches this data (autoconfig.RULE_SCOPES) makes the row out of date
+        if rules != autoconfig.RULES_VERSION and autoconfig.rule_changes_reaching(
+            rules, training_rows(pipeline)
+        ):
             found.append(f"autoconfig rules: version {rules} then, {autoconfig.RULES_VERSION} now")
     return found + config_differences(_portable(row["config"]), now, ignore)
 

@@ -58,6 +58,11 @@ def test_two_class_folder_gets_a_small_adapter_more_epochs_and_no_weights(tiny_b
     log = done.stderr
     assert "scalelora: auto: lora.r=8 (2 classes and 96 examples are served by a small adapter)" in log
     assert "scalelora: auto: train.class_weights=none (the classes are balanced enough (1.0x at most))" in log
+    assert (
+        "scalelora: auto: data.clean_html=False (0.0% of 96 training texts carry HTML markup (at most 1%): "
+        "texts read as written)" in log
+    )
+    assert cfg["data"]["clean_html"] is False
     assert "scalelora: auto: train.epochs=10" in log and "scalelora: auto: data.max_length=" in log
 
 
@@ -276,3 +281,28 @@ def test_auto_on_a_folder_of_long_texts_reads_them_whole_and_says_why(tiny_bert,
         in err
     )
     assert "scalelora: long_text=head_tail: train:" in err
+
+
+def test_markup_in_over_1_percent_of_the_training_texts_is_cleaned_and_the_log_says_why():
+    import datasets
+
+    from scalelora import autoconfig
+
+    plain = ["a fine film"] * 98
+    two = datasets.Dataset.from_dict({"text": [*plain, "a fine<br />film", "fine &amp; good"]})
+    one = datasets.Dataset.from_dict({"text": [*plain, "a fine <i>film</i>", "a <grin> and a < b"]})
+    assert autoconfig.markup_share(two) == 0.02 and autoconfig.markup_share(one) == 0.01  # `<grin>` is text
+    counts, lengths = np.array([50, 50]), np.full(100, 5)
+    chosen = {c.key: c for c in choose(100, counts, lengths, 512, markup=(0.02, 100))}["data.clean_html"]
+    assert chosen.value is True
+    assert chosen.reason.startswith(
+        "2.0% of 100 training texts carry HTML markup (`<br />`, `<i>`, `&amp;`, ...; over 1%)"
+    )
+    assert {c.key: c for c in choose(100, counts, lengths, 512, markup=(0.01, 100))}[
+        "data.clean_html"
+    ].value is False
+    assert "data.clean_html" not in {c.key for c in choose(100, counts, lengths, 512)}
+    # the rule's version reaches data with markup only: a default row on other data stays current
+    assert autoconfig.rule_changes_reaching(2, two) == [3] and autoconfig.rule_changes_reaching(2, one) == []
+    assert autoconfig.rule_changes_reaching(1, one) == [2]
+    assert autoconfig.rule_changes_reaching(2, None) == [3]  # the data not at hand: it may reach it

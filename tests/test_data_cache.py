@@ -191,6 +191,57 @@ def test_a_second_run_reuses_the_cache_and_an_edited_file_does_not(minilm, tmp_p
     assert not [p for p in folder_dir.rglob(".*")]  # no temporary folder, no failure marker left
 
 
+@pytest.mark.parametrize("cache", ["never", "always"])
+def test_auto_cleans_the_markup_it_finds_and_measures_the_texts_as_the_run_reads_them(
+    minilm, tmp_path, cache
+):
+    """In memory and through the disk cache: 25% of the training texts carry `<br />` markup, so the
+    auto default cleans it, its length sample is of the cleaned texts and the tokens hold no markup;
+    `data.clean_html=false` set by the user wins, and the lengths are then of the texts as written."""
+    from scalelora import autoconfig
+
+    folder = write_rows(tmp_path / "data", 60)
+    rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % 4 == 0:
+            row["text"] = row["text"].replace(" ", " <br /><br /> ", 1)
+    write_jsonl(folder / "train.jsonl", rows)
+
+    def auto(*overrides: str) -> tuple[Any, Any, Any, Any]:
+        cfg = load_config(
+            "auto",
+            [
+                f"data.path={folder}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                f"data.cache={cache}",
+                *overrides,
+            ],
+        )
+        seen = []
+
+        def choose(splits: Any, sample: Any) -> None:
+            seen.append(sample)
+            autoconfig.choose_from_data(cfg, splits, sample, minilm, 1)
+
+        splits, tokenized = load(cfg, minilm, choose=choose)
+        return cfg, splits, tokenized, seen[0]
+
+    cfg, splits, tokenized, sample = auto()
+    assert sample.markup == 0.25 and cfg.data.clean_html is True
+    raw = autoconfig.length_sample(splits.train, minilm)
+    cleaned = autoconfig.length_sample(splits.train, minilm, clean_html=True)
+    assert (raw > cleaned).sum() == 15 and (sample.lengths == cleaned).all()
+    markup = set(minilm.convert_tokens_to_ids(["<", "br", ">"]))
+    assert not any(markup & set(ids) for ids in as_rows(tokenized)["train"]["input_ids"])
+    measured = sorted(p.name.split("-", 2)[-1] for p in (tmp_path / "cache").rglob("lengths-*.npy"))
+    cfg, _, tokenized, sample = auto("data.clean_html=false")
+    assert cfg.data.clean_html is False and (sample.lengths == raw).all()
+    assert sum(bool(markup & set(ids)) for ids in as_rows(tokenized)["train"]["input_ids"]) == 15
+    if cache == "always":  # one length sample per way of reading the texts
+        assert measured == ["clean_html.npy"]
+        assert len(list((tmp_path / "cache").rglob("lengths-*.npy"))) == 2
+
+
 def test_auto_uses_the_disk_cache_from_32_mib_and_memory_below(tmp_path, monkeypatch):
     folder = write_rows(tmp_path / "data", 50)
     assert datacache.plan(DataConfig(path=str(folder)), 0) is None

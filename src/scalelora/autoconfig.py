@@ -37,18 +37,26 @@ LONG_TEXT_SHARE = 0.10
 # the middle would lose much of too many texts.
 CHUNK_SHARE = 0.25
 LONG_TEXT_LIMIT = 512
+# Markup: above this share of training texts carrying the HTML that data.clean_html removes (`<br />`,
+# `<i>`, `&amp;`, ...: longtext.has_markup), it is cleaned; the token lengths are then measured on the
+# cleaned texts, as the run reads them. Of the shipped sets only imdb has any (59% of its reviews).
+MARKUP_SHARE = 0.01
 # The version of the rules below. The default rows of the results study record it: a rule that changes
 # what is chosen for some data changes no config key, so the rows compare this instead. Raise it with
 # every change to `choose` that can change a choice.
-RULES_VERSION = 2
+RULES_VERSION = 3
 # 2: eval.every and checkpoint.every every ~EXAMPLES_PER_EVAL examples when an epoch is longer; token
 #    lengths measured untruncated on a sample of at most LENGTH_SAMPLE_ROWS texts (1 measured every text,
 #    cut at the model's limit); data.long_text (truncate, head_tail, chunk) from the share of texts over
 #    the max_length chosen, and max_length up to the model's limit under a long-text mode
+# 3: data.clean_html from the share of training texts with markup (MARKUP_SHARE), the lengths measured on
+#    the cleaned texts: it changes nothing for data without markup (RULE_CHANGES says which data each
+#    version's change reaches, so a row on other data is not called out of date by it)
 # Every key `choose` may set (what the data decides rather than the recipe).
 CHOSEN_KEYS = (
     "data.max_length",
     "data.long_text",
+    "data.clean_html",
     "lora.target_modules",
     "lora.r",
     "lora.alpha",
@@ -110,18 +118,99 @@ def eval_interval(num_train: int, examples_per_step: int) -> tuple[int, int] | N
     return (interval, steps_per_epoch) if steps_per_epoch > interval else None
 
 
-def length_sample(train: Any, tokenizer: Any) -> np.ndarray:
-    """Untruncated token lengths (special tokens included) of every training text, or of a seeded sample
-    of LENGTH_SAMPLE_ROWS of them on a larger set."""
+def sample_table(train: Any) -> Any:
+    """Every training row (an Arrow table), or a seeded sample of LENGTH_SAMPLE_ROWS of them on a larger set."""
     from scalelora import data as data_lib
-    from scalelora import tokens
 
     table = data_lib.arrow_table(train)
     rows = data_lib.seeded_subset(table.num_rows, LENGTH_SAMPLE_ROWS, seed=0)
-    if rows is not None:
-        table = table.take(np.sort(rows))
+    return table.take(np.sort(rows)) if rows is not None else table
+
+
+def markup_share(train: Any) -> float:
+    """The share of the sampled training texts (a pair counts once) carrying markup data.clean_html removes."""
+    from scalelora import longtext
+
+    table = sample_table(train)
+    columns = [c for c in ("text", "text_pair") if c in table.column_names]
+    marked = sum(
+        any(isinstance(t, str) and longtext.has_markup(t) for t in row)
+        for row in zip(*(table.column(c).to_pylist() for c in columns), strict=True)
+    )
+    return marked / max(table.num_rows, 1)
+
+
+def reads_markup(data: Any, explicit: set[str], share: float) -> bool:
+    """Whether the run cleans markup: `data.clean_html` as the user set it, else whether more than
+    MARKUP_SHARE of the sample carries markup (`share`: markup_share)."""
+    return bool(data.clean_html) if "data.clean_html" in explicit else share > MARKUP_SHARE
+
+
+def length_sample(train: Any, tokenizer: Any, clean_html: bool = False) -> np.ndarray:
+    """Untruncated token lengths (special tokens included) of every training text, or of a seeded sample
+    of LENGTH_SAMPLE_ROWS of them on a larger set; with `clean_html`, of the texts as data.clean_html
+    cleans them (as the run reads them)."""
+    from scalelora import longtext, tokens
+
+    table = sample_table(train)
+    texts = table.column("text").to_pylist()
     pairs = table.column("text_pair").to_pylist() if "text_pair" in table.column_names else None
-    return tokens.token_lengths(tokenizer, table.column("text").to_pylist(), pairs)
+    if clean_html:
+        texts = [longtext.clean_html(t) for t in texts]
+        pairs = [longtext.clean_html(t) for t in pairs] if pairs is not None else None
+    return tokens.token_lengths(tokenizer, texts, pairs)
+
+
+@dataclass
+class LengthSample:
+    """What the auto default measures on the training texts (a seeded sample of a larger set): their
+    untruncated token lengths as the run reads them, and the share carrying markup (markup_share)."""
+
+    lengths: np.ndarray
+    markup: float
+
+
+def measure(train: Any, tokenizer: Any, data: Any, explicit: set[str]) -> LengthSample:
+    """The LengthSample of `train`: the lengths of the texts cleaned when the run will clean them
+    (reads_markup: `data.clean_html` as the user set it, else the markup share decides)."""
+    share = markup_share(train)
+    return LengthSample(length_sample(train, tokenizer, reads_markup(data, explicit, share)), share)
+
+
+def has_markup_data(train: Any) -> bool:
+    """Version 3's scope: training data on which the markup rule chooses data.clean_html=true."""
+    return markup_share(train) > MARKUP_SHARE
+
+
+# The data a version's change reaches, for versions whose change can alter choices on some data only
+# (a version not named here reaches all data).
+RULE_SCOPES = {3: has_markup_data}
+
+
+def rule_changes_reaching(then: int, train: Any) -> list[int]:
+    """The rule versions after `then` (to RULES_VERSION) whose change can alter a choice for this
+    training data (None: data not at hand, every version counts): a row chosen under `then` is out of
+    date only when one does."""
+    return [
+        v
+        for v in range(then + 1, RULES_VERSION + 1)
+        if v not in RULE_SCOPES or train is None or RULE_SCOPES[v](train)
+    ]
+
+
+def clean_html_choice(share: float, sampled: int) -> Choice:
+    """`data.clean_html` from the share of `sampled` training texts with markup (markup_share)."""
+    said = f"{100 * share:.1f}% of {sampled:,} training texts carry HTML markup"
+    if share > MARKUP_SHARE:
+        return Choice(
+            "data.clean_html",
+            True,
+            f"{said} (`<br />`, `<i>`, `&amp;`, ...; over {100 * MARKUP_SHARE:.0f}%): removed before tokenizing, "
+            "in training and predict alike, and the lengths above measured without it",
+        )
+    return Choice(
+        "data.clean_html", False, f"{said} (at most {100 * MARKUP_SHARE:.0f}%): texts read as written"
+    )
 
 
 def long_text_choice(full_lengths: np.ndarray, short_cap: int, long_cap: int) -> Choice:
@@ -165,13 +254,14 @@ def choose(
     examples_per_step: int = 32,
     full_lengths: np.ndarray | None = None,
     user_long_text: str | None = None,
+    markup: tuple[float, int] | None = None,
 ) -> list[Choice]:
     """Every setting the auto default picks for data of this shape, with the reason for each
     (`lengths`: untruncated token lengths of the training texts or of a sample of them; `user_rank`: a
     `lora.r` the user set, which `lora.alpha` follows; `examples_per_step`: the global batch;
     `full_lengths`: the whole texts' token counts, which decide `data.long_text` (None: texts with a
     pair, which the long-text modes do not read); `user_long_text`: a mode the user set, which
-    `data.max_length` follows)."""
+    `data.max_length` follows; `markup`: (markup_share, texts sampled), which decides data.clean_html)."""
     from scalelora.data import CLASS_WEIGHT_MAX_RATIO  # lazily: importing data.py imports torch
 
     k = len(label_counts)
@@ -246,6 +336,8 @@ def choose(
         )
     if long_choice is not None:
         choices.append(long_choice)
+    if markup is not None:
+        choices.append(clean_html_choice(*markup))
     if multi_label:
         choices.append(
             Choice(
@@ -272,15 +364,16 @@ def choose(
 
 
 def choose_from_data(
-    cfg: RunConfig, splits: Any, lengths: np.ndarray, tokenizer: Any, num_processes: int
+    cfg: RunConfig, splits: Any, sample: LengthSample, tokenizer: Any, num_processes: int
 ) -> list[str]:
-    """The `auto` recipe: pick the data-dependent settings for these splits (`lengths`: `length_sample`),
+    """The `auto` recipe: pick the data-dependent settings for these splits (`sample`: `measure`'s),
     set them on `cfg` unless the user set them, and return the log lines."""
     from scalelora import data as data_lib
 
     model_limit = getattr(tokenizer, "model_max_length", None)
     limit = model_limit if isinstance(model_limit, int) and 0 < model_limit <= 100_000 else None
     explicit = cfg.explicit_keys
+    lengths = sample.lengths
     choices = choose(
         len(splits.train),
         data_lib.label_counts(splits.train, len(splits.label_names)),
@@ -292,6 +385,7 @@ def choose_from_data(
         # the long-text modes read single texts: a text pair is truncated
         full_lengths=None if cfg.data.text_pair_column is not None else np.asarray(lengths),
         user_long_text=cfg.data.long_text if "data.long_text" in explicit else None,
+        markup=(sample.markup, len(lengths)),
     )
     return apply(cfg, choices, explicit)
 

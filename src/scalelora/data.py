@@ -1204,8 +1204,8 @@ def check_lengths(tokenized: dict[str, datasets.Dataset], limit: int | None, mod
 # --- a run's data ---------------------------------------------------------------------------------
 
 Choose = Callable[[Splits, np.ndarray], None]
-"""The auto default: sets config keys from the loaded splits and the untruncated token lengths of a
-training sample (`autoconfig.length_sample`), before tokenizing."""
+"""The auto default: sets config keys from the loaded splits and what it measured on a training sample
+(`autoconfig.LengthSample`: untruncated token lengths, the share with markup), before tokenizing."""
 
 
 def load_data(
@@ -1233,9 +1233,9 @@ def load_data(
     def load(show: Log | None) -> tuple[Splits, dict[str, datasets.Dataset]]:
         splits = load_splits(cfg.data, cfg.seed, show)
         if choose is not None:
-            from scalelora.autoconfig import length_sample
+            from scalelora.autoconfig import measure
 
-            choose(splits, length_sample(splits.train, tokenizer))
+            choose(splits, measure(splits.train, tokenizer, cfg.data, cfg.explicit_keys))
         return splits, tokenize_splits(
             splits, tokenizer, cfg.data.max_length, show, longtext.LongText.from_config(cfg.data)
         )

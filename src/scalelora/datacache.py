@@ -111,10 +111,12 @@ class Plan:
         )
         return self.rows_dir / f"tokens-{key}"
 
-    def lengths_file(self, tokenizer: Any) -> Path:
+    def lengths_file(self, tokenizer: Any, clean_html: bool = False) -> Path:
+        """The auto default's length sample for this tokenizer (of the texts data.clean_html cleans)."""
         from scalelora import tokens
 
-        return self.rows_dir / f"lengths-{tokens.tokenizer_fingerprint(tokenizer)}.npy"
+        cleaned = "-clean_html" if clean_html else ""
+        return self.rows_dir / f"lengths-{tokens.tokenizer_fingerprint(tokenizer)}{cleaned}.npy"
 
 
 def plan(data: Any, seed: int) -> Plan | None:
@@ -365,7 +367,6 @@ def load_cached(
     with data_lib.stage(log, "look up the cache") as done:
         reused = ready(plan.rows_dir)
         done(f"{plan.rows_dir} ({'reused' if reused else 'to build'})")
-    lengths_file = plan.lengths_file(tokenizer) if choose is not None else None
 
     def build_rows() -> None:
         if not ready(plan.rows_dir):
@@ -373,18 +374,24 @@ def load_cached(
             with data_lib.stage(log, "write the rows to the cache") as done:
                 write_rows(plan.rows_dir, splits)
                 done(f"{size_of(plan.rows_dir) / 2**20:,.0f} MiB")
-        if lengths_file is not None and not lengths_file.exists():
-            from scalelora.autoconfig import length_sample
 
-            with data_lib.stage(log, "measure token lengths for the auto default"):
-                sample = length_sample(read_rows(plan.rows_dir).train, tokenizer)
-            write_lengths(lengths_file, sample)
-
-    wanted = [plan.rows_dir / "meta.json"] + ([lengths_file] if lengths_file is not None else [])
-    on_each_machine(accelerator, build_rows, wanted, nonce)
+    on_each_machine(accelerator, build_rows, [plan.rows_dir / "meta.json"], nonce)
     splits = read_rows(plan.rows_dir)
     if choose is not None:
-        choose(splits, np.load(lengths_file))
+        from scalelora import autoconfig
+
+        share = autoconfig.markup_share(splits.train)  # every process alike: the sample is seeded
+        clean = autoconfig.reads_markup(cfg.data, cfg.explicit_keys, share)
+        lengths_file = plan.lengths_file(tokenizer, clean)
+
+        def build_lengths() -> None:
+            if not lengths_file.exists():
+                with data_lib.stage(log, "measure token lengths for the auto default"):
+                    sample = autoconfig.length_sample(splits.train, tokenizer, clean)
+                write_lengths(lengths_file, sample)
+
+        on_each_machine(accelerator, build_lengths, [lengths_file], nonce)
+        choose(splits, autoconfig.LengthSample(np.load(lengths_file), share))
     tokens_dir = plan.tokens_dir(tokenizer)
 
     def build_tokens() -> None:

@@ -128,6 +128,12 @@ def clean_html(text: str) -> str:
     return text.strip(" \t\n\r\f\v")
 
 
+def has_markup(text: str) -> bool:
+    """Whether `clean_html` would change `text` beyond its outer whitespace (a tag or a character
+    reference it removes or decodes)."""
+    return bool(_BLOCK.search(text) or _INLINE.search(text) or _ENTITY.search(text))
+
+
 def prepare_texts(texts: Sequence[str], settings: LongText) -> list[str]:
     return [clean_html(t) for t in texts] if settings.clean_html else list(texts)
 

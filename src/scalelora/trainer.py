@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -348,13 +347,13 @@ class Trainer:
             with self.phases("eval"):
                 self.state.predictions_before = self.evaluator.sample_predictions()
 
-    def _choose_from_data(self, splits: data_lib.Splits, lengths: np.ndarray) -> None:
+    def _choose_from_data(self, splits: data_lib.Splits, sample: Any) -> None:
         """The `auto` recipe: the data-dependent settings (autoconfig.py), logged; the checkpointer, built
         before the data was read, takes the checkpoint interval chosen."""
         from scalelora import autoconfig
 
         for line in autoconfig.choose_from_data(
-            self.cfg, splits, lengths, self.tokenizer, self.accelerator.num_processes
+            self.cfg, splits, sample, self.tokenizer, self.accelerator.num_processes
         ):
             self.echo(line)
         self.checkpointer.every = self.cfg.checkpoint.every
