@@ -987,7 +987,11 @@ def run_dataset(
         row["confusion"] = confusion(gold, predictions.get(row["run"])) if dataset in CODE_MIXED else None
     from scalelora.files import atomic_write_json
 
-    atomic_write_json(results_dir / "predictions" / f"{dataset}.json", {"gold": gold, "runs": predictions})
+    # one line: a label per test text and run (indented, imdb's alone would be 1.2 MB of a repository that
+    # travels to a lent GPU machine within its carry limit: tests/test_gpu_check.py)
+    atomic_write_json(
+        results_dir / "predictions" / f"{dataset}.json", {"gold": gold, "runs": predictions}, compact=True
+    )
     facts = {
         "finished": time.strftime("%Y-%m-%d %H:%M"),
         "wall_seconds": round(time.time() - started, 1),

@@ -44,8 +44,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+def atomic_write_json(path: Path, data: Any, compact: bool = False) -> None:
+    """`data` as JSON, indented (or `compact`: one line, for large lists such as per-text predictions)."""
+    layout = {"separators": (",", ":")} if compact else {"indent": 2}
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, **layout) + "\n")
 
 
 def raise_disk_error(path: Path, err: OSError) -> None:
