@@ -159,15 +159,15 @@ def test_script_is_executable_and_documented(script):
         assert not re.search(r"^#SBATCH\s+--(gpus|gres|cpus-per|mem|partition)", text, re.M)
 
 
+def run_bash(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`bash ARGS` from the repository root, as a job script runs there (output captured, 60 s at most)."""
+    return subprocess.run(["bash", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_multi_node_on_gpu_nodes_runs_one_launch_per_node_with_its_own_rank(fake_cluster):
     env, log = fake_cluster
-    result = subprocess.run(
-        ["bash", "slurm/multi_node.sbatch", "emotion", "lora.r=16", "tracking.wandb.name=two words"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_bash(
+        "slurm/multi_node.sbatch", "emotion", "lora.r=16", "tracking.wandb.name=two words", env=env
     )
     assert result.returncode == 0, result.stderr
     port = node_args(log, 0)[node_args(log, 0).index("--main_process_port") + 1]
@@ -194,14 +194,7 @@ def test_multi_node_takes_the_accel_config_and_gpu_count_from_the_environment(fa
         "GPUS_PER_NODE": "2",
         "MAIN_PORT": "29555",
     }
-    result = subprocess.run(
-        ["bash", "slurm/multi_node.sbatch", "emotion"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_bash("slurm/multi_node.sbatch", "emotion", env=env)
     assert result.returncode == 0, result.stderr
     args = node_args(log, 1)
     assert args[args.index("--config_file") + 1] == "accel_configs/deepspeed_zero2.yaml"
@@ -213,14 +206,7 @@ def test_multi_node_takes_the_accel_config_and_gpu_count_from_the_environment(fa
 def test_single_node_on_a_gpu_node_launches_every_gpu(fake_cluster):
     env, log = fake_cluster
     env = {**env, "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MAIN_PORT": "29500"}
-    result = subprocess.run(
-        ["bash", "slurm/single_node.sbatch", "emotion", "train.lr=1e-4"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_bash("slurm/single_node.sbatch", "emotion", "train.lr=1e-4", env=env)
     assert result.returncode == 0, result.stderr
     assert node_args(log, 0) == [
         "launch",
@@ -245,7 +231,7 @@ def test_single_node_on_a_gpu_node_launches_every_gpu(fake_cluster):
 )
 def test_sbatch_without_a_recipe_prints_usage(fake_cluster, script):
     env, _ = fake_cluster
-    result = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = run_bash(script, env=env)
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
@@ -255,14 +241,7 @@ def test_preemptible_requeues_only_after_a_preemption_exit(
 ):
     env, log = fake_cluster
     env = {**env, "FAKE_MODE": f"exit:{launcher_exit}", "MAIN_PORT": "29501"}
-    result = subprocess.run(
-        ["bash", "slurm/preemptible.sbatch", "emotion", "output_dir=/shared/runs/emo"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_bash("slurm/preemptible.sbatch", "emotion", "output_dir=/shared/runs/emo", env=env)
     assert result.returncode == script_exit, result.stdout + result.stderr
     assert (
         (log / "scontrol.calls").is_file() and "requeue 4242" in (log / "scontrol.calls").read_text()
@@ -305,18 +284,11 @@ def test_job_env_derives_the_launch_from_the_resources_slurm_gave(fake_cluster, 
     extra, expected = JOB_ENV_CASES[case]
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_GPUS") and k != "CUDA_VISIBLE_DEVICES"}
     env.update(SLURM_NNODES="1", **extra)
-    result = subprocess.run(
-        [
-            "bash",
-            "-c",
-            "set -eu; source slurm/job_env.sh; "
-            'echo "$GPUS_PER_NODE $PROCS_PER_NODE $ACCEL_CONFIG $OMP_NUM_THREADS ${SRUN_CPUS_PER_TASK:-unset}"',
-        ],
-        cwd=ROOT,
+    result = run_bash(
+        "-c",
+        "set -eu; source slurm/job_env.sh; "
+        'echo "$GPUS_PER_NODE $PROCS_PER_NODE $ACCEL_CONFIG $OMP_NUM_THREADS ${SRUN_CPUS_PER_TASK:-unset}"',
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     *launch, srun_cpus = result.stdout.split()
@@ -329,14 +301,7 @@ def test_local_launchers_pass_the_recipe_and_overrides(fake_cluster):
     env, log = fake_cluster
     env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
     env.update(MAIN_PORT="29503", NUM_GPUS="3")
-    result = subprocess.run(
-        ["bash", "launch/local_multi_gpu.sh", "emotion", "lora.r=4"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_bash("launch/local_multi_gpu.sh", "emotion", "lora.r=4", env=env)
     assert result.returncode == 0, result.stderr
     assert node_args(log, "local") == [
         "launch",
@@ -355,14 +320,7 @@ def test_local_launchers_pass_the_recipe_and_overrides(fake_cluster):
         "lora.r=4",
     ]
     env["ACCEL_CONFIG"] = "accel_configs/deepspeed_zero3.yaml"
-    result = subprocess.run(
-        ["bash", "launch/cpu_2proc.sh", "quickstart"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_bash("launch/cpu_2proc.sh", "quickstart", env=env)
     assert result.returncode == 0, result.stderr
     args = node_args(log, "local")
     assert args[args.index("--config_file") + 1] == "accel_configs/deepspeed_zero3.yaml"
@@ -372,14 +330,7 @@ def test_local_launchers_pass_the_recipe_and_overrides(fake_cluster):
 
 def job_env_exports(env: dict[str, str]) -> dict[str, str]:
     """The environment `source slurm/job_env.sh` leaves, run from the repository root under `set -eu`."""
-    result = subprocess.run(
-        ["bash", "-c", "set -eu; source slurm/job_env.sh; env"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_bash("-c", "set -eu; source slurm/job_env.sh; env", env=env)
     assert result.returncode == 0, result.stderr
     return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
 
