@@ -119,7 +119,8 @@ def eval_interval(num_train: int, examples_per_step: int) -> tuple[int, int] | N
 
 
 def sample_table(train: Any) -> Any:
-    """Every training row (an Arrow table), or a seeded sample of LENGTH_SAMPLE_ROWS of them on a larger set."""
+    """Every training row (an Arrow table), or a seeded sample of LENGTH_SAMPLE_ROWS of them on a larger set
+    (a table already sampled is its own sample: markup_share and length_sample take either)."""
     from scalelora import data as data_lib
 
     table = data_lib.arrow_table(train)
@@ -173,8 +174,9 @@ class LengthSample:
 def measure(train: Any, tokenizer: Any, data: Any, explicit: set[str]) -> LengthSample:
     """The LengthSample of `train`: the lengths of the texts cleaned when the run will clean them
     (reads_markup: `data.clean_html` as the user set it, else the markup share decides)."""
-    share = markup_share(train)
-    return LengthSample(length_sample(train, tokenizer, reads_markup(data, explicit, share)), share)
+    sample = sample_table(train)  # drawn once for both measures
+    share = markup_share(sample)
+    return LengthSample(length_sample(sample, tokenizer, reads_markup(data, explicit, share)), share)
 
 
 def has_markup_data(train: Any) -> bool:

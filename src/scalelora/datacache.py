@@ -380,15 +380,16 @@ def load_cached(
     if choose is not None:
         from scalelora import autoconfig
 
-        share = autoconfig.markup_share(splits.train)  # every process alike: the sample is seeded
+        sample = autoconfig.sample_table(splits.train)  # every process alike: the sample is seeded
+        share = autoconfig.markup_share(sample)
         clean = autoconfig.reads_markup(cfg.data, cfg.explicit_keys, share)
         lengths_file = plan.lengths_file(tokenizer, clean)
 
         def build_lengths() -> None:
             if not lengths_file.exists():
                 with data_lib.stage(log, "measure token lengths for the auto default"):
-                    sample = autoconfig.length_sample(splits.train, tokenizer, clean)
-                write_lengths(lengths_file, sample)
+                    lengths = autoconfig.length_sample(sample, tokenizer, clean)
+                write_lengths(lengths_file, lengths)
 
         on_each_machine(accelerator, build_lengths, [lengths_file], nonce)
         choose(splits, autoconfig.LengthSample(np.load(lengths_file), share))
