@@ -151,6 +151,21 @@ def test_chunk_windows_overlap_end_at_the_end_and_the_cap_keeps_the_first_and_la
     ]
 
 
+def test_the_chunk_log_line_counts_one_text_and_one_window_in_the_singular(tokenizer):
+    settings = LongText("chunk", 8, chunk_stride=2, max_chunks=2)
+    text = " ".join("abcdefghijklmn")  # 14 tokens: windows of 6 at 0, 4 and 8, one over the cap of 2
+    encoded = encode_batch(tokenizer, [text, "a b"], None, settings)
+    described = longtext.describe({"train": encoded}, settings, tokenizer)
+    assert described["splits"]["train"]["over_max_chunks"] == 1
+    assert described["splits"]["train"]["windows_dropped"] == 1
+    (line,) = longtext.log_lines(described, settings, tokenizer)
+    assert line.endswith(
+        "; 1 text (50.00%) needed more than data.max_chunks=2 windows: each kept its first 1 and its last "
+        "(1 window dropped)"
+    )
+    assert longtext.counted(14, "text") == "14 texts" and longtext.counted(1_000, "window") == "1,000 windows"
+
+
 def test_a_batch_holds_whole_documents_and_their_windows_pool_into_one_row(tokenizer):
     from scalelora.data import PadCollator
 

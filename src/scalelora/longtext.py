@@ -457,6 +457,11 @@ def describe(tokenized: dict[str, Any], settings: LongText, tokenizer: Any) -> d
     return {**settings.record(), "splits": splits}
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` and `noun`, plural unless n is one: "1 text", "14 texts"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def log_lines(described: dict[str, Any] | None, settings: LongText, tokenizer: Any) -> list[str]:
     """The log line per split for `describe`'s numbers."""
     if described is None:
@@ -471,9 +476,9 @@ def log_lines(described: dict[str, Any] | None, settings: LongText, tokenizer: A
             )
             if e["over_max_chunks"]:
                 line += (
-                    f"; {e['over_max_chunks']:,} texts ({100 * e['over_max_chunks_share']:.2f}%) needed more than "
-                    f"data.max_chunks={settings.max_chunks} windows: each kept its first {settings.max_chunks - 1} "
-                    f"and its last ({e['windows_dropped']:,} windows dropped)"
+                    f"; {counted(e['over_max_chunks'], 'text')} ({100 * e['over_max_chunks_share']:.2f}%) needed more "
+                    f"than data.max_chunks={settings.max_chunks} windows: each kept its first {settings.max_chunks - 1} "
+                    f"and its last ({counted(e['windows_dropped'], 'window')} dropped)"
                 )
         else:
             head = head_count(budget, settings.head_tokens)
