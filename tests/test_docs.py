@@ -938,6 +938,32 @@ def test_long_documents_quote_the_imdb_rows_committed_so_far():
     assert len(table) == len(trained), table
 
 
+def imdb_cost(row: dict, reference: dict) -> str:
+    """A long-text mode's row against `truncate_256`, as docs/classification.md's "Which mode" gives it."""
+    low, high = row["vs_teacher_ci"]  # the paired macro-F1 interval against PAIRED_REFERENCE["imdb"]
+    gain = row["test"]["accuracy"] - reference["test"]["accuracy"]
+    return (
+        f"`{row['run']}` read {row['train_tokens'] / reference['train_tokens']:.2f}x the training tokens of "
+        f"`{reference['run']}` and trained {row['train_seconds'] / reference['train_seconds']:.2f}x as long, at "
+        f"{row['peak_memory_gb']['host'] / reference['peak_memory_gb']['host']:.2f}x its peak host memory, for "
+        f"{100 * gain:+.1f} pt of test accuracy (paired 95% CI of the macro-F1 gain {100 * low:+.1f} to "
+        f"{100 * high:+.1f} pt)"
+    )
+
+
+def test_long_documents_which_mode_gives_each_committed_modes_cost_and_gain_from_its_row():
+    """Each committed long-text mode row's tokens, time, memory and gain against truncate-256, as ratios of the
+    two rows of results.json (the docs' "Which mode" paragraph), for every mode row committed."""
+    from studies.results import LONG_TEXT_RUNS, PAIRED_REFERENCE
+
+    rows = study_rows(committed("results/results.json"))
+    reference = rows["imdb", PAIRED_REFERENCE["imdb"]]
+    runs = [run for run in LONG_TEXT_RUNS if run != reference["run"] and ("imdb", run) in rows]
+    assert runs, "no long-text mode row beside truncate-256 is committed"
+    quotes = [imdb_cost(rows["imdb", run], reference) for run in runs]
+    assert_quoted("docs/classification.md", quotes)
+
+
 def test_long_documents_quote_the_chunk_pooling_sweep():
     """The IMDB paragraph gives the committed validation-only sweep that chose the chunk row's pooling."""
     sweep = committed("results/sweeps/imdb_chunk_pool/sweep.json")
