@@ -837,6 +837,14 @@ def row_notes(dataset: str, ds_rows: list[dict[str, Any]]) -> list[str]:
         if test_look(r):
             lines.append(f"- † {r['description']}: {test_look(r)} (setting chosen after a look at test).")
     for r in ds_rows:
+        steps = r.get("resumed_at_steps")
+        if steps:
+            lines.append(
+                f"- Resumed: {r['description']} continued from its checkpoint at step{'s' if len(steps) > 1 else ''} "
+                f"{', '.join(map(str, steps))} (`resume=auto`): its train time counts the training its checkpoints "
+                "kept and the last process's, its peak memory and its wall time the last process's alone."
+            )
+    for r in ds_rows:
         differences = row_differences(r, pipeline)
         if differences:
             lines.append(

@@ -301,3 +301,25 @@ def test_the_baselines_read_the_texts_data_clean_html_gives_the_model(tiny_bert,
         rows = Pipeline("quickstart", tmp_path / clean, overrides, runs=("tfidf_lr",)).run()
         scores[clean] = next(r for r in rows if r["run"] == "tfidf_lr")["validation"]["accuracy"]
     assert scores["false"] == 1.0 and scores["true"] < 0.65, scores
+
+
+def test_a_row_resumed_from_its_checkpoint_says_at_which_step(tiny_bert, tmp_path):
+    """A study row stopped part-way and continued with `<run>:resume=auto` records the step it resumed at
+    (its train time counts both processes; its peak memory and wall time are the last one's)."""
+    import shutil
+
+    out = tmp_path / "rt"
+    args = [*tiny(tiny_bert), "head_only:checkpoint.every=2", "head_only:checkpoint.keep_last=8"]
+    args.append("head_only:resume=auto")
+    (whole,) = Pipeline("rotten_tomatoes", out, args, ("head_only",)).run()
+    assert whole["resumed_at_steps"] == [] and whole["details"]["steps"] == 6
+    run = out / "head_only"
+    # what a stop after the step-2 checkpoint leaves: no later checkpoint, no adapter, summary or row
+    assert (run / "checkpoints" / "step-2").is_dir()
+    for later in [p for p in (run / "checkpoints").iterdir() if p.name != "step-2"] + [run / "model"]:
+        shutil.rmtree(later)
+    for name in ("summary.json", "pipeline_row.json"):
+        (run / name).unlink()
+    (resumed,) = Pipeline("rotten_tomatoes", out, args, ("head_only",)).run()
+    assert resumed["resumed_at_steps"] == [2] and resumed["details"]["steps"] == 6
+    assert json.loads((run / "summary.json").read_text())["resumed_at_steps"] == [2]

@@ -368,6 +368,24 @@ def test_the_default_row_compares_the_rules_that_chose_its_settings(monkeypatch)
     ), note
 
 
+def test_a_resumed_row_is_noted_under_its_table_with_the_steps_it_resumed_at():
+    import copy
+
+    row = copy.deepcopy(committed("imdb", "head_tail_512"))
+    assert not [n for n in results.row_notes("imdb", [row]) if n.startswith("- Resumed")]
+    row["resumed_at_steps"] = [192, 448]
+    (note,) = [n for n in results.row_notes("imdb", [row]) if n.startswith("- Resumed")]
+    assert note == (
+        f"- Resumed: {row['description']} continued from its checkpoint at steps 192, 448 (`resume=auto`): its "
+        "train time counts the training its checkpoints kept and the last process's, its peak memory and its wall "
+        "time the last process's alone."
+    )
+    row["resumed_at_steps"] = [64]
+    assert "continued from its checkpoint at step 64 (`resume=auto`)" in "".join(
+        results.row_notes("imdb", [row])
+    )
+
+
 def test_baselines_compare_their_data_settings_and_every_row_names_its_code():
     import subprocess
 

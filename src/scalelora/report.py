@@ -139,7 +139,10 @@ def build_summary(
         "total_steps": facts["total_steps"],
         "samples_per_second": state["train_samples"] / max(state["step_seconds"], 1e-9),
         "tokens_per_second": state["train_tokens"] / max(state["step_seconds"], 1e-9),
-        "train_seconds": state["wall_seconds"],
+        "train_seconds": state["wall_seconds"],  # a resumed run: its checkpoints' and then its last process's
+        # the optimizer step each resume continued from ([] for a run in one process): what is measured per
+        # process (peak_memory_gb, steady_state, phase_seconds) is the last process's alone
+        "resumed_at_steps": state["resumed_at"],
         "train_tokens": state["train_tokens"],  # real (unpadded) tokens of every training step, all ranks
         "steady_state": facts.get("steady_state"),
         "phase_seconds": facts.get("phase_seconds"),

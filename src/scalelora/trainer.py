@@ -100,6 +100,7 @@ class TrainState:
     wall_seconds: float = 0.0
     predictions_before: list[dict[str, Any]] = field(default_factory=list)
     identity: dict[str, Any] = field(default_factory=dict)
+    resumed_at: list[int] = field(default_factory=list)  # the global step of each resume, in order
 
 
 class Trainer:
@@ -321,6 +322,7 @@ class Trainer:
         )
         if resume_from is not None:
             self.state = TrainState(**self.checkpointer.resume(resume_from, self.state.identity))
+            self.state.resumed_at.append(self.state.global_step)
 
     def _start_records(self) -> None:
         """The tracker, config.yaml, the evaluator, and the sample predictions before training (a resumed

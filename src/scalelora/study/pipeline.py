@@ -367,7 +367,8 @@ class Pipeline:
             "total_params": summary["total_params"],
             "eval": {split: short_metrics(m) for split, m in summary["eval"].items()},
             "train_seconds": summary["train_seconds"],
-            "wall_seconds": time.time() - started,
+            "wall_seconds": time.time() - started,  # this invocation's: a resumed run's last one alone
+            "resumed_at_steps": summary.get("resumed_at_steps", []),
             "num_train_examples": summary["num_train_examples"],
             "max_length": used["data"]["max_length"],
             "command": command,
@@ -498,6 +499,7 @@ class Pipeline:
             "single_class_predictions": len({str(p) for p in predictions}) == 1 if predictions else None,
             "train_seconds": round(row["train_seconds"], 1),
             "wall_seconds": round(row.get("wall_seconds", row["train_seconds"]), 1),
+            "resumed_at_steps": row.get("resumed_at_steps", []),
             "num_train_examples": row["num_train_examples"],
             "max_length": row.get("max_length"),
             # when and from which code the run was made (a reused run keeps its own)
