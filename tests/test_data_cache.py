@@ -620,3 +620,27 @@ def test_a_terminal_gets_a_progress_bar_and_a_log_gets_one_line_per_step(monkeyp
             r"scalelora: data: tokenize train: 300 rows \(\d+\.\d s\)", log[0]
         )
     assert len(bars) == 1 and bars[0].done == 300 and bars[0].closed
+
+
+@pytest.mark.parametrize("cache", ["never", "always"])
+@pytest.mark.parametrize(
+    ("mode", "label"),
+    [
+        ("truncate", "truncated"),
+        ("head_tail", "cut to head and tail (over 32 tokens)"),
+        ("chunk", "over data.max_chunks=2 windows"),
+    ],
+)
+def test_the_tokenize_line_names_what_its_count_of_texts_not_read_whole_counts(
+    tiny_bert, tmp_path, cache, mode, label
+):
+    """In memory and through the disk cache: under head_tail a long text is cut to its head and tail, under
+    chunk one over data.max_chunks loses windows; "truncated" is said of truncate alone."""
+    from transformers import AutoTokenizer
+
+    data = write_rows(tmp_path / "data", 96, long_every=4)  # 24 of 96 texts of 62 tokens
+    extra = ["data.max_length=32", f"data.long_text={mode}", "data.max_chunks=2", f"data.cache={cache}"]
+    log: list[str] = []
+    load(run_cfg(data, tmp_path / "cache", *extra), AutoTokenizer.from_pretrained(tiny_bert), log)
+    (line,) = [line for line in log if line.startswith("scalelora: data: tokenize train: ")]
+    assert line.startswith(f"scalelora: data: tokenize train: 96 rows, 24 {label}, "), line

@@ -1262,7 +1262,9 @@ def tokenize_splits(
         table = arrow_table(ds)
         with stage(log, f"tokenize {name}", total=table.num_rows) as done:
             tokenized[name], cut = tokenize_table(table, tokenizer, max_length, done.advance, long_text)
-            done(f"{table.num_rows:,} rows, {cut:,} truncated, {tokens.parallelism_note()}")
+            done(
+                f"{table.num_rows:,} rows, {cut:,} {longtext.cut_label(long_text)}, {tokens.parallelism_note()}"
+            )
         splits.truncated[SPLIT_NAMES[name]] = truncation_record(cut, table.num_rows)
     return tokenized
 

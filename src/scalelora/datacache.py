@@ -322,7 +322,10 @@ def write_tokens(
                 ):
                     truncated[name] += cut
                     yield batch
-                done(f"{table.num_rows:,} rows, {truncated[name]:,} truncated, {tokens.parallelism_note()}")
+                done(
+                    f"{table.num_rows:,} rows, {truncated[name]:,} {longtext.cut_label(long_text)}, "
+                    f"{tokens.parallelism_note()}"
+                )
             if table.num_rows == 0:
                 yield from data_lib.empty_tokens(table, tokenizer).to_batches()
 

@@ -457,6 +457,15 @@ def describe(tokenized: dict[str, Any], settings: LongText, tokenizer: Any) -> d
     return {**settings.record(), "splits": splits}
 
 
+def cut_label(settings: LongText | None) -> str:
+    """What the tokenize step's count of texts not read whole counts, in the mode's words."""
+    if settings is None or settings.mode == TRUNCATE:
+        return "truncated"
+    if settings.chunked:
+        return f"over data.max_chunks={settings.max_chunks} windows"
+    return f"cut to head and tail (over {settings.max_length} tokens)"
+
+
 def counted(n: int, noun: str) -> str:
     """`n` and `noun`, plural unless n is one: "1 text", "14 texts"."""
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
