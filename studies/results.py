@@ -63,7 +63,7 @@ RUN_DESCRIPTIONS = {
         "minilm_from_smollm2": "(D3) MiniLM-L6 + LoRA distilled from D1's cached logits",
     },
 }
-# Targets of the two sections (test accuracy unless said): imdb's best long-text row at least TF-IDF +
+# Targets of the two sections (test accuracy unless said): imdb's best long-text row (by validation) at least TF-IDF +
 # 1 pt and truncate-256 + 1 pt, its default row at least TF-IDF; D1 at least 0.91, D2 within 1 pt of D1,
 # D3's macro-F1 at least emotion's MiniLM row (2) - 1 pt.
 LONG_TEXT_GAIN = 0.01
@@ -401,14 +401,15 @@ def test_accuracy(row: dict[str, Any] | None) -> float | None:
 
 def long_text_targets(by: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
     """imdb's targets (test accuracy): the best long-text row >= TF-IDF + 1 pt and >= truncate-256 + 1 pt;
-    the default row >= TF-IDF."""
+    the default row >= TF-IDF. The best row is the one of highest *validation* accuracy (the first of
+    LONG_TEXT_RUNS on a tie): choosing it by test accuracy would be a choice made on test."""
     rows = {run: by.get((LONG_TEXT, run)) for run in (*LONG_TEXT_RUNS, BASELINE, DEFAULT_RUN)}
     tfidf, truncated = test_accuracy(rows[BASELINE]), test_accuracy(rows["truncate_256"])
     long_rows = [rows[r] for r in LONG_TEXT_RUNS[1:] if test_accuracy(rows[r]) is not None]
     checks = []
     if long_rows:
-        best = max(long_rows, key=test_accuracy)
-        what = f"best long-text row ({best['run']})"
+        best = max(long_rows, key=lambda r: (r.get("validation") or {}).get("accuracy", float("-inf")))
+        what = f"long-text row best on validation ({best['run']})"
         if tfidf is not None:
             bar = tfidf + LONG_TEXT_GAIN
             checks.append(

@@ -924,7 +924,7 @@ def test_long_documents_quote_the_imdb_rows_committed_so_far():
     ]
     quotes = [
         f"reaches test accuracy {tfidf['test']['accuracy']:.4f} (95% CI {low:.3f}–{high:.3f}; validation "
-        f"{tfidf['validation']['accuracy']:.4f}), so the best long-text row's target is "
+        f"{tfidf['validation']['accuracy']:.4f}), so the target of the long-text row best on validation is "
         f"{tfidf['test']['accuracy'] + LONG_TEXT_GAIN:.4f}",
         *(imdb_line(row) for row in trained),
     ]

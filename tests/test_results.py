@@ -455,11 +455,14 @@ def test_the_entry_point_without_a_checkout_is_one_line(tmp_path, monkeypatch, c
     assert err.count("\n") == 1 and "studies/results.py of a scalelora checkout" in err
 
 
-def row(dataset: str, run: str, accuracy: float, macro_f1: float | None = None) -> dict:
+def row(
+    dataset: str, run: str, accuracy: float, macro_f1: float | None = None, validation: float | None = None
+) -> dict:
     return {
         "dataset": dataset,
         "run": run,
         "test": {"accuracy": accuracy, "macro_f1": accuracy if macro_f1 is None else macro_f1},
+        "validation": {"accuracy": accuracy if validation is None else validation},
     }
 
 
@@ -476,9 +479,11 @@ def test_the_long_document_and_decoder_targets_are_their_issues_and_counted_apar
         row("emotion", "lora_on_teacher", 0.93, macro_f1=0.8908),
     ]
     targets = {(t["dataset"], t["target"]): t for t in results.check_targets(rows)}
-    best = targets[("imdb", "best long-text row (head_tail_512) >= TF-IDF + 1 pt (accuracy)")]
+    best = targets[("imdb", "long-text row best on validation (head_tail_512) >= TF-IDF + 1 pt (accuracy)")]
     assert best["met"] and best["bar"] == pytest.approx(0.910) and best["section"] == "imdb"
-    assert targets[("imdb", "best long-text row (head_tail_512) >= truncate-256 + 1 pt (accuracy)")]["met"]
+    assert targets[
+        ("imdb", "long-text row best on validation (head_tail_512) >= truncate-256 + 1 pt (accuracy)")
+    ]["met"]
     assert not targets[("imdb", "default (no tuning) >= TF-IDF (accuracy)")]["met"]
     assert targets[("emotion_decoder", "D1 >= 0.91 (accuracy)")]["met"]
     four_bit = targets[("emotion_decoder", "D2 >= D1 - 1 pt (accuracy)")]
@@ -488,6 +493,16 @@ def test_the_long_document_and_decoder_targets_are_their_issues_and_counted_apar
     page = "\n".join(results.targets_section(list(targets.values())))
     assert "long documents (imdb): 2 of 3 met" in page and "decoders (emotion on SmolLM2): 2 of 3 met" in page
     assert "0 of 0 targets met with every setting chosen on validation (the six datasets)" in page
+    # the best long-text row is the best on validation, whatever test says: chunk's higher test accuracy
+    # does not make it the best when head_tail is better on validation
+    rows[3] = row("imdb", "chunk", 0.950, validation=0.915)
+    rows[2] = row("imdb", "head_tail_512", 0.9105, validation=0.920)
+    targets = {(t["dataset"], t["target"]): t for t in results.check_targets(rows)}
+    best = targets[("imdb", "long-text row best on validation (head_tail_512) >= TF-IDF + 1 pt (accuracy)")]
+    assert best["met"] and best["value"] == pytest.approx(0.9105)
+    assert not targets[
+        ("imdb", "long-text row best on validation (head_tail_512) >= truncate-256 + 1 pt (accuracy)")
+    ]["met"]
 
 
 def test_the_decoder_section_says_how_often_d2_gives_d1s_label(tmp_path):
