@@ -961,6 +961,15 @@ def test_long_documents_which_mode_gives_each_committed_modes_cost_and_gain_from
     runs = [run for run in LONG_TEXT_RUNS if run != reference["run"] and ("imdb", run) in rows]
     assert runs, "no long-text mode row beside truncate-256 is committed"
     quotes = [imdb_cost(rows["imdb", run], reference) for run in runs]
+    if ("imdb", "chunk") in rows and ("imdb", "head_tail_512") in rows:  # the two modes that read past 256
+        pair = [rows["imdb", "head_tail_512"], rows["imdb", "chunk"]]
+        first, second = sorted(pair, key=lambda r: -r["validation"]["accuracy"])
+        a, b = first["test"]["accuracy"], second["test"]["accuracy"]
+        quotes.append(
+            f"On validation `{first['run']}` scored above `{second['run']}` ({first['validation']['accuracy']:.4f} "
+            f"against {second['validation']['accuracy']:.4f}); on test it scored "
+            f"{'above' if a > b else 'below' if a < b else 'level with'} it ({a:.4f} against {b:.4f})"
+        )
     assert_quoted("docs/classification.md", quotes)
 
 
