@@ -314,7 +314,7 @@ def test_a_row_resumed_from_its_checkpoint_says_at_which_step(tiny_bert, tmp_pat
     (whole,) = Pipeline("rotten_tomatoes", out, args, ("head_only",)).run()
     assert whole["resumed_at_steps"] == [] and whole["details"]["steps"] == 6
     run = out / "head_only"
-    # what a stop after the step-2 checkpoint leaves: no later checkpoint, no adapter, summary or row
+    # what a stop after the step-2 checkpoint leaves: no later checkpoint, no saved model, summary or row
     assert (run / "checkpoints" / "step-2").is_dir()
     for later in [p for p in (run / "checkpoints").iterdir() if p.name != "step-2"] + [run / "model"]:
         shutil.rmtree(later)
