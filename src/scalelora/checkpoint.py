@@ -745,7 +745,8 @@ class Checkpointer:
     # --- resumable checkpoints -----------------------------------------------------------------
 
     def resume(self, path: Path, identity: dict[str, Any]) -> dict[str, Any]:
-        """Collective. Load checkpoint `path` into the prepared objects and return its trainer state.
+        """Collective. Load checkpoint `path` into the prepared objects and return its trainer state, with
+        this resume's step added to its `resumed_at` (the steps a run was resumed at, in order).
 
         Raises CheckpointError when it is from another config, data, seed or world size (see
         RESUME_IDENTITY_KEYS; compared before loading weights: another config's tensors would fail
@@ -770,7 +771,7 @@ class Checkpointer:
         self.last_saved_step = step
         self._trim_metrics(step)
         self.echo(f"scalelora: resumed from {path} at step {step}")
-        return state
+        return {**state, "resumed_at": [*state.get("resumed_at", []), step]}
 
     def _verify_on_every_node(self, path: Path) -> None:
         """Collective. One process per node verifies the checkpoint (signature and files) as that node

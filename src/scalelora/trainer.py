@@ -322,7 +322,6 @@ class Trainer:
         )
         if resume_from is not None:
             self.state = TrainState(**self.checkpointer.resume(resume_from, self.state.identity))
-            self.state.resumed_at.append(self.state.global_step)
 
     def _start_records(self) -> None:
         """The tracker, config.yaml, the evaluator, and the sample predictions before training (a resumed
