@@ -1078,6 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         write_all(results_dir, data, notes)
         return 0
     from scalelora.study.pipeline import RUNS
+    from scalelora.trainer import Preempted
 
     chosen = tuple(r.strip() for r in args.runs.split(",") if r.strip()) if args.runs else None
     for dataset in resolve_datasets([d.strip() for d in args.datasets.split(",") if d.strip()]):
@@ -1095,9 +1096,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {dataset}: {line}", file=sys.stderr, flush=True)
         kept = [r for r in have if r["run"] not in runs]
         saved = kept_predictions(results_dir / "predictions" / f"{dataset}.json", kept) if kept else None
-        rows, facts = run_dataset(
-            dataset, Path(args.out_root), args.overrides, results_dir, runs, have, saved
-        )
+        try:
+            rows, facts = run_dataset(
+                dataset, Path(args.out_root), args.overrides, results_dir, runs, have, saved
+            )
+        except Preempted as stop:  # a stop signal: the row's checkpoint is on disk, results.json untouched
+            run = Path(str(stop).rpartition("checkpoint ")[2]).parent.parent.name
+            print(
+                f"results: {dataset}: {stop}; rerun the same command with {run}:resume=auto to continue it",
+                file=sys.stderr,
+                flush=True,
+            )
+            return stop.exit_code
         data["results"] = [r for r in data["results"] if r["dataset"] != dataset] + rows
         data["datasets"][dataset] = dataset_facts(
             data["datasets"].get(dataset), facts, runs if kept else None

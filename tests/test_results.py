@@ -386,6 +386,28 @@ def test_a_resumed_row_is_noted_under_its_table_with_the_steps_it_resumed_at():
     )
 
 
+def test_a_stop_signal_mid_row_is_one_line_and_the_preempted_exit_code(tmp_path, monkeypatch, capsys):
+    """SIGTERM to `make results` stops the row training with a checkpoint (tests/test_preemption.py): the study
+    exits 75, as the CLI does, with one line naming the run to resume, and writes nothing."""
+    from scalelora.trainer import Preempted
+
+    checkpoint = tmp_path / "runs" / "imdb" / "auto_default" / "checkpoints" / "step-870"
+
+    def stopped(*args, **kwargs):
+        raise Preempted(f"stopped by SIGTERM; checkpoint {checkpoint}")
+
+    monkeypatch.setattr(results, "run_dataset", stopped)
+    out = tmp_path / "results"
+    argv = ["--datasets", "imdb", "--runs", "auto_default", "--out-root", str(tmp_path / "runs")]
+    assert results.main([*argv, "--results-dir", str(out)]) == 75
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"results: imdb: stopped by SIGTERM; checkpoint {checkpoint}; rerun the same command with "
+        "auto_default:resume=auto to continue it"
+    )
+    assert list(out.iterdir()) == []
+
+
 def test_baselines_compare_their_data_settings_and_every_row_names_its_code():
     import subprocess
 
