@@ -965,9 +965,10 @@ def test_long_documents_which_mode_gives_each_committed_modes_cost_and_gain_from
         pair = [rows["imdb", "head_tail_512"], rows["imdb", "chunk"]]
         first, second = sorted(pair, key=lambda r: -r["validation"]["accuracy"])
         a, b = first["test"]["accuracy"], second["test"]["accuracy"]
+        va, vb = first["validation"]["accuracy"], second["validation"]["accuracy"]
         quotes.append(
-            f"On validation `{first['run']}` scored above `{second['run']}` ({first['validation']['accuracy']:.4f} "
-            f"against {second['validation']['accuracy']:.4f}); on test it scored "
+            f"On validation `{first['run']}` scored {'above' if va > vb else 'level with'} `{second['run']}` "
+            f"({va:.4f} against {vb:.4f}); on test it scored "
             f"{'above' if a > b else 'below' if a < b else 'level with'} it ({a:.4f} against {b:.4f})"
         )
     assert_quoted("docs/classification.md", quotes)
