@@ -911,7 +911,7 @@ def imdb_line(row: dict) -> str:
 def test_long_documents_quote_the_imdb_rows_committed_so_far():
     """docs/classification.md's IMDB paragraph gives the imdb section's committed rows: TF-IDF and the target
     it sets, a table line per trained row (from its own config and numbers), and the rows still to run."""
-    from studies.results import DATASET_RUNS, LONG_TEXT_GAIN
+    from studies.results import DATASET_RUNS, LONG_TEXT_GAIN, LONG_TEXT_RUNS
 
     data = committed("results/results.json")
     tfidf = study_rows(data)["imdb", "tfidf_lr"]
@@ -922,7 +922,21 @@ def test_long_documents_quote_the_imdb_rows_committed_so_far():
         for run in DATASET_RUNS["imdb"]
         if run not in {r["run"] for r in data["results"] if r["dataset"] == "imdb"}
     ]
+    modes = [r for r in trained if r["run"] in LONG_TEXT_RUNS]
+    setups = {
+        (
+            r["config"]["train"]["epochs"],
+            r["num_train_examples"],
+            r["config"]["train"]["batch_size"] * r["config"]["train"]["grad_accum"],
+            r["config"]["train"]["precision"],
+        )
+        for r in modes
+    }
+    assert len(setups) == 1, setups  # the page gives the mode rows one setup
+    ((epochs, examples, per_step, precision),) = setups
+    assert epochs == 1 and precision == "no"
     quotes = [
+        f"each mode's row trains one epoch of the {examples:,} training reviews, {per_step} reviews a step, fp32",
         f"reaches test accuracy {tfidf['test']['accuracy']:.4f} (95% CI {low:.3f}–{high:.3f}; validation "
         f"{tfidf['validation']['accuracy']:.4f}), so the target of the long-text row best on validation is "
         f"{tfidf['test']['accuracy'] + LONG_TEXT_GAIN:.4f}",
@@ -971,6 +985,26 @@ def test_long_documents_which_mode_gives_each_committed_modes_cost_and_gain_from
             f"({va:.4f} against {vb:.4f}); on test it scored "
             f"{'above' if a > b else 'below' if a < b else 'level with'} it ({a:.4f} against {b:.4f})"
         )
+        # "On IMDB, then": both gained about 2 pt; head_tail above chunk on both splits by so much on test, for
+        # fewer tokens and less training time; chunk the lowest peak of the three
+        head_tail, chunk = pair
+        gains = {round(100 * (r["test"]["accuracy"] - reference["test"]["accuracy"])) for r in pair}
+        quotes.append(f"reading past 256 tokens paid (both modes gained about {gains.pop()} pt)")
+        assert not gains, "the page gives the two modes one rounded gain"
+        gap = head_tail["test"]["accuracy"] - chunk["test"]["accuracy"]
+        assert gap > 0 and head_tail["validation"]["accuracy"] > chunk["validation"]["accuracy"]
+        assert head_tail["train_tokens"] < chunk["train_tokens"]
+        assert head_tail["train_seconds"] < chunk["train_seconds"]
+        quotes.append(
+            f"(above it on both splits, by {100 * gap:.2f} pt on test, a gap with no paired interval"
+        )
+        three = [reference, *pair]
+        assert min(three, key=lambda r: r["peak_memory_gb"]["host"]) is chunk
+        train = chunk["config"]["train"]
+        quotes.append(
+            f"`chunk` had the lowest peak of the three (its recipe line trains micro-batches of "
+            f"{train['batch_size']} reviews, {train['grad_accum']} accumulated)"
+        )
     assert_quoted("docs/classification.md", quotes)
 
 
@@ -978,7 +1012,9 @@ def test_long_documents_quote_the_chunk_pooling_sweep():
     """The IMDB paragraph gives the committed validation-only sweep that chose the chunk row's pooling."""
     sweep = committed("results/sweeps/imdb_chunk_pool/sweep.json")
     runs = {r["data.chunk_pool"]: r for r in sweep["runs"]}
-    steps = next(int(item.split("=")[1]) for item in sweep["fixed"] if item.startswith("train.max_steps="))
+    fixed = dict(item.split("=", 1) for item in sweep["fixed"])
+    steps = int(fixed["train.max_steps"])
+    per_step = int(fixed["train.batch_size"]) * int(fixed["train.grad_accum"])
     best = max(runs, key=lambda pool: runs[pool]["macro_f1"])
     some = runs[best]
     scores = ", ".join(f"`{pool}` {runs[pool]['macro_f1']:.4f}" for pool in ("mean", "max", "logmeanexp"))
@@ -987,7 +1023,7 @@ def test_long_documents_quote_the_chunk_pooling_sweep():
         [
             f"The `chunk` row pools with `{best}`, chosen by a validation-only sweep of the three poolings "
             f"([results/sweeps/imdb_chunk_pool](../results/sweeps/imdb_chunk_pool/sweep.md); the row's windows, "
-            f"{steps} steps of 32 reviews each, {some['finished'][:10]}, commit `{some['commit'][:7]}`): validation "
+            f"{steps} steps of {per_step} reviews each, {some['finished'][:10]}, commit `{some['commit'][:7]}`): validation "
             f"macro-F1 {scores}",
             f"The three are within {100 * (runs[best]['macro_f1'] - min(r['macro_f1'] for r in runs.values())):.2f} "
             "pt of each other",

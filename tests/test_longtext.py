@@ -132,6 +132,9 @@ def test_chunk_windows_overlap_end_at_the_end_and_the_cap_keeps_the_first_and_la
     assert window_starts(26, 10, 2, 8) == ([0, 8, 16], 3)
     assert window_starts(27, 10, 2, 8) == ([0, 8, 16, 17], 4)  # the last window ends at the text's end
     assert window_starts(60, 10, 2, 3) == ([0, 8, 50], 8)  # beyond max_chunks: the first ones and the last
+    # the stride defaults to a quarter of max_length (64 for windows of 256), as docs/classification.md says
+    default = load_config("quickstart", ["data.long_text=chunk", "data.max_length=256"]).data
+    assert default.chunk_stride is None and LongText.from_config(default).chunk_stride == 64
     text = " ".join("abcdefghijklmnopqrstuvwxyz")
     out = encode_batch(
         tokenizer, [text, "short one"], None, LongText("chunk", 12, chunk_stride=2, max_chunks=8)
@@ -436,7 +439,9 @@ def test_chunk_lora_run_scores_documents_alike_in_evaluation_predict_and_export(
     check_predict_matches_evaluation(trainer, merged)
 
 
-def test_head_tail_and_chunk_train_in_full_mode_and_predict_as_evaluated(tiny_bert, long_data, tmp_path):
+def test_head_tail_and_chunk_train_in_full_mode_and_predict_as_evaluated(
+    tiny_bert, long_data, tokenizer, tmp_path
+):
     from scalelora.predict import main as predict_main
 
     # the chunked run also fits a temperature and per-class biases on its (pooled) validation documents
@@ -452,6 +457,13 @@ def test_head_tail_and_chunk_train_in_full_mode_and_predict_as_evaluated(tiny_be
         check_predict_matches_evaluation(trainer, tmp_path / name / "model")
     head_tail = read_summary(tmp_path / "head_tail")["long_text"]["splits"]["train"]
     assert head_tail["documents"] == 48 and 0 < head_tail["cut"] < 48
+    # the share of tokens kept: of every text's tokens, those under max_length (a cut text keeps max_length)
+    texts = [
+        clean_html(json.loads(line)["text"]) for line in (long_data / "train.jsonl").read_text().splitlines()
+    ]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    kept = sum(min(n, HEAD_TAIL["data.max_length"]) for n in lengths) / sum(lengths)
+    assert head_tail["tokens_kept_share"] == pytest.approx(kept) and kept < 1
     # `python -m scalelora.predict` on the raw validation file: the run's calibrated probabilities and
     # tuned decisions, document by document (validation ids are the file's rows)
     rule = trainer.evaluator.calibration
