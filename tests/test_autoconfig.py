@@ -229,6 +229,16 @@ def test_autoconfig_chooses_the_mode_from_how_many_texts_would_be_cut():
     assert long_text_choice(imdb, 256, 512).value == "head_tail"
     assert long_text_choice(np.full(100, 40), 256, 512).value == "truncate"
     assert long_text_choice(np.full(100, 2000), 256, 512).value == "chunk"
+
+    # the documented thresholds, at their edges: at most 10% over the cap truncates, at most 25% over the
+    # model's limit reads head and tail, more chunks
+    def spread(over_cap: int, over_limit: int) -> np.ndarray:  # of 100 texts
+        return np.array([40] * (100 - over_cap) + [300] * (over_cap - over_limit) + [600] * over_limit)
+
+    assert long_text_choice(spread(10, 0), 256, 512).value == "truncate"
+    assert long_text_choice(spread(11, 0), 256, 512).value == "head_tail"
+    assert long_text_choice(spread(30, 25), 256, 512).value == "head_tail"
+    assert long_text_choice(spread(30, 26), 256, 512).value == "chunk"
     chosen = {
         c.key: c
         for c in choose(len(imdb), np.array([500, 500]), np.minimum(imdb, 512), 512, full_lengths=imdb)

@@ -478,6 +478,13 @@ def test_head_tail_and_chunk_train_in_full_mode_and_predict_as_evaluated(
     assert np.abs(probs - rule.probabilities(outputs.logits)[order]).max() < 1e-5
     decided = [trainer.label_names[k] for k in rule.decide(outputs.logits)[order]]
     assert [p["label"] for p in predicted] == decided
+    # the run's sample predictions read their documents as predict does (cleaned, windowed, pooled, calibrated)
+    rows = {json.loads(line)["text"]: i for i, line in enumerate((long_data / "validation.jsonl").open())}
+    assert summary["sample_predictions"]
+    for sample in summary["sample_predictions"]:  # after training: the weights predict loads
+        mine = predicted[rows[sample["text"]]]
+        assert sample["after"] == mine["label"]
+        assert sample["after_confidence"] == pytest.approx(mine["probs"][mine["label"]], abs=1e-5)
 
 
 def train_losses(out: Path) -> list[float]:
