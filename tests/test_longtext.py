@@ -102,6 +102,9 @@ def test_head_tail_keeps_the_first_and_last_tokens_and_short_texts_as_truncation
     # 10 tokens of text beside [CLS] and [SEP]: a quarter of them (rounded up) from the head, the rest from the end
     assert tokens(tokenizer, cut["input_ids"][0]) == ["[CLS]", *"abc", *"tuvwxyz", "[SEP]"]
     assert cut["length"] == [12, 4] and cut[longtext.FULL_LENGTH] == [28, 4]
+    assert (
+        longtext.head_count(512 - 2, None) == 128
+    )  # at max_length 512: 128 head and 382 tail (the docs' split)
     plain = tokenizer([text, "short one"], truncation=True, max_length=12)
     assert (
         cut["input_ids"][1] == plain["input_ids"][1]
