@@ -1101,7 +1101,7 @@ def main(argv: list[str] | None = None) -> int:
                 dataset, Path(args.out_root), args.overrides, results_dir, runs, have, saved
             )
         except Preempted as stop:  # a stop signal: the row's checkpoint is on disk, results.json untouched
-            run = Path(str(stop).rpartition("checkpoint ")[2]).parent.parent.name
+            run = stop.checkpoint.parent.parent.name
             print(
                 f"results: {dataset}: {stop}; rerun the same command with {run}:resume=auto to continue it",
                 file=sys.stderr,

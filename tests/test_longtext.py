@@ -102,9 +102,8 @@ def test_head_tail_keeps_the_first_and_last_tokens_and_short_texts_as_truncation
     # 10 tokens of text beside [CLS] and [SEP]: a quarter of them (rounded up) from the head, the rest from the end
     assert tokens(tokenizer, cut["input_ids"][0]) == ["[CLS]", *"abc", *"tuvwxyz", "[SEP]"]
     assert cut["length"] == [12, 4] and cut[longtext.FULL_LENGTH] == [28, 4]
-    assert (
-        longtext.head_count(512 - 2, None) == 128
-    )  # at max_length 512: 128 head and 382 tail (the docs' split)
+    # at max_length 512: 128 head and 382 tail (the docs' split)
+    assert longtext.head_count(512 - 2, None) == 128
     plain = tokenizer([text, "short one"], truncation=True, max_length=12)
     assert (
         cut["input_ids"][1] == plain["input_ids"][1]
@@ -482,7 +481,8 @@ def test_head_tail_and_chunk_train_in_full_mode_and_predict_as_evaluated(
     decided = [trainer.label_names[k] for k in rule.decide(outputs.logits)[order]]
     assert [p["label"] for p in predicted] == decided
     # the run's sample predictions read their documents as predict does (cleaned, windowed, pooled, calibrated)
-    rows = {json.loads(line)["text"]: i for i, line in enumerate((long_data / "validation.jsonl").open())}
+    validation = (long_data / "validation.jsonl").read_text().splitlines()
+    rows = {json.loads(line)["text"]: i for i, line in enumerate(validation)}
     assert summary["sample_predictions"]
     for sample in summary["sample_predictions"]:  # after training: the weights predict loads
         mine = predicted[rows[sample["text"]]]

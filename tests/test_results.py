@@ -394,7 +394,7 @@ def test_a_stop_signal_mid_row_is_one_line_and_the_preempted_exit_code(tmp_path,
     checkpoint = tmp_path / "runs" / "imdb" / "auto_default" / "checkpoints" / "step-870"
 
     def stopped(*args, **kwargs):
-        raise Preempted(f"stopped by SIGTERM; checkpoint {checkpoint}")
+        raise Preempted("SIGTERM", checkpoint)
 
     monkeypatch.setattr(results, "run_dataset", stopped)
     out = tmp_path / "results"

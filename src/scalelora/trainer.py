@@ -79,9 +79,14 @@ from scalelora.tracking import build_tracker, param_counts
 
 
 class Preempted(Exception):
-    """Raised after a stop signal once a complete checkpoint is on disk; the CLI exits with PREEMPTED_EXIT_CODE."""
+    """Raised after a stop signal once a complete checkpoint is on disk; the CLI exits with PREEMPTED_EXIT_CODE.
+    `checkpoint` is that checkpoint's folder (RUN_DIR/checkpoints/step-N)."""
 
     exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, signal_name: str, checkpoint: Path):
+        super().__init__(f"stopped by {signal_name}; checkpoint {checkpoint}")
+        self.checkpoint = Path(checkpoint)
 
 
 @dataclass
@@ -400,9 +405,7 @@ class Trainer:
                     with self.between_steps("save"):
                         path = self.checkpointer.save(state.global_step, self.snapshot())
                     self.progress.close()
-                    raise Preempted(
-                        f"stopped by {self.stop_signal.signal_name or 'a signal on another rank'}; checkpoint {path}"
-                    )
+                    raise Preempted(self.stop_signal.signal_name or "a signal on another rank", path)
                 self.checkpointer.maybe_save(
                     state.global_step, last, self.snapshot, around=lambda: self.between_steps("save")
                 )
